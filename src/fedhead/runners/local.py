@@ -1,0 +1,203 @@
+"""In-process simulation: N clients, K per round, one process, one model in memory.
+
+Resuming: every round ends with an atomic checkpoint of the global state, the client statistics and the
+selection RNG. `resume=True` continues after the last checkpoint; because each client's randomness is
+derived from (seed, round, client), the resumed run ends with the same metrics as an uninterrupted one
+(timings aside). Memory and start-up grow with K and the data, not with N: clients are index lists into
+one tokenised dataset, and only the K working copies of a round are ever built, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhead.config import Config
+from fedhead.data import label_histograms, load_classification_data, partition_indices
+from fedhead.data.loading import ClassificationData
+from fedhead.federated.aggregation import aggregate
+from fedhead.federated.client import client_update, evaluate
+from fedhead.federated.payload import decode_state, decode_update, encode_state, encode_update
+from fedhead.federated.selection import ClientStats, select_clients
+from fedhead.federated.state import State, load_state_, trainable_state
+from fedhead.models import LoadedModel, build_model
+from fedhead.runners.run_dir import RunDir
+
+log = logging.getLogger("fedhead")
+
+
+@dataclass
+class Simulation:
+    """Everything a run needs in memory: model, data, client partitions."""
+
+    cfg: Config
+    lm: LoadedModel
+    data: ClassificationData
+    parts: list[np.ndarray]
+
+    @classmethod
+    def setup(cls, cfg: Config) -> Simulation:
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        from transformers import AutoTokenizer
+
+        from fedhead.models.loading import resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name))
+        data = load_classification_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
+        lm = build_model(cfg, data.num_labels)
+        parts = partition_indices(data.train["labels"], cfg.partition, cfg.seed)
+        return cls(cfg, lm, data, parts)
+
+    def client_data(self, client: int):
+        return self.data.train.select(self.parts[client])
+
+    def global_losses(self, state: State, clients: list[int]) -> dict[int, float]:
+        """Loss of the global model on each client's data (power-of-choice candidates report it)."""
+        load_state_(self.lm.model, state)
+        sample = self.cfg.heads.samples
+        return {
+            c: evaluate(self.lm.model, self.client_data(c).select(range(min(sample, len(self.parts[c])))),
+                        self.lm.tokenizer, self.cfg.federated.eval_batch_size)["eval_loss"]
+            for c in clients
+        }
+
+
+def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generator,
+              stats: ClientStats) -> tuple[State, dict[str, Any]]:
+    """One round: select, send, train each client, receive, aggregate. Returns (new state, metrics)."""
+    cfg, fed = sim.cfg, sim.cfg.federated
+    t0 = time.perf_counter()
+    selection = select_clients(
+        fed.selection, cfg.partition.num_clients, fed.clients_per_round, round_, rng, stats,
+        exploration=fed.exploration, candidates_d=fed.power_of_choice_d,
+        global_loss_of=lambda cs: sim.global_losses(state, cs),
+    )
+    # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
+    # from the seed); each client trains from the bytes it received and answers with serialised bytes.
+    down = encode_state(state)
+    updates, clients = [], []
+    for c in selection.clients:
+        update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_)
+        blob = encode_update(update)
+        update = decode_update(blob)
+        updates.append(update)
+        clients.append({
+            "client": c,
+            "num_examples": update.num_examples,
+            "bytes_down": len(down),
+            "bytes_up": len(blob),
+            "loss_before": update.loss_before,
+            "loss_after": update.loss_after,
+            "train_loss": update.train_loss,
+            "kept_heads": update.kept_heads.flatten().nonzero().flatten().tolist(),
+            "head_scores": [[round(float(x), 5) for x in row] for row in update.head_scores],
+            **update.stats,
+        })
+        stats.record(c, round_, update.loss_before, update.loss_after, clients[-1]["kept_heads"])
+    t_train = time.perf_counter()
+    new_state = aggregate(state, updates, sim.lm.layout, fed.aggregation, fed.aggregation_weights)
+    metrics: dict[str, Any] = {
+        "round": round_,
+        "selected": selection.clients,
+        "selection_reason": selection.reason,
+        "selection_priorities": {str(k): v for k, v in selection.priorities.items()},
+        "train_loss": float(np.mean([u.train_loss for u in updates])),
+        "bytes_down": len(down) * len(updates),
+        "bytes_up": sum(c["bytes_up"] for c in clients),
+        "train_flops": sum(c["train_flops"] for c in clients),
+        "scoring_flops": sum(c["scoring_flops"] for c in clients),
+        "clients": clients,
+        "seconds_clients": t_train - t0,
+        "seconds_aggregate": time.perf_counter() - t_train,
+    }
+    return new_state, metrics
+
+
+def run_simulation(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the federated experiment of `cfg`, writing everything to `run_dir`; returns the summary.
+
+    stop_after: stop once this round is done (as if killed), leaving a resumable run directory.
+    """
+    rd = RunDir(run_dir)
+    start = time.perf_counter()
+    sim = Simulation.setup(cfg)
+    state = trainable_state(sim.lm.model)
+    stats, rng, first = ClientStats(), np.random.default_rng(cfg.seed), 1
+    checkpoint = rd.load_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s: starting from round 1", rd.path)
+    if checkpoint is not None:
+        state, meta = checkpoint
+        stats = ClientStats.from_json(meta["client_stats"])
+        rng.bit_generator.state = meta["rng"]
+        first = meta["round"] + 1
+        rd.truncate_metrics(meta["round"])
+        log.info("resuming %s after round %d", rd.path, meta["round"])
+    else:
+        rd.create(cfg.model_dump_json(indent=2))
+        (rd.path / "metrics.jsonl").unlink(missing_ok=True)
+        hist = label_histograms(list(sim.data.train["labels"]), sim.parts, sim.data.num_labels)
+        rd.write_json("partition.json", {"label_names": sim.data.label_names, "sizes": [len(p) for p in sim.parts],
+                                         "label_histograms": hist})
+        initial = evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
+        rd.append_metrics({"round": 0, **initial})
+        if on_round:
+            on_round({"round": 0, **initial})
+    for round_ in range(first, cfg.federated.rounds + 1):
+        state, metrics = run_round(sim, state, round_, rng, stats)
+        if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
+            load_state_(sim.lm.model, state)
+            t = time.perf_counter()
+            metrics.update(evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size))
+            metrics["seconds_eval"] = time.perf_counter() - t
+        rd.append_metrics(metrics)
+        rd.save_checkpoint(state, {"round": round_, "rng": rng.bit_generator.state,
+                                   "client_stats": stats.to_json()})
+        if on_round:
+            on_round(metrics)
+        if stop_after is not None and round_ >= stop_after and round_ < cfg.federated.rounds:
+            return {"stopped_after": round_}
+    return _finish(sim, state, rd, time.perf_counter() - start)
+
+
+def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[str, Any]:
+    load_state_(sim.lm.model, state)
+    sim.lm.model.save_pretrained(rd.path / "adapter")
+    (rd.path / "adapter" / "labels.json").write_text(json.dumps(sim.data.label_names))
+    summary = summarize(rd.metrics())
+    summary["seconds_total_last_session"] = seconds
+    rd.write_json("summary.json", summary)
+    return summary
+
+
+def summarize(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals and final values of a run's metrics lines."""
+    rounds = [m for m in metrics if m.get("round", 0) > 0]
+    evaluated = [m for m in metrics if "accuracy" in m]
+    return {
+        "rounds": len(rounds),
+        "initial_accuracy": evaluated[0]["accuracy"] if evaluated else None,
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max((m["accuracy"] for m in evaluated), default=None),
+        "final_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
+        "bytes_down": sum(m["bytes_down"] for m in rounds),
+        "bytes_up": sum(m["bytes_up"] for m in rounds),
+        "train_flops": sum(m["train_flops"] for m in rounds),
+        "scoring_flops": sum(m["scoring_flops"] for m in rounds),
+        "seconds_clients": sum(m["seconds_clients"] for m in rounds),
+    }

@@ -1,0 +1,85 @@
+"""The run directory: resolved config, metrics.jsonl, checkpoints, final adapter and summary.
+
+Checkpoints are written atomically (temporary file, fsync, rename), so a run killed at any moment leaves
+either the previous checkpoint or the new one, never a torn file. Resuming reads the last checkpoint and
+drops the metrics lines of rounds after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedhead.federated.payload import decode_state_with_metadata, encode_state
+from fedhead.federated.state import State
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """Files of one run under `out/<run-name>/`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def create(self, config_json: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / "config.json", config_json.encode())
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write(self.path / name, json.dumps(data, indent=2).encode())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def append_metrics(self, line: dict[str, Any]) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / METRICS
+        if not path.exists():
+            return []
+        lines = []
+        for raw in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break  # a line torn by a kill: everything after it is not trusted
+        return lines
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Keep only the metrics of rounds up to `last_round` (resume)."""
+        kept = [m for m in self.metrics() if m.get("round", 0) <= last_round]
+        atomic_write(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in kept).encode())
+
+    def save_checkpoint(self, state: State, meta: dict[str, Any]) -> None:
+        """One file holds the state and its metadata (round, RNG, client stats), so they never disagree."""
+        atomic_write(self.path / CHECKPOINT, encode_state(state, {"fedhead_checkpoint": json.dumps(meta)}))
+
+    def load_checkpoint(self) -> tuple[State, dict[str, Any]] | None:
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        state, metadata = decode_state_with_metadata(path.read_bytes())
+        return state, json.loads(metadata["fedhead_checkpoint"])
