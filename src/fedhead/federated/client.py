@@ -117,8 +117,9 @@ def client_update(
     load_state_(lm.model, global_state)
     gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id))
     sample = torch.randperm(len(data), generator=gen)[: cfg.heads.samples].tolist()
-    sample_batches = batches_of(data, sample, cfg.federated.batch_size, lm.tokenizer)
-    needs_scores = sparsity > 0 or cfg.federated.aggregation_weights != "data_size"
+    fed = cfg.federated
+    sample_batches = batches_of(data, sample, fed.batch_size, lm.tokenizer)
+    needs_scores = sparsity > 0 or (fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size")
     method = cfg.heads.importance if needs_scores else "none"
     start = time.perf_counter()
     with count_flops() as scoring_flops:
@@ -158,9 +159,8 @@ def client_update(
             "steps": result.steps,
             "train_flops": result.flops,
             "scoring_flops": scoring_flops[0],
-            "train_seconds": result.seconds,
-            "scoring_seconds": scoring_seconds,
         },
+        timings={"train_seconds": result.seconds, "scoring_seconds": scoring_seconds},
     )
 
 

@@ -36,6 +36,7 @@ class ClientUpdate:
     loss_after: float
     train_loss: float
     stats: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # measured locally, not part of the payload
 
 
 def encode_state(state: State, metadata: dict[str, str] | None = None) -> bytes:

@@ -42,8 +42,23 @@ def real_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, speci
 
 
 def _attentions_by_block(outputs, head_map: HeadMap) -> list[torch.Tensor]:
+    """The attention probabilities of each block, (B, H, Tq, Tk) each, in the head map's block order."""
     if head_map.architecture == "bert":
         return list(outputs.attentions)
+    if head_map.architecture == "t5":
+        # head map order: every encoder self-attention block, then per decoder layer its self- and cross-attention
+        encoder = list(outputs.encoder_attentions or ())
+        decoder = list(outputs.decoder_attentions or ())
+        cross = list(outputs.cross_attentions or ())
+        if len(decoder) != len(cross):
+            raise ValueError(f"{len(decoder)} decoder self-attentions but {len(cross)} cross-attentions")
+        attentions = encoder + [a for pair in zip(decoder, cross, strict=True) for a in pair]
+        if len(attentions) != head_map.num_blocks:
+            raise ValueError(
+                f"got {len(attentions)} attention tensors for {head_map.num_blocks} blocks: run the model with "
+                "output_attentions=True and eager attention"
+            )
+        return attentions
     raise NotImplementedError(f"confidence scores for {head_map.architecture}")
 
 

@@ -9,6 +9,8 @@ head contributes only the output projection's bias, exactly as if all its heads 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -22,10 +24,12 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     bias = None
     if linear.bias is not None:
         bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach()[index].clone()
-    new = torch.nn.utils.skip_init(
-        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-        dtype=weight.dtype,
-    )
+    with warnings.catch_warnings():  # a block that lost every head has a zero-sized projection
+        warnings.simplefilter("ignore", UserWarning)
+        new = torch.nn.utils.skip_init(
+            nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+            dtype=weight.dtype,
+        )
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -36,11 +40,22 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
-class NoHeadAttention(nn.Module):
-    """Stands in for a self-attention module that lost every head: returns a (B, T, 0) context."""
+def _no_head_forward(self: nn.Module, hidden_states: torch.Tensor, *args: object, **kwargs: object):
+    return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None  # (B, T, 0): no head, no context
 
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object):
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+_HEADLESS: dict[type, type] = {}
+
+
+def make_headless_(attention: nn.Module) -> None:
+    """Turn a self-attention module that lost every head into one that returns a (B, T, 0) context.
+
+    Its projections stay in place (so parameter names do not change), they are just not called.
+    """
+    cls = type(attention)
+    if cls not in _HEADLESS:
+        _HEADLESS[cls] = type(f"Headless{cls.__name__}", (cls,), {"forward": _no_head_forward})
+    attention.__class__ = _HEADLESS[cls]
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -83,7 +98,7 @@ def _set_head_count(model: nn.Module, head_map: HeadMap, b: int, prefix: str, k:
     attention = model.get_submodule(prefix + block.attention)
     if head_map.architecture == "bert":
         if k == 0:
-            _replace(model, prefix + block.attention, NoHeadAttention())
+            make_headless_(attention)
             return
         attention.num_attention_heads = k
         attention.all_head_size = k * block.head_dim

@@ -87,6 +87,7 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     for c in selection.clients:
         update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_)
         blob = encode_update(update)
+        timings = update.timings
         update = decode_update(blob)
         updates.append(update)
         clients.append({
@@ -100,6 +101,7 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
             "kept_heads": update.kept_heads.flatten().nonzero().flatten().tolist(),
             "head_scores": [[round(float(x), 5) for x in row] for row in update.head_scores],
             **update.stats,
+            **timings,
         })
         stats.record(c, round_, update.loss_before, update.loss_after, clients[-1]["kept_heads"])
     t_train = time.perf_counter()

@@ -1,0 +1,146 @@
+"""The `fedhead` command line: run experiments, score heads, print the config reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedhead.config import Config, ConfigError, config_reference, load_config
+from fedhead.data.loading import DataError
+from fedhead.models.head_map import UnsupportedModelError
+
+app = typer.Typer(
+    help="Federated LoRA fine-tuning with attention-head pruning, head-weighted aggregation and strategic "
+    "client selection.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+USER_ERRORS = (ConfigError, DataError, UnsupportedModelError, FileNotFoundError)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+def _overrides(**fields: Any) -> dict[str, Any]:
+    names = {
+        "rounds": "federated.rounds",
+        "seed": "seed",
+        "out": "out",
+        "name": "run_name",
+        "sparsity": "heads.sparsity",
+        "clients": "partition.num_clients",
+        "clients_per_round": "federated.clients_per_round",
+    }
+    return {names[k]: v for k, v in fields.items() if v is not None}
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="TOML config file (defaults when omitted).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override federated.rounds.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    out: Annotated[str | None, typer.Option(help="Override out (parent of run directories).")] = None,
+    name: Annotated[str | None, typer.Option(help="Override run_name.")] = None,
+    sparsity: Annotated[float | None, typer.Option(help="Override heads.sparsity.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Override partition.num_clients.")] = None,
+    clients_per_round: Annotated[int | None, typer.Option(help="Override federated.clients_per_round.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any option as dotted.key=value (JSON values), repeatable.")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this run directory.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+) -> None:
+    """Run a federated experiment; results go to OUT/RUN_NAME/."""
+    from fedhead.runners.local import run_simulation
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        if resume is not None:
+            if not (resume / "config.json").is_file():
+                raise ConfigError(f"{resume} is not a run directory (no config.json)")
+            cfg = Config.model_validate_json((resume / "config.json").read_text())
+            run_dir = resume
+        else:
+            overrides = {**_parse_set(set_ or []), **_overrides(
+                rounds=rounds, seed=seed, out=out, name=name, sparsity=sparsity, clients=clients,
+                clients_per_round=clients_per_round)}
+            cfg = load_config(config, overrides)
+            run_dir = Path(cfg.out) / (cfg.run_name or "run")
+        summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"[green]done[/]: final accuracy {summary.get('final_accuracy')}, results in {run_dir}")
+    typer.echo(json.dumps(summary))
+
+
+def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, run_simulation) -> dict:
+    log = logging.getLogger("fedhead")
+
+    def line(m: dict) -> str:
+        acc = f" acc {m['accuracy']:.4f} eval_loss {m['eval_loss']:.4f}" if "accuracy" in m else ""
+        loss = f" train_loss {m['train_loss']:.4f}" if "train_loss" in m else ""
+        up = f" up {m['bytes_up'] / 1e6:.2f} MB" if "bytes_up" in m else ""
+        return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}"
+
+    if quiet:
+        return run_simulation(cfg, run_dir, resume=resume, on_round=lambda m: log.info(line(m)))
+    columns = (TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("", total=cfg.federated.rounds)
+
+        def update(m: dict) -> None:
+            progress.update(task, completed=m["round"], description=line(m))
+
+        return run_simulation(cfg, run_dir, resume=resume, on_round=update)
+
+
+@app.command()
+def heads(
+    config: Annotated[Path | None, typer.Argument(help="TOML config file (defaults when omitted).")] = None,
+    out: Annotated[Path, typer.Option(help="Heat map PNG; the scores go beside it as JSON.")] = Path("heads.png"),
+    samples: Annotated[int, typer.Option(help="Training examples to score on.")] = 256,
+    method: Annotated[str | None, typer.Option(help="Importance: confidence, gradient or random.")] = None,
+) -> None:
+    """Score the attention heads of the configured model on the configured data and draw a heat map."""
+    from fedhead.heads.report import score_and_plot
+
+    try:
+        cfg = load_config(config, {"heads.importance": method})
+        result = score_and_plot(cfg, out, samples)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"heat map: {out}, scores: {result}")
+
+
+@app.command("config-reference")
+def config_reference_cmd() -> None:
+    """Print the Markdown table of every config option (the README's reference)."""
+    typer.echo(config_reference())
+
+
+def main() -> None:  # pragma: no cover
+    app()

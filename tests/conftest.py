@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny randomly initialised BERT with MiniLM's real tokenizer, and the shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from fedhead.config import Config, config_from_dict
+from fedhead.models.loading import resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MNLI_TRAIN = SHARED / "data/mnli/train.jsonl"
+MNLI_EVAL = SHARED / "data/mnli/validation_matched.jsonl"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return resolve_model_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_path) -> str:
+    """A 2-layer, 4-head BERT (hidden 32) with random weights, saved beside MiniLM's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return str(path)
+
+
+def tiny_config(model_dir: str, tmp_path: Path, **sections) -> Config:
+    """A seconds-long federated config on the tiny BERT and a small MultiNLI subset."""
+    data = {
+        "model": {"name": model_dir, "max_length": 64},
+        "data": {"train": str(MNLI_TRAIN), "eval": str(MNLI_EVAL), "train_size": 240, "eval_size": 64},
+        "partition": {"method": "dirichlet", "alpha": 1.0, "num_clients": 6},
+        "federated": {"rounds": 2, "clients_per_round": 3, "local_steps": 2, "batch_size": 8},
+        "heads": {"samples": 8},
+        "out": str(tmp_path),
+        "run_name": "tiny",
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return config_from_dict(data)

@@ -1,0 +1,65 @@
+import pytest
+from typer.testing import CliRunner
+
+from fedhead.cli import app
+from fedhead.config import Config, ConfigError, config_reference, load_config
+
+
+def test_defaults_are_valid():
+    cfg = Config()
+    assert cfg.model.name == "minilm"
+    assert cfg.heads.sparsity_of(3) == 0.0
+
+
+def test_overrides_and_toml(tmp_path):
+    # Prepare
+    path = tmp_path / "exp.toml"
+    path.write_text('[federated]\nrounds = 3\n[heads]\ntiers = [0.0, 0.9]\n')
+    # Execute
+    cfg = load_config(path, {"seed": 7, "federated.clients_per_round": 2})
+    # Assert
+    assert (cfg.federated.rounds, cfg.seed, cfg.run_name) == (3, 7, "exp")
+    assert [cfg.heads.sparsity_of(c) for c in range(3)] == [0.0, 0.9, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[federated]\nrounds = 0\n", "federated.rounds"),
+        ("[lora]\nrnk = 4\n", "lora.rnk: unknown option"),
+        ("[heads]\nsparsity = 1.0\n", "heads.sparsity"),
+        ("[heads]\ntiers = [0.5, 1.5]\n", "tiers"),
+        ("[partition]\nnum_clients = 2\n[federated]\nclients_per_round = 5\n", "exceeds"),
+        ("[model]\npooling = 'max'\n", "model.pooling"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        load_config(path)
+
+
+def test_cli_user_errors_are_one_clear_message(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["run", str(tmp_path / "none.toml")])
+    assert missing.exit_code == 2
+    assert "config file not found" in missing.output
+    assert "Traceback" not in missing.output
+    (tmp_path / "bad.toml").write_text("[federated]\nrounds = -2\n")
+    bad = runner.invoke(app, ["run", str(tmp_path / "bad.toml")])
+    assert bad.exit_code == 2 and "federated.rounds" in bad.output
+
+
+def test_cli_label_field_absent(tmp_path):
+    (tmp_path / "c.toml").write_text('[data]\nlabel_field = "gold"\n')
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "c.toml"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "field 'gold' not found" in result.output
+
+
+def test_config_reference_lists_every_option():
+    table = config_reference()
+    for dotted in ["heads.sparsity", "lora.freeze_a", "federated.selection", "partition.alpha", "seed"]:
+        assert f"`{dotted}`" in table

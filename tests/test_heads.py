@@ -1,0 +1,129 @@
+import copy
+
+import pytest
+import torch
+
+from fedhead.heads import head_confidence, kept_heads_mask, score_heads
+from fedhead.heads.importance import real_token_mask
+from fedhead.heads.pruning import heads_to_keep
+from fedhead.models import build_model, head_map_for
+from fedhead.models.head_map import UnsupportedModelError
+from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_, scatter_kept
+from tests.conftest import tiny_config
+
+
+def test_confidence_on_hand_built_attention():
+    # Prepare: 1 example, 2 heads, 3 tokens, the last is padding
+    attn = torch.tensor([[[[0.5, 0.5, 0.0], [0.9, 0.1, 0.0], [0.3, 0.3, 0.4]],
+                          [[0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [1.0, 0.0, 0.0]]]])
+    real = torch.tensor([[True, True, False]])
+    # Execute
+    sums, count = head_confidence(attn, real, real)
+    # Assert: mean over the 2 real queries of the max over the 2 real keys
+    assert count == 2
+    assert torch.allclose(sums / count, torch.tensor([(0.5 + 0.9) / 2, (0.8 + 0.6) / 2]))
+
+
+def test_confidence_ignores_padding_and_special_tokens():
+    attn = torch.tensor([[[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.5, 0.25, 0.25]]]])  # (1, 1, 3, 3)
+    ids = torch.tensor([[101, 2000, 2001]])
+    all_tokens = real_token_mask(ids, torch.ones(1, 3), [])
+    no_special = real_token_mask(ids, torch.ones(1, 3), [101])
+    s_all, c_all = head_confidence(attn, all_tokens, all_tokens)
+    s_real, c_real = head_confidence(attn, no_special, no_special)
+    assert torch.allclose(s_all / c_all, torch.tensor([(0.7 + 0.6 + 0.5) / 3]))
+    assert torch.allclose(s_real / c_real, torch.tensor([(0.3 + 0.25) / 2]))  # [CLS] neither query nor key
+    # padding: the same example padded with two more positions gives the same confidence
+    padded = torch.zeros(1, 1, 5, 5)
+    padded[..., :3, :3] = attn
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    real = real_token_mask(torch.tensor([[101, 2000, 2001, 0, 0]]), mask, [101])
+    s_pad, c_pad = head_confidence(padded, real, real)
+    assert torch.allclose(s_pad / c_pad, s_real / c_real)
+
+
+def test_heads_to_keep_and_masks():
+    assert heads_to_keep(72, 0.9) == 8 and heads_to_keep(72, 0.5) == 36 and heads_to_keep(12, 0.7) == 4
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.2], [0.05, 0.06, 0.07, 0.5]])
+    assert kept_heads_mask(scores, 0.0).all()
+    top = kept_heads_mask(scores, 0.75)  # keep 2 of 8
+    assert top.tolist() == [[True, True, False, False], [False, False, False, False]]
+    floor = kept_heads_mask(scores, 0.75, min_per_block=1)
+    assert floor.tolist() == [[True, False, False, False], [False, False, False, True]]
+    per_block = kept_heads_mask(scores, 0.5, scope="per_block")
+    assert per_block.tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_bert_dir, tmp_path_factory):
+    cfg = tiny_config(tiny_bert_dir, tmp_path_factory.mktemp("h"),
+                      lora={"target_modules": ["query", "key", "value", "output"]})
+    lm = build_model(cfg, 3)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = dict(lm.tokenizer(["the cat sat on the mat", "hi"], ["a dog", "yes it is"], padding=True,
+                              return_tensors="pt"))
+    batch["labels"] = torch.tensor([0, 2])
+    return lm, batch
+
+
+KEPT = torch.tensor([[True, False, True, False], [False, False, False, False]])  # block 1 loses every head
+
+
+def test_pruned_forward_and_grads_equal_gated_full_model(tiny_lora):
+    lm, batch = tiny_lora
+    full = copy.deepcopy(lm.model).eval()
+    handles = gate_heads(full, lm.head_map, KEPT.float(), lm.prefix)
+    ref = full(**batch)
+    ref.loss.backward()
+    for h in handles:
+        h.remove()
+    pruned = copy.deepcopy(lm.model).eval()
+    prune_heads_(pruned, lm.head_map, KEPT, lm.prefix)
+    out = pruned(**batch)
+    out.loss.backward()
+    assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+    def grads(model):  # a parameter outside the graph (LoRA A of a block with no head left) has gradient 0
+        return {n: torch.zeros_like(p) if p.grad is None else p.grad
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    full_grads, pruned_grads = grads(full), grads(pruned)
+    assert set(full_grads) == set(pruned_grads)
+    sliced_ref = gather_kept(full_grads, KEPT, lm.layout)
+    for name, grad in pruned_grads.items():
+        assert torch.allclose(grad, sliced_ref[name], atol=1e-5), name
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in full.parameters())
+
+
+def test_scatter_is_inverse_of_gather(tiny_lora):
+    lm, _ = tiny_lora
+    state = {n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad}
+    sliced = gather_kept(state, KEPT, lm.layout)
+    q_b = next(n for n in lm.layout.sliced if "query.lora_B" in n)
+    assert sliced[q_b].shape[0] == int(KEPT[lm.layout.sliced[q_b][0]].sum()) * lm.layout.head_dim
+    changed = {n: t + 1.0 for n, t in sliced.items()}
+    back = scatter_kept(changed, KEPT, lm.layout, state)
+    assert all(torch.equal(gather_kept(back, KEPT, lm.layout)[n], changed[n]) for n in changed)
+    for name, (b, dim) in lm.layout.sliced.items():  # pruned heads' rows are bit-identical to the base
+        pruned_heads = (~KEPT[b]).nonzero().flatten()
+        idx = lm.layout.head_index(pruned_heads)
+        assert torch.equal(back[name].index_select(dim, idx), state[name].index_select(dim, idx))
+
+
+def test_scores_shapes_and_ranges(tiny_lora):
+    lm, batch = tiny_lora
+    for method in ["confidence", "gradient", "random"]:
+        scores, loss = score_heads(lm.model, lm.head_map, [batch], method, special_ids=lm.tokenizer.all_special_ids,
+                                   prefix=lm.prefix, generator=torch.Generator().manual_seed(0))
+        assert scores.shape == (2, 4) and float(scores.min()) >= 0 and float(scores.max()) <= 1 + 1e-6
+        assert loss > 0
+    assert not any(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
+
+
+def test_unsupported_architecture_names_the_class():
+    from transformers import GPT2Config, GPT2Model
+
+    with pytest.raises(UnsupportedModelError, match="GPT2Model"):
+        head_map_for(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)))
