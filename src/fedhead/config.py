@@ -33,7 +33,9 @@ class ModelSection(_Section):
     train_pooler: bool = Field(False, description="Train the checkpoint's pooler (only with pooling='cls').")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per example (longer inputs truncated).")
     attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel for training; importance scoring always uses eager attention."
+        "eager",
+        description="Attention kernel for training (eager: as fast on CPU, and its FLOPs are counted exactly; "
+        "the FLOP counter misses CPU sdpa kernels); importance scoring always uses eager attention.",
     )
 
 
