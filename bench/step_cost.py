@@ -31,7 +31,7 @@ MNLI = Path(__file__).resolve().parents[1].parent / "shared/data/mnli/train.json
 
 
 def make_batch(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
-    rows = [json.loads(line) for _, line in zip(range(batch), MNLI.open())]
+    rows = [json.loads(line) for _, line in zip(range(batch), MNLI.open(), strict=False)]
     enc = tokenizer([r["premise"] for r in rows], [r["hypothesis"] for r in rows], padding="max_length",
                     truncation=True, max_length=length, return_tensors="pt")
     out = dict(enc)
