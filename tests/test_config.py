@@ -63,3 +63,22 @@ def test_config_reference_lists_every_option():
     table = config_reference()
     for dotted in ["heads.sparsity", "lora.freeze_a", "federated.selection", "partition.alpha", "seed"]:
         assert f"`{dotted}`" in table
+
+
+def test_extends_merges_sections(tmp_path):
+    (tmp_path / "base.toml").write_text('seed = 3\n[federated]\nrounds = 9\nbatch_size = 4\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[federated]\nrounds = 2\n')
+    cfg = load_config(tmp_path / "child.toml")
+    assert (cfg.seed, cfg.federated.rounds, cfg.federated.batch_size, cfg.run_name) == (3, 2, 4, "child")
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "loop.toml")
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "dense_fedavg", "random_pruning", "confidence_pruning",
+                                    "fedhead_full", "sweep_base"])
+def test_presets_are_valid(preset):
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / f"{preset}.toml", {"heads.sparsity": 0.7})
+    assert cfg.heads.sparsity == 0.7 and cfg.run_name == preset

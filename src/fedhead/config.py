@@ -224,18 +224,39 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_toml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file's table; `extends = "other.toml"` (relative to the file) is read first and overridden."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'extends' loops back to itself")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(_read_toml(p.parent / parent, (*seen, p.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a TOML config file (or the defaults when `path` is None) and apply dotted-key overrides."""
+    """Load a TOML config file (or the defaults when `path` is None) and apply dotted-key overrides.
+
+    A file may start with `extends = "base.toml"` to take every option of that file and change some.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{p}: not valid TOML: {err}") from None
-        data.setdefault("run_name", p.stem)
+        data = _read_toml(p)
+        data["run_name"] = data.get("run_name") or p.stem
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(data, key, value)
