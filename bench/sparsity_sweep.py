@@ -42,6 +42,11 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     _row("remove-conf-0.9-cls_raw", **{"heads.sparsity": 0.9, "model.pooling": "cls_raw"}),
     _row("sparse-conf-0.9-headweighted", **{"heads.sparsity": 0.9, "heads.mode": "train_sparse",
                                             "federated.aggregation": "head_weighted"}),
+    _row("full-remove-0.9", **{"heads.sparsity": 0.9, "federated.aggregation": "head_weighted",
+                               "federated.selection": "loss_gap"}),
+    _row("full-remove-0.9-freeze_a", **{"heads.sparsity": 0.9, "federated.aggregation": "head_weighted",
+                                        "federated.selection": "loss_gap", "lora.freeze_a": True}),
+    _row("dense-freeze_a", **{"lora.freeze_a": True}),
 ]
 
 
@@ -50,12 +55,13 @@ def describe(cfg) -> dict[str, Any]:
     return {"sparsity": h.sparsity, "mode": h.mode if h.sparsity else "-",
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
             "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,
-            "lr": cfg.federated.learning_rate, "aggregation": cfg.federated.aggregation}
+            "lr": cfg.federated.learning_rate, "aggregation": cfg.federated.aggregation,
+            "selection": cfg.federated.selection, "freeze_a": cfg.lora.freeze_a}
 
 
 def table(out: Path, names: list[str]) -> str:
-    lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | final acc | best acc "
-             "| vs dense | train TFLOPs | upload MB | download MB |", "|" + "---|" * 14]
+    lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | selection | freeze A "
+             "| final acc | best acc | vs dense | train TFLOPs | upload MB | download MB |", "|" + "---|" * 16]
     dense = None
     if (out / "dense" / "summary.json").exists():
         dense = json.loads((out / "dense" / "summary.json").read_text())["final_accuracy"]
@@ -68,7 +74,8 @@ def table(out: Path, names: list[str]) -> str:
         drop = f"{100 * (s['final_accuracy'] - dense):+.1f} pt" if dense is not None else "-"
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "
-            f"{d['lr']:g} | {d['aggregation']} | {s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {drop} | "
+            f"{d['lr']:g} | {d['aggregation']} | {d.get('selection', 'random')} | {d.get('freeze_a', False)} | "
+            f"{s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {drop} | "
             f"{s['train_flops'] / 1e12:.1f} | {s['bytes_up'] / 1e6:.1f} | {s['bytes_down'] / 1e6:.1f} |")
     return "\n".join(lines)
 

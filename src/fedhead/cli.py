@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (ConfigError, DataError, UnsupportedModelError, FileNotFoundError)
 
 
@@ -134,6 +134,26 @@ def heads(
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"heat map: {out}, scores: {result}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[Path, typer.Option(help="Directory for table.md, summary.json and the PNG plots.")] = Path(
+        "report"),
+    baseline: Annotated[Path | None, typer.Option(help="Dense run to compare against (default: the first "
+                                                       "run with sparsity 0 and FedAvg).")] = None,
+    target: Annotated[float | None, typer.Option(help="Target accuracy (default: baseline final - 2 points).")]
+    = None,
+) -> None:
+    """Compare runs: accuracy, bytes, FLOPs, time, and the cost to reach a target accuracy; table and plots."""
+    from fedhead.report import ReportError, write_report
+
+    try:
+        table = write_report(runs, out, baseline, target)
+    except (ReportError, *USER_ERRORS) as err:
+        _fail(err)
+    typer.echo(table.read_text())
 
 
 @app.command("config-reference")

@@ -1,0 +1,225 @@
+"""`fedhead report`: compare runs by their trade-off of accuracy against bytes, compute and time.
+
+Reads each run directory's `config.json` and `metrics.jsonl` and writes a Markdown table and PNG plots. The
+dense baseline is the run with sparsity 0 and FedAvg aggregation (or the one named with `--baseline`); the
+target accuracy defaults to the baseline's final accuracy minus 2 points.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported."""
+
+
+@dataclass
+class Run:
+    """One run's config and per-round metrics, with cumulative costs per round."""
+
+    path: Path
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    initial: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        if not (path / "metrics.jsonl").is_file() or not (path / "config.json").is_file():
+            raise ReportError(f"{path} is not a run directory (config.json and metrics.jsonl needed)")
+        config = json.loads((path / "config.json").read_text())
+        lines = []
+        for raw in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break
+        initial = next((m for m in lines if m.get("round") == 0), {})
+        return cls(path, config, [m for m in lines if m.get("round", 0) > 0], initial)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def sparsity(self) -> float:
+        heads = self.config["heads"]
+        return max(heads.get("tiers") or [heads["sparsity"]])
+
+    @property
+    def method(self) -> str:
+        fed, heads = self.config["federated"], self.config["heads"]
+        base = "dense" if self.sparsity == 0 else f"{heads['importance']} {heads['mode']}"
+        extras = [fed["aggregation"], fed["selection"]]
+        if self.config["lora"].get("freeze_a"):
+            extras.append("freeze A")
+        return f"{base} ({', '.join(extras)})"
+
+    def metric_key(self) -> str:
+        for key in ("accuracy", "rougeL", "bleu"):
+            if any(key in m for m in self.rounds):
+                return key
+        return "accuracy"
+
+    def curve(self, x: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, metric) at evaluated rounds; x in round, bytes_up, bytes_total, train_flops, seconds."""
+        key = self.metric_key()
+        xs, ys, total = [], [], 0.0
+        if key in self.initial:
+            xs.append(0.0)
+            ys.append(self.initial[key])
+        for m in self.rounds:
+            total += {"round": 1.0, "bytes_up": m["bytes_up"], "bytes_total": m["bytes_up"] + m["bytes_down"],
+                      "train_flops": m["train_flops"], "seconds": _round_seconds(m)}[x]
+            if key in m:
+                xs.append(total if x != "round" else m["round"])
+                ys.append(m[key])
+        return np.asarray(xs), np.asarray(ys)
+
+
+def _round_seconds(m: dict[str, Any]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("seconds_") and isinstance(v, int | float))
+
+
+def _to_target(run: Run, target: float) -> dict[str, Any] | None:
+    """Rounds, bytes, FLOPs and seconds spent until the first evaluation at or above `target`."""
+    key = run.metric_key()
+    spent = {"rounds": 0, "bytes": 0, "train_flops": 0, "seconds": 0.0}
+    for m in run.rounds:
+        spent["rounds"] = m["round"]
+        spent["bytes"] += m["bytes_up"] + m["bytes_down"]
+        spent["train_flops"] += m["train_flops"]
+        spent["seconds"] += _round_seconds(m)
+        if m.get(key, -np.inf) >= target:
+            return spent
+    return None
+
+
+def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) -> list[dict[str, Any]]:
+    """One row per run with accuracy, costs, advantages over the baseline and costs to reach `target`."""
+    rows = []
+    base_tot = None
+    if baseline is not None:
+        base_tot = {k: sum(m[k] for m in baseline.rounds) for k in ("bytes_up", "bytes_down", "train_flops")}
+        base_final = _final(baseline)
+    for run in runs:
+        key = run.metric_key()
+        evaluated = [m[key] for m in run.rounds if key in m]
+        tot = {k: sum(m[k] for m in run.rounds) for k in ("bytes_up", "bytes_down", "train_flops")}
+        row: dict[str, Any] = {
+            "run": run.name, "method": run.method, "sparsity": run.sparsity, "metric": key,
+            "final": evaluated[-1] if evaluated else None, "best": max(evaluated) if evaluated else None,
+            **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
+        }
+        if base_tot is not None and row["final"] is not None:
+            row["drop_points"] = 100 * (base_final - row["final"])
+            row["upload_advantage"] = base_tot["bytes_up"] / max(tot["bytes_up"], 1)
+            row["comm_advantage"] = (base_tot["bytes_up"] + base_tot["bytes_down"]) / max(
+                tot["bytes_up"] + tot["bytes_down"], 1)
+            row["flops_reduction"] = base_tot["train_flops"] / max(tot["train_flops"], 1)
+        if target is not None:
+            row["to_target"] = _to_target(run, target)
+        rows.append(row)
+    return rows
+
+
+def _final(run: Run) -> float:
+    key = run.metric_key()
+    values = [m[key] for m in run.rounds if key in m]
+    if not values:
+        raise ReportError(f"{run.path}: no evaluated round")
+    return values[-1]
+
+
+def _fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
+    """The comparison table (Markdown)."""
+    head = ("| run | method | sparsity | final | best | drop vs dense | bytes up | bytes down | upload adv. "
+            "| comm. adv. | train FLOPs | FLOPs red. | seconds | to target: rounds | bytes | FLOPs | seconds |")
+    lines = [head, "|" + "---|" * 17]
+    for r in rows:
+        t = r.get("to_target")
+        reach = ["not reached"] + ["-"] * 3 if t is None else [
+            str(t["rounds"]), f"{t['bytes'] / 1e6:.1f} MB", f"{t['train_flops'] / 1e12:.1f} T", f"{t['seconds']:.0f}"]
+        lines.append(
+            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {_fmt(r['final'])} | {_fmt(r['best'])} | "
+            f"{_fmt(r.get('drop_points'), '+.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
+            f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
+            f"{_fmt(r.get('comm_advantage'), '.2f', 'x')} | {r['train_flops'] / 1e12:.1f} T | "
+            f"{_fmt(r.get('flops_reduction'), '.2f', 'x')} | {r['seconds']:.0f} | " + " | ".join(reach) + " |")
+    note = f"\nTarget {rows[0]['metric']}: {target:.3f}.\n" if target is not None and rows else "\n"
+    return "\n".join(lines) + note
+
+
+def plot_curves(runs: list[Run], out: Path) -> list[Path]:
+    """Accuracy vs round, vs cumulative bytes up, vs cumulative training FLOPs; one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x, label, scale in [("round", "round", 1.0), ("bytes_up", "cumulative bytes up (MB)", 1e6),
+                            ("train_flops", "cumulative training FLOPs (TFLOP)", 1e12)]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run in runs:
+            xs, ys = run.curve(x)
+            ax.plot(xs / scale, ys, marker="o", markersize=3, label=f"{run.name}")
+        ax.set_xlabel(label)
+        ax.set_ylabel(runs[0].metric_key() if runs else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"accuracy_vs_{x}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def mean_head_scores(run: Run) -> np.ndarray | None:
+    """Head scores averaged over every client update of a run that pruned; None when it did not."""
+    scores = [np.asarray(c["head_scores"]) for m in run.rounds for c in m.get("clients", [])
+              if c.get("sparsity", 0) > 0 and "head_scores" in c]
+    return np.mean(scores, axis=0) if scores else None
+
+
+def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
+                 target: float | None = None) -> Path:
+    """Write table.md, summary.json and plots for `run_dirs` into `out`; returns the table's path."""
+    from fedhead.heads.report import plot_head_scores
+
+    runs = [Run.load(Path(p)) for p in run_dirs]
+    if not runs:
+        raise ReportError("no runs given")
+    if baseline is not None:
+        base = Run.load(Path(baseline))
+    else:
+        dense = [r for r in runs if r.sparsity == 0 and r.config["federated"]["aggregation"] == "fedavg"]
+        base = dense[0] if dense else None
+    if target is None and base is not None:
+        target = _final(base) - (0.02 if base.metric_key() == "accuracy" else 2.0)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize_runs(runs, base, target)
+    table = markdown_table(rows, target)
+    header = f"Baseline: {base.name if base else 'none (no dense FedAvg run given)'}.\n\n"
+    (out / "table.md").write_text(header + table)
+    (out / "summary.json").write_text(json.dumps({"baseline": base.name if base else None, "target": target,
+                                                  "rows": rows}, indent=1))
+    plot_curves(runs, out)
+    import torch
+
+    for run in runs:
+        scores = mean_head_scores(run)
+        if scores is not None:
+            plot_head_scores(torch.tensor(scores), out / f"heads_{run.name}.png",
+                             f"mean head importance over clients: {run.name}")
+    return out / "table.md"

@@ -1,0 +1,44 @@
+"""`fedhead report` on real (tiny) runs: table values follow from the metrics, plots are written."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedhead.cli import app
+from fedhead.runners.local import run_simulation
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    dense = tiny_config(tiny_bert_dir, out, run_name="dense")
+    pruned = tiny_config(tiny_bert_dir, out, run_name="pruned", heads={"sparsity": 0.5})
+    run_simulation(dense, out / "dense")
+    run_simulation(pruned, out / "pruned")
+    return out
+
+
+def test_report_table_and_plots(two_runs, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(two_runs / "dense"), str(two_runs / "pruned"),
+                                      "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["baseline"] == "dense"
+    dense_row, pruned_row = summary["rows"]
+    dense_metrics = [json.loads(x) for x in (two_runs / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert dense_row["bytes_up"] == sum(m.get("bytes_up", 0) for m in dense_metrics)
+    assert dense_row["upload_advantage"] == 1.0 and dense_row["drop_points"] == 0.0
+    assert pruned_row["upload_advantage"] > 1.0 and pruned_row["flops_reduction"] > 1.0
+    assert dense_row["to_target"] is not None  # the baseline reaches its own final minus 2 points
+    for name in ["accuracy_vs_round.png", "accuracy_vs_bytes_up.png", "accuracy_vs_train_flops.png",
+                 "heads_pruned.png", "table.md"]:
+        assert (tmp_path / "rep" / name).is_file(), name
+    assert not (tmp_path / "rep" / "heads_dense.png").exists()
+    assert "not reached" in result.output or "| dense |" in result.output
+
+
+def test_report_rejects_a_non_run(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not a run directory" in result.output
