@@ -2,51 +2,50 @@
 and pooling: the measurement that decides the method's defaults (issue "Keep the accuracy at 90% head
 sparsity"). Every row uses the same seed, clients, rounds and local steps; only the named options differ.
 
-    python bench/sparsity_sweep.py                  # all rows, results in bench/results/sweep/
-    python bench/sparsity_sweep.py --rows dense remove-conf-0.9 --rounds 4   # a subset, shorter
+    python bench/sparsity_sweep.py                  # all rows, results in bench/results/paper/
+    python bench/sparsity_sweep.py --rows dense confidence-0.9   # a subset
     python bench/sparsity_sweep.py --table-only     # rebuild the table from finished runs
 
 Rows already finished (summary.json present) are not run again; an interrupted row resumes from its
-checkpoint. The table is written to bench/results/sweep/table.md.
+checkpoint. The table is written to bench/results/paper/sweep.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from fedhead.config import load_config
-from fedhead.runners.local import run_simulation
+from common import ROOT, run_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "configs" / "sweep_base.toml"
+from fedhead.config import Config
 
+BASE = ROOT / "configs" / "paper_base.toml"
+SPARSE = {"heads.mode": "train_sparse"}
+FULL = {"federated.aggregation": "head_weighted", "federated.selection": "loss_gap"}
 
-def _row(name: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
-    return name, overrides
-
-
+# Rows named like bench/paper_comparison.py's share its runs (same base, same folder): each is run once.
+# Ordered by how much each row tells, so a partial sweep is still useful.
 ROWS: list[tuple[str, dict[str, Any]]] = [
-    _row("dense"),
-    *[_row(f"remove-conf-{s}", **{"heads.sparsity": s}) for s in (0.5, 0.7, 0.9)],
-    *[_row(f"sparse-conf-{s}", **{"heads.sparsity": s, "heads.mode": "train_sparse"}) for s in (0.5, 0.7, 0.9)],
-    _row("remove-random-0.9", **{"heads.sparsity": 0.9, "heads.importance": "random"}),
-    _row("remove-gradient-0.9", **{"heads.sparsity": 0.9, "heads.importance": "gradient"}),
-    _row("remove-conf-alltokens-0.9", **{"heads.sparsity": 0.9, "heads.exclude_special_tokens": False}),
-    _row("remove-conf-perblock-0.9", **{"heads.sparsity": 0.9, "heads.scope": "per_block"}),
-    _row("remove-conf-0.9-lr1e-3", **{"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
-    _row("dense-cls", **{"model.pooling": "cls"}),
-    _row("remove-conf-0.9-cls_raw", **{"heads.sparsity": 0.9, "model.pooling": "cls_raw"}),
-    _row("sparse-conf-0.9-headweighted", **{"heads.sparsity": 0.9, "heads.mode": "train_sparse",
-                                            "federated.aggregation": "head_weighted"}),
-    _row("full-remove-0.9", **{"heads.sparsity": 0.9, "federated.aggregation": "head_weighted",
-                               "federated.selection": "loss_gap"}),
-    _row("full-remove-0.9-freeze_a", **{"heads.sparsity": 0.9, "federated.aggregation": "head_weighted",
-                                        "federated.selection": "loss_gap", "lora.freeze_a": True}),
-    _row("dense-freeze_a", **{"lora.freeze_a": True}),
+    ("dense", {}),
+    ("confidence-0.9", {"heads.sparsity": 0.9}),
+    ("sparse-confidence-0.9", {"heads.sparsity": 0.9, **SPARSE}),
+    ("random-0.9", {"heads.sparsity": 0.9, "heads.importance": "random"}),
+    ("full-0.9", {"heads.sparsity": 0.9, **FULL}),
+    ("full-0.9-freeze_a", {"heads.sparsity": 0.9, **FULL, "lora.freeze_a": True}),
+    ("sparse-full-0.9", {"heads.sparsity": 0.9, **SPARSE, **FULL}),
+    ("confidence-0.5", {"heads.sparsity": 0.5}),
+    ("sparse-confidence-0.5", {"heads.sparsity": 0.5, **SPARSE}),
+    ("gradient-0.9", {"heads.sparsity": 0.9, "heads.importance": "gradient"}),
+    ("confidence-alltokens-0.9", {"heads.sparsity": 0.9, "heads.exclude_special_tokens": False}),
+    ("confidence-perblock-0.9", {"heads.sparsity": 0.9, "heads.scope": "per_block"}),
+    ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
+    ("confidence-0.7", {"heads.sparsity": 0.7}),
+    ("sparse-confidence-0.7", {"heads.sparsity": 0.7, **SPARSE}),
+    ("dense-cls", {"model.pooling": "cls"}),
+    ("confidence-0.9-cls_raw", {"heads.sparsity": 0.9, "model.pooling": "cls_raw"}),
+    ("dense-freeze_a", {"lora.freeze_a": True}),
 ]
 
 
@@ -70,7 +69,7 @@ def table(out: Path, names: list[str]) -> str:
         if not path.exists():
             continue
         s = json.loads(path.read_text())
-        d = json.loads((out / name / "row.json").read_text())
+        d = describe(Config.model_validate_json((out / name / "config.json").read_text()))
         drop = f"{100 * (s['final_accuracy'] - dense):+.1f} pt" if dense is not None else "-"
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "
@@ -84,28 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=None, help="Names of rows to run (default: all).")
     parser.add_argument("--rounds", type=int, default=None, help="Override the rounds of every row.")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     rows = [(n, o) for n, o in ROWS if args.rows is None or n in args.rows]
     unknown = set(args.rows or []) - {n for n, _ in ROWS}
     if unknown:
         parser.error(f"unknown rows: {sorted(unknown)}; known: {[n for n, _ in ROWS]}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, overrides in ([] if args.table_only else rows):
-        run_dir = args.out / name
-        if (run_dir / "summary.json").exists():
-            continue
-        extra = {"federated.rounds": args.rounds} if args.rounds else {}
-        cfg = load_config(BASE, {**overrides, **extra, "run_name": name, "out": str(args.out)})
-        start = time.perf_counter()
-        resume = (run_dir / "checkpoint.safetensors").exists()
-        summary = run_simulation(cfg, run_dir, resume=resume)
-        (run_dir / "row.json").write_text(json.dumps(describe(cfg)))
-        print(f"{name}: final accuracy {summary['final_accuracy']:.3f} in {time.perf_counter() - start:.0f} s",
-              flush=True)
+    if not args.table_only:
+        run_rows(BASE, rows, args.out, {"federated.rounds": args.rounds} if args.rounds else None)
     text = table(args.out, [n for n, _ in ROWS])
-    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "sweep.md").write_text(text + "\n")
     print(text)
 
 
