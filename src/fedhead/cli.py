@@ -101,7 +101,7 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
 
     def line(m: dict) -> str:
         acc = f" acc {m['accuracy']:.4f} eval_loss {m['eval_loss']:.4f}" if "accuracy" in m else ""
-        loss = f" train_loss {m['train_loss']:.4f}" if "train_loss" in m else ""
+        loss = f" train_loss {m['train_loss']:.4f}" if m.get("train_loss") is not None else ""
         up = f" up {m['bytes_up'] / 1e6:.2f} MB" if "bytes_up" in m else ""
         return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}"
 

@@ -101,10 +101,11 @@ class FederatedSection(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of evaluation.")
-    aggregation: Literal["fedavg", "head_weighted"] = Field(
+    aggregation: Literal["fedavg", "head_weighted", "trimmed_mean", "median"] = Field(
         "fedavg",
         description="'fedavg': data-size weighted mean (each head slice over the clients that kept it); "
-        "'head_weighted': each head slice weighted by aggregation_weights.",
+        "'head_weighted': each head slice weighted by aggregation_weights; 'trimmed_mean' / 'median': "
+        "coordinate-wise robust statistics per head slice, for faulty or malicious clients.",
     )
     aggregation_weights: Literal["data_size", "importance", "product"] = Field(
         "product", description="Head weights of head_weighted: n_c, conf_c(b,h), or n_c * conf_c(b,h)."
@@ -115,9 +116,31 @@ class FederatedSection(_Section):
     exploration: float = Field(
         0.1, ge=0, description="loss_gap: priority bonus per round since a client last took part."
     )
+    min_clients: int = Field(
+        1, ge=1, description="Fewest good updates a round needs; with fewer the global state is kept.")
     power_of_choice_d: int = Field(
         0, ge=0, description="power_of_choice: candidates sampled (0 means 2 * clients_per_round)."
     )
+
+
+class RobustSection(_Section):
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Bound on the L2 norm of a client's update (trained minus received values).")
+    norm_action: Literal["reject", "clip"] = Field(
+        "reject", description="What to do with an update above max_update_norm: exclude it, or scale it down.")
+    outlier_factor: float | None = Field(
+        None, gt=1, description="Reject updates whose norm exceeds this many times the round's median norm.")
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean aggregation: fraction cut from each end per coordinate.")
+    dropout_probability: float = Field(
+        0.0, ge=0, lt=1, description="Simulation only: probability that a selected client fails in a round.")
+
+
+class PrivacySection(_Section):
+    enabled: bool = Field(False, description="Client-level differential privacy (DP-FedAvg, server-side noise).")
+    noise_multiplier: float = Field(1.0, gt=0, description="Gaussian noise std as a multiple of clipping_norm.")
+    clipping_norm: float = Field(1.0, gt=0, description="Each client's update is clipped to this L2 norm.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Target delta of the (epsilon, delta) reported.")
 
 
 class HeadsSection(_Section):
@@ -175,6 +198,8 @@ class Config(_Section):
     partition: PartitionSection = Field(default_factory=PartitionSection)
     federated: FederatedSection = Field(default_factory=FederatedSection)
     heads: HeadsSection = Field(default_factory=HeadsSection)
+    robust: RobustSection = Field(default_factory=RobustSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
     seed: int = Field(0, ge=0, description="Seed of every random choice of the run.")
     out: str = Field("out", description="Parent directory of run directories.")
     run_name: str | None = Field(None, description="Run directory name (default: config file stem).")

@@ -9,6 +9,10 @@ with w_c(b, h) = n_c ('data_size'), conf_c(b, h) ('importance') or n_c * conf_c(
 client kept keeps its previous value; a head whose weights are all zero falls back to n_c. Shared tensors are
 averaged with weights n_c (FedAvg). 'fedavg' is head_weighted with data_size weights: at sparsity 0 it is the
 dense FedAvg baseline exactly.
+
+Robust options for faulty or malicious clients: 'median' (coordinate-wise median) and 'trimmed_mean'
+(coordinate-wise mean after cutting the `trim_fraction` lowest and highest values; Yin et al. 2018), each
+over the clients that kept the head, unweighted.
 """
 
 from __future__ import annotations
@@ -35,16 +39,42 @@ def head_weights(updates: list[ClientUpdate], block: int, weighting: str) -> tor
     return w
 
 
+def robust_aggregate(
+    global_state: State, updates: list[ClientUpdate], layout: HeadLayout, method: str, trim_fraction: float = 0.2
+) -> State:
+    """Coordinate-wise median or trimmed mean, per head slice over the clients that kept it."""
+    nan_base = {k: torch.full_like(v, float("nan"), dtype=torch.float64) for k, v in global_state.items()}
+    new: State = {}
+    for name, previous in global_state.items():
+        stacked = torch.stack([  # (C, *shape); NaN where the client did not keep the head
+            scatter_kept({name: u.tensors[name].double()}, u.kept_heads, layout, nan_base)[name] for u in updates])
+        valid = ~torch.isnan(stacked)
+        count = valid.sum(0)  # (*shape)
+        if method == "median":
+            value = torch.nanmedian(stacked, dim=0).values
+        else:
+            ordered = torch.sort(stacked, dim=0).values  # NaN sort last
+            cut = torch.floor(count * trim_fraction)
+            rank = torch.arange(len(updates), dtype=torch.float64).view(-1, *([1] * previous.dim()))
+            inside = (rank >= cut) & (rank < count - cut)
+            value = torch.where(inside, ordered, 0.0).sum(0) / (count - 2 * cut).clamp(min=1)
+        new[name] = torch.where(count > 0, value, previous.double()).to(previous.dtype)
+    return new
+
+
 def aggregate(
     global_state: State,
     updates: list[ClientUpdate],
     layout: HeadLayout,
     method: str = "fedavg",
     weighting: str = "product",
+    trim_fraction: float = 0.2,
 ) -> State:
     """The next global state from the clients' updates (see the module docstring)."""
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
+    if method in ("median", "trimmed_mean"):
+        return robust_aggregate(global_state, updates, layout, method, trim_fraction)
     if method not in ("fedavg", "head_weighted"):
         raise ValueError(f"unknown aggregation '{method}'")
     weighting = "data_size" if method == "fedavg" else weighting

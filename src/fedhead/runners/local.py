@@ -24,10 +24,12 @@ from fedhead.config import Config
 from fedhead.data import label_histograms, load_classification_data, partition_indices
 from fedhead.data.loading import ClassificationData
 from fedhead.federated.aggregation import aggregate
-from fedhead.federated.client import client_update, evaluate
-from fedhead.federated.payload import decode_state, decode_update, encode_state, encode_update
-from fedhead.federated.selection import ClientStats, select_clients
+from fedhead.federated.client import client_update, derived_seed, evaluate
+from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
+from fedhead.federated.privacy import dp_aggregate, epsilon_spent
+from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.state import State, load_state_, trainable_state
+from fedhead.federated.validation import screen_updates
 from fedhead.models import LoadedModel, build_model
 from fedhead.runners.run_dir import RunDir
 
@@ -83,44 +85,100 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
     # from the seed); each client trains from the bytes it received and answers with serialised bytes.
     down = encode_state(state)
-    updates, clients = [], []
-    for c in selection.clients:
+    received, failed = [], []
+    fails = np.random.default_rng([cfg.seed, round_, 7]).random(len(selection.clients))  # simulated dropouts
+    for c, u in zip(selection.clients, fails, strict=True):
+        if u < cfg.robust.dropout_probability:
+            failed.append({"client": c, "reason": "dropped out (simulated failure)"})
+            continue
         update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_)
         blob = encode_update(update)
-        timings = update.timings
-        update = decode_update(blob)
+        received.append((decode_update(blob), update.timings, len(down), len(blob)))
+    return finish_round(sim, state, round_, stats, selection, received, len(down) * len(received), t0, failed)
+
+
+Received = tuple[ClientUpdate, dict[str, float], int, int]  # decoded update, its timings, bytes down, bytes up
+
+
+def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats, selection: Selection,
+                 received: list[Received], bytes_down: int, t0: float,
+                 failed: list[dict[str, Any]] | None = None) -> tuple[State, dict[str, Any]]:
+    """The server's side of a round once the updates are in (every engine): validation, client statistics,
+    aggregation, the metrics line. `t0`: when the round started (perf_counter); `failed`: clients that did
+    not answer, with the reason."""
+    cfg, fed = sim.cfg, sim.cfg.federated
+    accepted, rejected = screen_updates(
+        [r[0] for r in received], state, sim.lm.layout, max_norm=cfg.robust.max_update_norm,
+        norm_action=cfg.robust.norm_action, outlier_factor=cfg.robust.outlier_factor)
+    good = {id(u) for u in accepted}
+    updates, clients = [], []
+    for update, timings, down, up in received:
+        if id(update) not in good:
+            continue
         updates.append(update)
-        clients.append({
-            "client": c,
-            "num_examples": update.num_examples,
-            "bytes_down": len(down),
-            "bytes_up": len(blob),
-            "loss_before": update.loss_before,
-            "loss_after": update.loss_after,
-            "train_loss": update.train_loss,
-            "kept_heads": update.kept_heads.flatten().nonzero().flatten().tolist(),
-            "head_scores": [[round(float(x), 5) for x in row] for row in update.head_scores],
-            **update.stats,
-            **timings,
-        })
-        stats.record(c, round_, update.loss_before, update.loss_after, clients[-1]["kept_heads"])
+        clients.append(client_metrics(update, timings, down, up))
+        stats.record(update.client_id, round_, update.loss_before, update.loss_after, clients[-1]["kept_heads"])
+    updates = accepted  # clipped where the config asks for it
     t_train = time.perf_counter()
-    new_state = aggregate(state, updates, sim.lm.layout, fed.aggregation, fed.aggregation_weights)
-    metrics: dict[str, Any] = {
+    skipped = len(updates) < fed.min_clients
+    if skipped:
+        new_state = {k: v.clone() for k, v in state.items()}
+    elif cfg.privacy.enabled:
+        noise = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, -1, stream=3))
+        new_state = dp_aggregate(state, updates, sim.lm.layout, cfg.privacy.noise_multiplier,
+                                 cfg.privacy.clipping_norm, noise)
+    else:
+        new_state = aggregate(state, updates, sim.lm.layout, fed.aggregation, fed.aggregation_weights,
+                              cfg.robust.trim_fraction)
+    metrics = round_metrics(round_, selection, updates, clients, bytes_down, t_train - t0,
+                            time.perf_counter() - t_train)
+    metrics["rejected"] = [{"client": r.client_id, "reason": r.reason} for r in rejected]
+    metrics["failed"] = list(failed or [])
+    if skipped:
+        metrics["skipped"] = (f"only {len(updates)} good updates, fewer than federated.min_clients = "
+                              f"{fed.min_clients}: the global state is kept")
+    if cfg.privacy.enabled:
+        metrics["dp_epsilon"] = epsilon_spent(cfg.privacy.noise_multiplier,
+                                              fed.clients_per_round / cfg.partition.num_clients, round_,
+                                              cfg.privacy.delta)
+        metrics["dp_delta"] = cfg.privacy.delta
+    return new_state, metrics
+
+
+def client_metrics(update: ClientUpdate, timings: dict[str, float], bytes_down: int, bytes_up: int) -> dict[str, Any]:
+    """One client's entry in a round's metrics line (`clients`)."""
+    return {
+        "client": update.client_id,
+        "num_examples": update.num_examples,
+        "bytes_down": bytes_down,
+        "bytes_up": bytes_up,
+        "loss_before": update.loss_before,
+        "loss_after": update.loss_after,
+        "train_loss": update.train_loss,
+        "kept_heads": update.kept_heads.flatten().nonzero().flatten().tolist(),
+        "head_scores": [[round(float(x), 5) for x in row] for row in update.head_scores],
+        **update.stats,
+        **timings,
+    }
+
+
+def round_metrics(round_: int, selection: Selection, updates: list[ClientUpdate], clients: list[dict[str, Any]],
+                  bytes_down: int, seconds_clients: float, seconds_aggregate: float) -> dict[str, Any]:
+    """A round's metrics line (before evaluation) from the selection and the received updates."""
+    return {
         "round": round_,
         "selected": selection.clients,
         "selection_reason": selection.reason,
         "selection_priorities": {str(k): v for k, v in selection.priorities.items()},
-        "train_loss": float(np.mean([u.train_loss for u in updates])),
-        "bytes_down": len(down) * len(updates),
+        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
+        "bytes_down": bytes_down,
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "train_flops": sum(c["train_flops"] for c in clients),
         "scoring_flops": sum(c["scoring_flops"] for c in clients),
         "clients": clients,
-        "seconds_clients": t_train - t0,
-        "seconds_aggregate": time.perf_counter() - t_train,
+        "seconds_clients": seconds_clients,
+        "seconds_aggregate": seconds_aggregate,
     }
-    return new_state, metrics
 
 
 def run_simulation(
@@ -135,9 +193,29 @@ def run_simulation(
 
     stop_after: stop once this round is done (as if killed), leaving a resumable run directory.
     """
-    rd = RunDir(run_dir)
     start = time.perf_counter()
     sim = Simulation.setup(cfg)
+    return drive_rounds(sim, RunDir(run_dir), lambda state, r, rng, stats: run_round(sim, state, r, rng, stats),
+                        resume=resume, on_round=on_round, stop_after=stop_after, start=start)
+
+
+RoundFn = Callable[[State, int, np.random.Generator, ClientStats], tuple[State, dict[str, Any]]]
+
+
+def drive_rounds(
+    sim: Simulation,
+    rd: RunDir,
+    round_fn: RoundFn,
+    *,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    start: float | None = None,
+) -> dict[str, Any]:
+    """The run loop shared by every engine: run directory, resume, rounds (`round_fn`), evaluation, checkpoints,
+    adapter and summary. `round_fn(state, round, rng, stats)` returns the next state and the round's metrics."""
+    cfg = sim.cfg
+    start = time.perf_counter() if start is None else start
     state = trainable_state(sim.lm.model)
     stats, rng, first = ClientStats(), np.random.default_rng(cfg.seed), 1
     checkpoint = rd.load_checkpoint() if resume else None
@@ -161,7 +239,7 @@ def run_simulation(
         if on_round:
             on_round({"round": 0, **initial})
     for round_ in range(first, cfg.federated.rounds + 1):
-        state, metrics = run_round(sim, state, round_, rng, stats)
+        state, metrics = round_fn(state, round_, rng, stats)
         if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
             load_state_(sim.lm.model, state)
             t = time.perf_counter()

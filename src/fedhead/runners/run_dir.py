@@ -8,6 +8,7 @@ drops the metrics lines of rounds after it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +18,10 @@ from fedhead.federated.payload import decode_state_with_metadata, encode_state
 from fedhead.federated.state import State
 
 CHECKPOINT = "checkpoint.safetensors"
+PREVIOUS = "checkpoint.prev.safetensors"
 METRICS = "metrics.jsonl"
+
+log = logging.getLogger("fedhead")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -74,12 +78,25 @@ class RunDir:
         atomic_write(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in kept).encode())
 
     def save_checkpoint(self, state: State, meta: dict[str, Any]) -> None:
-        """One file holds the state and its metadata (round, RNG, client stats), so they never disagree."""
-        atomic_write(self.path / CHECKPOINT, encode_state(state, {"fedhead_checkpoint": json.dumps(meta)}))
+        """One file holds the state and its metadata (round, RNG, client stats), so they never disagree.
+
+        The previous checkpoint is kept as checkpoint.prev.safetensors, the fallback if the newest is damaged.
+        """
+        current = self.path / CHECKPOINT
+        if current.exists():
+            os.replace(current, self.path / PREVIOUS)
+        atomic_write(current, encode_state(state, {"fedhead_checkpoint": json.dumps(meta)}))
 
     def load_checkpoint(self) -> tuple[State, dict[str, Any]] | None:
-        path = self.path / CHECKPOINT
-        if not path.exists():
-            return None
-        state, metadata = decode_state_with_metadata(path.read_bytes())
-        return state, json.loads(metadata["fedhead_checkpoint"])
+        """The newest readable checkpoint; a damaged one is reported and the previous one used."""
+        for name in (CHECKPOINT, PREVIOUS):
+            path = self.path / name
+            if not path.exists():
+                continue
+            try:
+                state, metadata = decode_state_with_metadata(path.read_bytes())
+                return state, json.loads(metadata["fedhead_checkpoint"])
+            except Exception as err:  # noqa: BLE001 - any damage means: fall back
+                log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", path,
+                            type(err).__name__, err)
+        return None

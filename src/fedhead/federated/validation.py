@@ -1,0 +1,129 @@
+"""Server-side checks of client updates before aggregation.
+
+A server receives updates from devices it does not control: every update is checked against the global
+state and the head layout (names, shapes, dtypes, kept-head mask, scores in [0, 1], finite values, a positive
+data size) and against a bound on its norm. A rejected update is excluded from the round with its reason;
+the run goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedhead.federated.payload import ClientUpdate
+from fedhead.federated.state import State
+from fedhead.models.head_map import HeadLayout
+
+
+@dataclass
+class Rejection:
+    """An update that was excluded, and why."""
+
+    client_id: int
+    reason: str
+
+
+def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout) -> str | None:
+    """The first problem with `update`, or None when it is well formed."""
+    shape = (layout.num_blocks, layout.num_heads)
+    if not isinstance(update.num_examples, int) or isinstance(update.num_examples, bool) or update.num_examples < 1:
+        return f"data size must be a positive integer, got {update.num_examples!r}"
+    if not isinstance(update.kept_heads, torch.Tensor) or update.kept_heads.dtype != torch.bool:
+        return "kept_heads must be a boolean tensor"
+    if tuple(update.kept_heads.shape) != shape:
+        return f"kept_heads has shape {tuple(update.kept_heads.shape)}, expected {shape} (head index out of range)"
+    scores = update.head_scores
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape or not scores.is_floating_point():
+        return f"head_scores must be a float tensor of shape {shape}"
+    if not torch.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1:
+        return "head_scores must lie in [0, 1]"
+    for name in ("loss_before", "loss_after", "train_loss"):
+        value = getattr(update, name)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return f"{name} must be a finite number"
+    missing = sorted(set(global_state) - set(update.tensors))
+    extra = sorted(set(update.tensors) - set(global_state))
+    if missing or extra:
+        return f"wrong tensor names (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, tensor in update.tensors.items():
+        reference = global_state[name]
+        expected = list(reference.shape)
+        if name in layout.sliced:
+            block, dim = layout.sliced[name]
+            expected[dim] = int(update.kept_heads[block].sum()) * layout.head_dim
+        if list(tensor.shape) != expected:
+            return f"{name}: shape {list(tensor.shape)}, expected {expected}"
+        if tensor.dtype != reference.dtype:
+            return f"{name}: dtype {tensor.dtype}, expected {reference.dtype}"
+        if not torch.isfinite(tensor).all():
+            return f"{name}: NaN or Inf values"
+    return None
+
+
+def update_norm(update: ClientUpdate, global_state: State, layout: HeadLayout) -> float:
+    """L2 norm of (trained - received) over every value the client sent."""
+    from fedhead.models.slicing import gather_kept
+
+    received = gather_kept(global_state, update.kept_heads, layout)
+    total = sum(float(((update.tensors[n].double() - received[n].double()) ** 2).sum()) for n in update.tensors)
+    return math.sqrt(total)
+
+
+def clip_update(update: ClientUpdate, global_state: State, layout: HeadLayout, bound: float) -> ClientUpdate:
+    """A copy of `update` whose difference from the received state is scaled to norm at most `bound`."""
+    from fedhead.models.slicing import gather_kept
+
+    norm = update_norm(update, global_state, layout)
+    if norm <= bound:
+        return update
+    scale = bound / norm
+    received = gather_kept(global_state, update.kept_heads, layout)
+    tensors = {n: received[n] + (t - received[n]) * scale for n, t in update.tensors.items()}
+    return ClientUpdate(update.client_id, update.num_examples, update.kept_heads, update.head_scores, tensors,
+                        update.loss_before, update.loss_after, update.train_loss, update.stats, update.timings)
+
+
+def screen_updates(
+    updates: list[ClientUpdate],
+    global_state: State,
+    layout: HeadLayout,
+    *,
+    max_norm: float | None = None,
+    norm_action: str = "reject",
+    outlier_factor: float | None = None,
+) -> tuple[list[ClientUpdate], list[Rejection]]:
+    """Split updates into accepted (clipped where asked) and rejected ones with their reasons."""
+    accepted: list[ClientUpdate] = []
+    rejected: list[Rejection] = []
+    norms: dict[int, float] = {}
+    for update in updates:
+        try:
+            problem = check_update(update, global_state, layout)
+        except Exception as err:  # noqa: BLE001 - a malformed update must never stop the server
+            problem = f"malformed update: {type(err).__name__}: {err}"
+        if problem is not None:
+            rejected.append(Rejection(update.client_id, problem))
+            continue
+        norm = update_norm(update, global_state, layout)
+        if max_norm is not None and norm > max_norm:
+            if norm_action == "reject":
+                rejected.append(Rejection(update.client_id, f"update norm {norm:.4g} exceeds {max_norm:.4g}"))
+                continue
+            update = clip_update(update, global_state, layout, max_norm)
+            norm = max_norm
+        norms[id(update)] = norm
+        accepted.append(update)
+    if outlier_factor is not None and len(accepted) >= 3:
+        median = float(torch.tensor([norms[id(u)] for u in accepted]).median())
+        kept = []
+        for u in accepted:
+            if norms[id(u)] > outlier_factor * median:
+                rejected.append(Rejection(u.client_id, f"update norm {norms[id(u)]:.4g} is over {outlier_factor}x "
+                                                       f"the round's median {median:.4g}"))
+            else:
+                kept.append(u)
+        accepted = kept
+    return accepted, rejected
