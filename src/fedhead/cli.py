@@ -164,3 +164,7 @@ def config_reference_cmd() -> None:
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m fedhead.cli`
+    app()

@@ -127,3 +127,13 @@ def screen_updates(
                 kept.append(u)
         accepted = kept
     return accepted, rejected
+
+
+def receive_update(blob: bytes) -> tuple[ClientUpdate | None, str | None]:
+    """Decode a client's payload; (None, reason) for bytes that are not a well-formed fedhead update."""
+    from fedhead.federated.payload import decode_update
+
+    try:
+        return decode_update(blob), None
+    except Exception as err:  # noqa: BLE001 - any bytes may arrive
+        return None, f"undecodable payload: {type(err).__name__}: {err}"
