@@ -76,7 +76,7 @@ def test_extends_merges_sections(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["quickstart", "dense_fedavg", "random_pruning", "confidence_pruning",
-                                    "fedhead_full", "paper_base"])
+                                    "fedhead_full", "paper_base", "newsgroups"])
 def test_presets_are_valid(preset):
     from tests.conftest import ROOT
 

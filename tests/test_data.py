@@ -62,3 +62,22 @@ def test_dirichlet_is_skewed_iid_is_not():
     def top_share(h):
         return np.mean([max(r) / max(sum(r), 1) for r in h])
     assert top_share(skew) > 0.7 > 0.45 > top_share(iid)
+
+
+def test_newsgroups_single_text_twenty_classes(tokenizer):
+    from tests.conftest import SHARED
+
+    cfg = DataSection(train=str(SHARED / "data/20newsgroups/train.jsonl"),
+                      eval=str(SHARED / "data/20newsgroups/test.jsonl"), text_fields=["text"],
+                      strip_headers=True, eval_size=50)
+    data = load_classification_data(cfg, tokenizer, 64)
+    assert data.num_labels == 20 and len(data.train) == 11_314
+    first = tokenizer.decode(data.train[0]["input_ids"])
+    assert "from :" not in first.lower()[:20] and "subject" not in first.lower()[:40]
+
+
+def test_strip_headers():
+    from fedhead.data.loading import strip_headers
+
+    assert strip_headers("From: a\nSubject: b\n\nHello\nworld") == "Hello\nworld"
+    assert strip_headers("no headers here") == "no headers here"

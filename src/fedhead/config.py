@@ -74,6 +74,8 @@ class DataSection(_Section):
         description="One field (single text) or two fields (text pair) holding the input text.",
     )
     label_field: str = Field("label", description="Field holding the label (strings or integers).")
+    strip_headers: bool = Field(
+        False, description="Drop e-mail style headers (lines before the first blank line), e.g. 20 Newsgroups.")
     train_size: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     eval_size: int | None = Field(2000, ge=1, description="Evaluate on the first N held-out examples.")
 

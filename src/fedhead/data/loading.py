@@ -61,6 +61,12 @@ def _label_names(values: list) -> list[str]:
     return [str(v) for v in sorted(set(values), key=lambda v: (isinstance(v, str), v))]
 
 
+def strip_headers(text: str) -> str:
+    """The body of an e-mail style post: everything after the first blank line (the text itself if none)."""
+    head, sep, body = text.replace("\r\n", "\n").partition("\n\n")
+    return body.strip() if sep and body.strip() else text
+
+
 def tokenize_split(
     ds: datasets.Dataset,
     cfg: DataSection,
@@ -77,6 +83,8 @@ def tokenize_split(
     texts = [list(ds[f]) for f in cfg.text_fields]
     if any(t is None for col in texts for t in col):
         raise DataError(f"{source}: empty text in fields {cfg.text_fields}")
+    if cfg.strip_headers:
+        texts = [[strip_headers(t) for t in col] for col in texts]
     enc = tokenizer(*texts, truncation=True, max_length=max_length)
     columns = {k: enc[k] for k in enc}
     columns["labels"] = [label_index[v] for v in labels]
