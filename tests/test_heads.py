@@ -127,3 +127,38 @@ def test_unsupported_architecture_names_the_class():
 
     with pytest.raises(UnsupportedModelError, match="GPT2Model"):
         head_map_for(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)))
+
+
+def test_mean_compensated_pruning_equals_mean_ablation(tiny_lora):
+    from fedhead.heads.mean_context import HeadContextMeans
+
+    lm, batch = tiny_lora
+    full = copy.deepcopy(lm.model).eval()
+    with HeadContextMeans(full, lm.head_map, lm.prefix) as recorder, torch.no_grad():
+        full(**batch)
+    means = recorder.means()
+    # Reference: the full model with the pruned heads' contexts replaced by their means
+    handles = []
+    for b, block in enumerate(lm.head_map.blocks):
+        module = full.get_submodule(lm.prefix + block.projections["output"])
+        pruned = lm.layout.head_index((~KEPT[b]).nonzero().flatten())
+
+        def hook(_m, args, b=b, pruned=pruned):
+            x = args[0].clone()
+            x[..., pruned] = means[b][pruned]
+            return (x, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        ref = full(**batch).logits
+    for h in handles:
+        h.remove()
+    pruned_model = copy.deepcopy(lm.model).eval()
+    prune_heads_(pruned_model, lm.head_map, KEPT, lm.prefix, means)
+    with torch.no_grad():
+        out = pruned_model(**batch).logits
+        zeroed = copy.deepcopy(lm.model).eval()
+        prune_heads_(zeroed, lm.head_map, KEPT, lm.prefix)
+        assert not torch.allclose(zeroed(**batch).logits, ref, atol=1e-3)  # compensation changes something
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not any(p.requires_grad for n, p in pruned_model.named_parameters() if n.endswith("dense.base_layer.bias"))

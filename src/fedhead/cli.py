@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,6 +58,11 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+class Engine(StrEnum):
+    local = "local"
+    flower = "flower"
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="TOML config file (defaults when omitted).")] = None,
@@ -72,9 +78,16 @@ def run(
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this run directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+    engine: Annotated[
+        Engine, typer.Option(help="local: in-process simulation; flower: Flower's simulation engine (Ray), "
+                             "one simulated SuperNode per client.")
+    ] = Engine.local,
 ) -> None:
     """Run a federated experiment; results go to OUT/RUN_NAME/."""
-    from fedhead.runners.local import run_simulation
+    if engine == Engine.flower:
+        from fedhead.runners.flower_engine import run_flower as run_simulation
+    else:
+        from fedhead.runners.local import run_simulation
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -154,6 +167,17 @@ def report(
     except (ReportError, *USER_ERRORS) as err:
         _fail(err)
     typer.echo(table.read_text())
+
+
+@app.command("flower-app")
+def flower_app(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the app's pyproject.toml to.")],
+) -> None:
+    """Write the Flower app of fedhead (for `flwr run DIRECTORY ...` on a Flower deployment)."""
+    from fedhead.runners.flower_engine import write_app
+
+    path = write_app(directory)
+    console.print(f"Flower app in {path}: flwr run {path} SUPERLINK --run-config 'config=\"/abs/config.toml\"'")
 
 
 @app.command("config-reference")

@@ -163,6 +163,11 @@ class HeadsSection(_Section):
         "global", description="Top-k over all heads, or the top heads within each block."
     )
     min_heads_per_block: int = Field(0, ge=0, description="global scope: keep at least this many per block.")
+    compensate: Literal["none", "mean"] = Field(
+        "none",
+        description="remove mode: 'mean' folds the removed heads' mean context (measured in the scoring pass) "
+        "into the output projection's bias (mean ablation instead of zeroing; no training cost).",
+    )
     mode: Literal["remove", "train_sparse"] = Field(
         "remove",
         description="'remove': pruned heads are sliced out of the client's forward and backward; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import datasets
@@ -24,6 +25,7 @@ from fedhead.federated.accounting import count_flops
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.importance import score_heads
+from fedhead.heads.mean_context import HeadContextMeans
 from fedhead.heads.pruning import kept_heads_mask
 from fedhead.models.loading import LoadedModel
 from fedhead.models.slicing import gather_kept, prune_heads_
@@ -122,7 +124,9 @@ def client_update(
     needs_scores = sparsity > 0 or (fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size")
     method = cfg.heads.importance if needs_scores else "none"
     start = time.perf_counter()
-    with count_flops() as scoring_flops:
+    removing = sparsity > 0 and cfg.heads.mode == "remove"
+    means = HeadContextMeans(lm.model, lm.head_map, lm.prefix)
+    with count_flops() as scoring_flops, means if removing and cfg.heads.compensate == "mean" else nullcontext():
         scores, loss_before = score_heads(
             lm.model, lm.head_map, sample_batches, method,
             special_ids=lm.tokenizer.all_special_ids if cfg.heads.exclude_special_tokens else [],
@@ -133,8 +137,9 @@ def client_update(
 
     work = copy.deepcopy(lm.model)
     frozen = None
-    if sparsity > 0 and cfg.heads.mode == "remove":
-        prune_heads_(work, lm.head_map, kept, lm.prefix)
+    if removing:
+        head_means = means.means() if cfg.heads.compensate == "mean" else None
+        prune_heads_(work, lm.head_map, kept, lm.prefix, head_means)
     elif sparsity > 0:
         frozen = _frozen_rows(global_state, kept, lm)
     torch.manual_seed(derived_seed(cfg.seed, round_, client_id, stream=1))  # dropout

@@ -78,8 +78,19 @@ def _slice_projection(model: nn.Module, path: str, index: torch.Tensor, dim: int
         _replace(model, path, slice_linear(module, index, dim))
 
 
-def prune_heads_(model: nn.Module, head_map: HeadMap, kept_heads: torch.Tensor, prefix: str) -> None:
-    """Remove every head not in `kept_heads` (bool [blocks, heads]) from `model`, in place."""
+def prune_heads_(
+    model: nn.Module,
+    head_map: HeadMap,
+    kept_heads: torch.Tensor,
+    prefix: str,
+    head_means: list[torch.Tensor] | None = None,
+) -> None:
+    """Remove every head not in `kept_heads` (bool [blocks, heads]) from `model`, in place.
+
+    head_means: per block, the mean context (H * d,) of the heads; when given, the removed heads' mean
+    contribution W_o[:, pruned] m[pruned] (LoRA of o included) is added to the output projection's bias, so
+    the pruned model equals the full model with those heads mean-ablated instead of zeroed.
+    """
     if tuple(kept_heads.shape) != (head_map.num_blocks, head_map.num_heads):
         raise ValueError(f"kept_heads has shape {tuple(kept_heads.shape)}, expected "
                          f"({head_map.num_blocks}, {head_map.num_heads})")
@@ -88,9 +99,33 @@ def prune_heads_(model: nn.Module, head_map: HeadMap, kept_heads: torch.Tensor, 
         if bool(kept_heads[b].all()):
             continue
         index = layout.kept_index(kept_heads, b)  # (k_b * head_dim,)
+        if head_means is not None:
+            _fold_mean_of_pruned(model, prefix + block.projections["output"], layout, kept_heads[b], head_means[b])
         for role, path in block.projections.items():
             _slice_projection(model, prefix + path, index, 1 if role == "output" else 0)
         _set_head_count(model, head_map, b, prefix, int(kept_heads[b].sum()), kept_heads[b])
+
+
+@torch.no_grad()
+def _fold_mean_of_pruned(
+    model: nn.Module, path: str, layout: HeadLayout, kept: torch.Tensor, mean: torch.Tensor
+) -> None:
+    """Add o(mean context of the pruned heads) - o(0) to the output projection's (frozen) bias."""
+    module = model.get_submodule(path)
+    pruned = layout.head_index((~kept).nonzero().flatten())  # (p * head_dim,)
+    context = torch.zeros_like(mean)
+    context[pruned] = mean[pruned]  # (H * d,): only the pruned heads' mean
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    shift = base.weight @ context.to(base.weight.dtype)  # (D,)
+    if isinstance(module, LoraLayer):
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                shift += (b @ (a @ context.to(a.dtype))) * module.scaling[name]
+    if base.bias is None:
+        base.bias = nn.Parameter(shift.clone(), requires_grad=False)
+    else:
+        base.bias.add_(shift)
 
 
 def _set_head_count(model: nn.Module, head_map: HeadMap, b: int, prefix: str, k: int, kept: torch.Tensor) -> None:
