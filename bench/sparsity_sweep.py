@@ -46,12 +46,16 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dense-cls", {"model.pooling": "cls"}),
     ("confidence-0.9-cls_raw", {"heads.sparsity": 0.9, "model.pooling": "cls_raw"}),
     ("dense-freeze_a", {"lora.freeze_a": True}),
+    ("confidence-perblock-0.9-mean", {"heads.sparsity": 0.9, "heads.scope": "per_block", "heads.compensate": "mean"}),
+    ("full-perblock-0.9-mean", {"heads.sparsity": 0.9, "heads.scope": "per_block", "heads.compensate": "mean",
+                                **FULL}),
 ]
 
 
 def describe(cfg) -> dict[str, Any]:
     h = cfg.heads
-    return {"sparsity": h.sparsity, "mode": h.mode if h.sparsity else "-",
+    mode = h.mode + (" + mean" if h.mode == "remove" and h.compensate == "mean" else "")
+    return {"sparsity": h.sparsity, "mode": mode if h.sparsity else "-",
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
             "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,
             "lr": cfg.federated.learning_rate, "aggregation": cfg.federated.aggregation,
