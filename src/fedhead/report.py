@@ -151,7 +151,7 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
             str(t["rounds"]), f"{t['bytes'] / 1e6:.1f} MB", f"{t['train_flops'] / 1e12:.1f} T", f"{t['seconds']:.0f}"]
         lines.append(
             f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {_fmt(r['final'])} | {_fmt(r['best'])} | "
-            f"{_fmt(r.get('drop_points'), '+.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
+            f"{_fmt(r.get('drop_points'), '.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
             f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
             f"{_fmt(r.get('comm_advantage'), '.2f', 'x')} | {r['train_flops'] / 1e12:.1f} T | "
             f"{_fmt(r.get('flops_reduction'), '.2f', 'x')} | {r['seconds']:.0f} | " + " | ".join(reach) + " |")
