@@ -160,7 +160,9 @@ class HeadsSection(_Section):
     )
     samples: int = Field(64, ge=1, description="Local examples used to score heads.")
     scope: Literal["global", "per_block"] = Field(
-        "global", description="Top-k over all heads, or the top heads within each block."
+        "per_block",
+        description="Top-k over all heads, or the top heads within each block (default: per_block, the best "
+        "measured at 90% sparsity, see the README).",
     )
     min_heads_per_block: int = Field(0, ge=0, description="global scope: keep at least this many per block.")
     compensate: Literal["none", "mean"] = Field(
