@@ -48,9 +48,10 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhead.config import Config, load_config
 from fedhead.federated.client import client_update, evaluate
-from fedhead.federated.payload import decode_state, decode_update, encode_state, encode_update
+from fedhead.federated.payload import decode_state, encode_state, encode_update
 from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.state import State, load_state_
+from fedhead.federated.validation import receive_update
 from fedhead.runners.local import Received, Simulation, drive_rounds, finish_round
 from fedhead.runners.run_dir import RunDir
 
@@ -300,13 +301,15 @@ class FedHeadStrategy(Strategy):
             reply = by_node.get(node)
             why = _failure(reply)
             if why is None:
-                blob = payload_of(reply.content["update"])
                 try:
-                    update = decode_update(blob)
-                    if update.client_id != client:
-                        raise ValueError(f"update of client {update.client_id}")
-                except ValueError as err:
-                    why = f"bad payload: {err}"
+                    blob = payload_of(reply.content["update"])
+                except Exception as err:  # noqa: BLE001 - whatever a node sends, the server goes on
+                    blob, why = b"", f"bad payload: {type(err).__name__}: {err}"
+                update, problem = receive_update(blob) if why is None else (None, why)
+                if update is not None and update.client_id != client:
+                    update, problem = None, f"bad payload: update of client {update.client_id}"
+                if update is None:
+                    why = problem if problem.startswith("bad payload") else f"bad payload: {problem}"
                 else:
                     timings = {k: float(v) for k, v in reply.content["timings"].items()}
                     received.append((update, timings, r.down, len(blob)))
