@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,19 @@ def tiny_config(model_dir: str, tmp_path: Path, **sections) -> Config:
         else:
             data[section] = values
     return config_from_dict(data)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The metrics lines of a run directory."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip_timings(metrics: list[dict]) -> list[dict]:
+    """Metrics without wall-clock fields (keys containing 'seconds'), for equality across runs."""
+    def clean(obj):
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if "seconds" not in k}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return obj
+    return [clean(m) for m in metrics]

@@ -1,6 +1,5 @@
 """Hostile and unlucky conditions: malformed updates, outliers, dropouts, crashes, differential privacy."""
 
-import json
 import os
 import random
 import signal
@@ -21,7 +20,7 @@ from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
 from fedhead.runners.local import run_simulation
 from fedhead.runners.run_dir import CHECKPOINT, RunDir
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, read_metrics, strip_timings, tiny_config
 
 LAYOUT = HeadLayout(num_blocks=2, num_heads=2, head_dim=2, sliced={"qb": (0, 0), "oa": (1, 1)})
 GLOBAL = {"qb": torch.arange(8.0).view(4, 2), "oa": torch.ones(3, 4), "cls": torch.zeros(5)}
@@ -130,15 +129,13 @@ def test_dp_noise_scale_and_epsilon_growth():
     assert epsilon_spent(4.0, 0.1, 20, 1e-5) < epsilon_spent(1.0, 0.1, 20, 1e-5)
 
 
-def _metrics(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dropouts_and_min_clients(tiny_bert_dir, tmp_path):
     cfg = tiny_config(tiny_bert_dir, tmp_path, robust={"dropout_probability": 0.6},
                       federated={"rounds": 3, "min_clients": 2})
     run_simulation(cfg, tmp_path / "d")
-    rounds = _metrics(tmp_path / "d")[1:]
+    rounds = read_metrics(tmp_path / "d")[1:]
     assert sum(len(m["failed"]) for m in rounds) > 0
     for m in rounds:
         assert len(m["clients"]) + len(m["failed"]) == 3
@@ -150,7 +147,7 @@ def test_privacy_run_reports_growing_epsilon(tiny_bert_dir, tmp_path):
     cfg = tiny_config(tiny_bert_dir, tmp_path, privacy={"enabled": True, "noise_multiplier": 1.0,
                                                         "clipping_norm": 0.1}, federated={"rounds": 2})
     run_simulation(cfg, tmp_path / "p")
-    eps = [m["dp_epsilon"] for m in _metrics(tmp_path / "p")[1:]]
+    eps = [m["dp_epsilon"] for m in read_metrics(tmp_path / "p")[1:]]
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
 
 
@@ -162,18 +159,10 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tiny_bert_dir, tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # torn
     assert RunDir(tmp_path / "c").load_checkpoint()[1]["round"] == 1
     run_simulation(cfg, tmp_path / "c", resume=True)
-    strip = _strip_timings
-    assert strip(_metrics(tmp_path / "c")) == strip(_metrics(tmp_path / "ref"))
+    strip = strip_timings
+    assert strip(read_metrics(tmp_path / "c")) == strip(read_metrics(tmp_path / "ref"))
 
 
-def _strip_timings(metrics):
-    def clean(obj):
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items() if "seconds" not in k}
-        if isinstance(obj, list):
-            return [clean(v) for v in obj]
-        return obj
-    return [clean(m) for m in metrics]
 
 
 def _write_cli_config(tmp_path, model_dir, rounds):
@@ -211,7 +200,7 @@ def test_sigkill_at_random_points_then_resume(tiny_bert_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run([*fedhead, "run", str(config), "--out", str(tmp_path), "--name", "ref", "--quiet"],
                    check=True, env=env, capture_output=True, cwd=ROOT)
-    reference = _strip_timings(_metrics(tmp_path / "ref"))
+    reference = strip_timings(read_metrics(tmp_path / "ref"))
     rng = random.Random(1234)
     for attempt in range(3):
         name = f"k{attempt}"
@@ -230,4 +219,4 @@ def test_sigkill_at_random_points_then_resume(tiny_bert_dir, tmp_path):
         done = len(metrics.read_text().splitlines()) - 1 if metrics.exists() else 0
         subprocess.run([*fedhead, "run", "--resume", str(tmp_path / name), "--quiet"], check=True, env=env,
                        capture_output=True, cwd=ROOT)
-        assert _strip_timings(_metrics(tmp_path / name)) == reference, f"killed after round {done}"
+        assert strip_timings(read_metrics(tmp_path / name)) == reference, f"killed after round {done}"

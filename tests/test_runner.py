@@ -11,21 +11,7 @@ from peft import PeftModel
 from fedhead.federated.payload import decode_state
 from fedhead.models.loading import build_backbone_classifier
 from fedhead.runners.local import run_simulation
-from tests.conftest import tiny_config
-
-
-def _without_timings(metrics):
-    def clean(obj):
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items() if "seconds" not in k}
-        if isinstance(obj, list):
-            return [clean(v) for v in obj]
-        return obj
-    return [clean(m) for m in metrics]
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import read_metrics, strip_timings, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +26,7 @@ def test_run_directory_holds_everything(dense_run, tiny_bert_dir):
     cfg, run_dir, summary = dense_run
     for name in ["config.json", "metrics.jsonl", "summary.json", "partition.json", "checkpoint.safetensors"]:
         assert (run_dir / name).is_file(), name
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
     last = metrics[-1]
     for key in ["selected", "train_loss", "accuracy", "eval_loss", "bytes_down", "bytes_up", "train_flops"]:
@@ -61,10 +47,10 @@ def test_adapter_loads_with_peft_alone(dense_run):
         assert torch.equal(params[name].detach(), value), name
 
 
-def test_same_seed_same_metrics(dense_run, tiny_bert_dir, tmp_path):
+def test_same_seed_sameread_metrics(dense_run, tiny_bert_dir, tmp_path):
     cfg, run_dir, _ = dense_run
     run_simulation(cfg, tmp_path / "again")
-    assert _without_timings(_metrics(tmp_path / "again")) == _without_timings(_metrics(run_dir))
+    assert strip_timings(read_metrics(tmp_path / "again")) == strip_timings(read_metrics(run_dir))
 
 
 def test_resume_equals_uninterrupted(dense_run, tmp_path):
@@ -74,7 +60,7 @@ def test_resume_equals_uninterrupted(dense_run, tmp_path):
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # a line torn by a kill mid-write
         f.write('{"round": 2, "trunc')
     run_simulation(cfg, tmp_path / "r", resume=True)
-    assert _without_timings(_metrics(tmp_path / "r")) == _without_timings(_metrics(run_dir))
+    assert strip_timings(read_metrics(tmp_path / "r")) == strip_timings(read_metrics(run_dir))
 
 
 def test_sparsity_zero_reproduces_dense_run(dense_run, tiny_bert_dir, tmp_path):
@@ -85,15 +71,15 @@ def test_sparsity_zero_reproduces_dense_run(dense_run, tiny_bert_dir, tmp_path):
     cfg0.heads.mode = "train_sparse"
     cfg0.heads.sparsity = 0.0
     run_simulation(cfg0, tmp_path / "s0")
-    assert _without_timings(_metrics(tmp_path / "s0")) == _without_timings(_metrics(run_dir))
+    assert strip_timings(read_metrics(tmp_path / "s0")) == strip_timings(read_metrics(run_dir))
 
 
 @pytest.mark.parametrize("mode", ["remove", "train_sparse"])
 def test_pruned_run_uploads_only_kept_heads(tiny_bert_dir, tmp_path, mode, dense_run):
     cfg = tiny_config(tiny_bert_dir, tmp_path, heads={"sparsity": 0.5, "mode": mode}, federated={"rounds": 1})
     run_simulation(cfg, tmp_path / mode)
-    last = _metrics(tmp_path / mode)[-1]
-    dense_last = _metrics(dense_run[1])[1]
+    last = read_metrics(tmp_path / mode)[-1]
+    dense_last = read_metrics(dense_run[1])[1]
     for c in last["clients"]:
         assert len(c["kept_heads"]) == 4  # half of 2 x 4 heads
         assert len(c["head_scores"]) == 2 and len(c["head_scores"][0]) == 4
@@ -111,7 +97,7 @@ def test_thousand_clients_memory_grows_with_k_not_n(tiny_bert_dir, tmp_path):
     summary = run_simulation(cfg, tmp_path / "n1000")
     seconds = time.perf_counter() - start
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    metrics = _metrics(tmp_path / "n1000")
+    metrics = read_metrics(tmp_path / "n1000")
     assert len(metrics[-1]["selected"]) == 10 and summary["rounds"] == 1
     assert grown_mb < 300, f"peak memory grew {grown_mb:.0f} MB"
     assert seconds < 60
