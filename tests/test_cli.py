@@ -53,3 +53,13 @@ def test_run_with_overrides_then_resume(tmp_path, tiny_bert_dir):
     again = runner.invoke(app, ["run", "--resume", str(tmp_path / "r"), "--quiet"])
     assert again.exit_code == 0, again.output  # nothing left to do: it finishes at once
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_quiet_run_logs_one_line_a_round(tmp_path, tiny_bert_dir):
+    import subprocess
+    import sys
+
+    config = _write_config(tmp_path, tiny_bert_dir)
+    done = subprocess.run([sys.executable, "-m", "fedhead.cli", "run", str(config), "--out", str(tmp_path),
+                           "--quiet"], capture_output=True, text=True, check=True)
+    assert "round 1/2" in done.stderr and "round 2/2" in done.stderr

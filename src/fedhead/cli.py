@@ -27,6 +27,17 @@ console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (ConfigError, DataError, UnsupportedModelError, FileNotFoundError)
 
 
+def _setup_logging() -> None:
+    """fedhead's own log lines to stderr; imported libraries (flwr) may have configured the root logger."""
+    log = logging.getLogger("fedhead")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}")
     raise typer.Exit(code=2)
@@ -89,7 +100,7 @@ def run(
     else:
         from fedhead.runners.local import run_simulation
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    _setup_logging()
     try:
         if resume is not None:
             if not (resume / "config.json").is_file():
