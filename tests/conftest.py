@@ -70,3 +70,22 @@ def strip_timings(metrics: list[dict]) -> list[dict]:
             return [clean(v) for v in obj]
         return obj
     return [clean(m) for m in metrics]
+
+
+def write_tiny_toml(path: Path, model_dir: str, **sections: dict) -> Path:
+    """A TOML config file for CLI tests: the tiny BERT on a small MultiNLI subset, `sections` overriding."""
+    tables: dict[str, dict] = {
+        "model": {"name": model_dir, "max_length": 48},
+        "data": {"train": str(MNLI_TRAIN), "eval": str(MNLI_EVAL), "train_size": 120, "eval_size": 32},
+        "partition": {"num_clients": 4},
+        "federated": {"rounds": 2, "clients_per_round": 2, "local_steps": 1, "batch_size": 8},
+        "heads": {"samples": 8},
+    }
+    for name, values in sections.items():
+        tables.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]  # JSON scalars are TOML
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -5,31 +5,11 @@ import json
 from typer.testing import CliRunner
 
 from fedhead.cli import app
-from tests.conftest import MNLI_EVAL, MNLI_TRAIN
+from tests.conftest import write_tiny_toml
 
 
 def _write_config(tmp_path, model_dir):
-    path = tmp_path / "tiny.toml"
-    path.write_text(f"""
-[model]
-name = "{model_dir}"
-max_length = 48
-[data]
-train = "{MNLI_TRAIN}"
-eval = "{MNLI_EVAL}"
-train_size = 120
-eval_size = 32
-[partition]
-num_clients = 4
-[federated]
-rounds = 2
-clients_per_round = 2
-local_steps = 1
-batch_size = 8
-[heads]
-samples = 8
-""")
-    return path
+    return write_tiny_toml(tmp_path / "tiny.toml", model_dir)
 
 
 def test_heads_command_writes_heat_map_and_scores(tmp_path, tiny_bert_dir):

@@ -20,7 +20,7 @@ from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
 from fedhead.runners.local import run_simulation
 from fedhead.runners.run_dir import CHECKPOINT, RunDir
-from tests.conftest import ROOT, read_metrics, strip_timings, tiny_config
+from tests.conftest import ROOT, read_metrics, strip_timings, tiny_config, write_tiny_toml
 
 LAYOUT = HeadLayout(num_blocks=2, num_heads=2, head_dim=2, sliced={"qb": (0, 0), "oa": (1, 1)})
 GLOBAL = {"qb": torch.arange(8.0).view(4, 2), "oa": torch.ones(3, 4), "cls": torch.zeros(5)}
@@ -166,30 +166,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tiny_bert_dir, tmp_path):
 
 
 def _write_cli_config(tmp_path, model_dir, rounds):
-    from tests.conftest import MNLI_EVAL, MNLI_TRAIN
-
-    path = tmp_path / "k.toml"
-    path.write_text(f'''
-[model]
-name = "{model_dir}"
-max_length = 48
-[data]
-train = "{MNLI_TRAIN}"
-eval = "{MNLI_EVAL}"
-train_size = 200
-eval_size = 32
-[partition]
-num_clients = 6
-[federated]
-rounds = {rounds}
-clients_per_round = 3
-local_steps = 3
-batch_size = 8
-[heads]
-sparsity = 0.5
-samples = 8
-''')
-    return path
+    return write_tiny_toml(
+        tmp_path / "k.toml", model_dir, data={"train_size": 200}, partition={"num_clients": 6},
+        federated={"rounds": rounds, "clients_per_round": 3, "local_steps": 3}, heads={"sparsity": 0.5})
 
 
 @pytest.mark.slow
