@@ -26,29 +26,24 @@ SPARSE = {"heads.mode": "train_sparse"}
 FULL = {"federated.aggregation": "head_weighted", "federated.selection": "loss_gap"}
 
 # Rows named like bench/paper_comparison.py's share its runs (same base, same folder): each is run once.
-# Ordered by how much each row tells, so a partial sweep is still useful.
+# The base prunes per block (the best scope measured); ordered by how much each row tells.
 ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dense", {}),
-    ("confidence-0.9", {"heads.sparsity": 0.9}),
-    ("sparse-confidence-0.9", {"heads.sparsity": 0.9, **SPARSE}),
+    *[(f"confidence-{s}", {"heads.sparsity": s}) for s in (0.5, 0.7, 0.9)],
     ("random-0.9", {"heads.sparsity": 0.9, "heads.importance": "random"}),
-    ("full-0.9", {"heads.sparsity": 0.9, **FULL}),
+    *[(f"full-{s}", {"heads.sparsity": s, **FULL}) for s in (0.5, 0.7, 0.9)],
     ("full-0.9-freeze_a", {"heads.sparsity": 0.9, **FULL, "lora.freeze_a": True}),
-    ("sparse-full-0.9", {"heads.sparsity": 0.9, **SPARSE, **FULL}),
-    ("confidence-0.5", {"heads.sparsity": 0.5}),
-    ("sparse-confidence-0.5", {"heads.sparsity": 0.5, **SPARSE}),
+    ("sparse-confidence-0.9", {"heads.sparsity": 0.9, **SPARSE}),
+    ("confidence-global-0.9", {"heads.sparsity": 0.9, "heads.scope": "global"}),
     ("gradient-0.9", {"heads.sparsity": 0.9, "heads.importance": "gradient"}),
     ("confidence-alltokens-0.9", {"heads.sparsity": 0.9, "heads.exclude_special_tokens": False}),
-    ("confidence-perblock-0.9", {"heads.sparsity": 0.9, "heads.scope": "per_block"}),
-    ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
-    ("confidence-0.7", {"heads.sparsity": 0.7}),
-    ("sparse-confidence-0.7", {"heads.sparsity": 0.7, **SPARSE}),
-    ("dense-cls", {"model.pooling": "cls"}),
+    ("dense-cls_raw", {"model.pooling": "cls_raw"}),
     ("confidence-0.9-cls_raw", {"heads.sparsity": 0.9, "model.pooling": "cls_raw"}),
+    ("sparse-confidence-0.5", {"heads.sparsity": 0.5, **SPARSE}),
+    ("sparse-confidence-0.7", {"heads.sparsity": 0.7, **SPARSE}),
+    ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
+    ("dense-lr1e-3", {"federated.learning_rate": 1e-3}),
     ("dense-freeze_a", {"lora.freeze_a": True}),
-    ("confidence-perblock-0.9-mean", {"heads.sparsity": 0.9, "heads.scope": "per_block", "heads.compensate": "mean"}),
-    ("full-perblock-0.9-mean", {"heads.sparsity": 0.9, "heads.scope": "per_block", "heads.compensate": "mean",
-                                **FULL}),
 ]
 
 

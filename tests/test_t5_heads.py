@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from fedhead.heads.importance import _attentions_by_block
+from fedhead.heads.importance import attention_masks_by_block
 from fedhead.models.head_map import ROLES, HeadLayout, head_map_for
 from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_
 from fedhead.models.t5_heads import PrunedT5Attention
@@ -129,11 +129,15 @@ def test_attentions_by_block_t5(lora_t5, batch):
     for model, heads in ((full, [4] * head_map.num_blocks), (pruned, kept.sum(dim=1).tolist())):
         with torch.no_grad():
             out = model(**batch, output_attentions=True)
-        attentions = _attentions_by_block(out, head_map)
+        attentions = attention_masks_by_block(out, batch, head_map, special_ids=[0, 1])
         assert len(attentions) == head_map.num_blocks
-        for block, attn, h in zip(head_map.blocks, attentions, heads, strict=True):
+        for block, (attn, queries, keys), h in zip(head_map.blocks, attentions, heads, strict=True):
             q = src_len if block.name.startswith("enc") else tgt_len
             k = tgt_len if block.name.startswith("dec") and block.kind == "self" else src_len
             assert attn.shape == (2, h, q, k), block.name
+            assert queries.shape == (2, q) and keys.shape == (2, k), block.name
+            # decoder positions are real where a label is; encoder tokens where neither padding nor </s>
+            source_real = (batch["attention_mask"] == 1) & (batch["input_ids"] != 1)
+            assert torch.equal(keys, (batch["labels"] != -100) if k == tgt_len and q == tgt_len else source_real)
             if h:
                 assert torch.allclose(attn.sum(-1), torch.ones(2, h, q))

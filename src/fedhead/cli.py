@@ -116,7 +116,7 @@ def run(
         summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation)
     except USER_ERRORS as err:
         _fail(err)
-    console.print(f"[green]done[/]: final accuracy {summary.get('final_accuracy')}, results in {run_dir}")
+    console.print(f"[green]done[/]: final {summary.get('metric')} {summary.get('final_score')}, results in {run_dir}")
     typer.echo(json.dumps(summary))
 
 
@@ -124,7 +124,8 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
     log = logging.getLogger("fedhead")
 
     def line(m: dict) -> str:
-        acc = f" acc {m['accuracy']:.4f} eval_loss {m['eval_loss']:.4f}" if "accuracy" in m else ""
+        metric = cfg.metric
+        acc = f" {metric} {m[metric]:.4f} eval_loss {m['eval_loss']:.4f}" if metric in m else ""
         loss = f" train_loss {m['train_loss']:.4f}" if m.get("train_loss") is not None else ""
         up = f" up {m['bytes_up'] / 1e6:.2f} MB" if "bytes_up" in m else ""
         return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}"

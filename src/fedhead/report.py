@@ -61,10 +61,22 @@ class Run:
         return f"{base} ({', '.join(extras)})"
 
     def metric_key(self) -> str:
-        for key in ("accuracy", "rougeL", "bleu"):
-            if any(key in m for m in self.rounds):
-                return key
-        return "accuracy"
+        """The run's headline metric: accuracy for classification, else its first generation metric."""
+        if self.config["model"].get("task", "classification") == "classification":
+            return "accuracy"
+        return self.config.get("generation", {}).get("metrics", ["rougeL"])[0]
+
+    @property
+    def metric_keys(self) -> list[str]:
+        """Every metric the run evaluated, headline first."""
+        if self.config["model"].get("task", "classification") == "classification":
+            return ["accuracy"]
+        return list(self.config["generation"]["metrics"])
+
+    @property
+    def points(self) -> float:
+        """Points per unit of the headline metric: 100 for a [0, 1] accuracy, 1 for 0-100 scores."""
+        return 100.0 if self.metric_key() == "accuracy" else 1.0
 
     def curve(self, x: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, metric) at evaluated rounds; x in round, bytes_up, bytes_total, train_flops, seconds."""
@@ -114,10 +126,12 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
         row: dict[str, Any] = {
             "run": run.name, "method": run.method, "sparsity": run.sparsity, "metric": key,
             "final": evaluated[-1] if evaluated else None, "best": max(evaluated) if evaluated else None,
+            "final_metrics": next(({k: m[k] for k in run.metric_keys if k in m} for m in reversed(run.rounds)
+                                   if key in m), {}),
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
         }
         if base_tot is not None and row["final"] is not None:
-            row["drop_points"] = 100 * (base_final - row["final"])
+            row["drop_points"] = baseline.points * (base_final - row["final"])
             row["upload_advantage"] = base_tot["bytes_up"] / max(tot["bytes_up"], 1)
             row["comm_advantage"] = (base_tot["bytes_up"] + base_tot["bytes_down"]) / max(
                 tot["bytes_up"] + tot["bytes_down"], 1)
@@ -149,8 +163,11 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
         t = r.get("to_target")
         reach = ["not reached"] + ["-"] * 3 if t is None else [
             str(t["rounds"]), f"{t['bytes'] / 1e6:.1f} MB", f"{t['train_flops'] / 1e12:.1f} T", f"{t['seconds']:.0f}"]
+        final = _fmt(r["final"])
+        if len(r.get("final_metrics", {})) > 1:  # generation: every metric, headline first
+            final = " / ".join(f"{k} {v:.3g}" for k, v in r["final_metrics"].items())
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {_fmt(r['final'])} | {_fmt(r['best'])} | "
+            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {final} | {_fmt(r['best'])} | "
             f"{_fmt(r.get('drop_points'), '.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
             f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
             f"{_fmt(r.get('comm_advantage'), '.2f', 'x')} | {r['train_flops'] / 1e12:.1f} T | "
@@ -178,7 +195,7 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"accuracy_vs_{x}.png"
+        path = out / f"{runs[0].metric_key() if runs else 'accuracy'}_vs_{x}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -206,7 +223,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
         dense = [r for r in runs if r.sparsity == 0 and r.config["federated"]["aggregation"] == "fedavg"]
         base = dense[0] if dense else None
     if target is None and base is not None:
-        target = _final(base) - (0.02 if base.metric_key() == "accuracy" else 2.0)
+        target = _final(base) - 2.0 / base.points
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize_runs(runs, base, target)
     table = markdown_table(rows, target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def _check_fields(ds: datasets.Dataset, cfg: DataSection, source: str) -> None:
             raise DataError(f"{source}: field '{field}' not found (fields: {', '.join(ds.column_names)})")
 
 
-def _label_names(values: list) -> list[str]:
+def label_names_of(values: list) -> list[str]:
+    """The distinct label values as strings, numbers first in numeric order, then strings sorted."""
     return [str(v) for v in sorted(set(values), key=lambda v: (isinstance(v, str), v))]
 
 
@@ -91,15 +93,16 @@ def tokenize_split(
     return datasets.Dataset.from_dict(columns)
 
 
-def load_classification_data(
-    cfg: DataSection, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int = 0
-) -> ClassificationData:
-    """Load, check and tokenise the train and held-out sets of a classification task."""
+def load_split_records(
+    cfg: DataSection, seed: int, check: Callable[[datasets.Dataset, str], None]
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Raw train and held-out records, `check`ed, cut to train_size / eval_size; with no `eval` source,
+    eval_size training records (seeded) are held out."""
     train_raw = load_records(cfg.train, cfg.train_split)
-    _check_fields(train_raw, cfg, cfg.train)
+    check(train_raw, cfg.train)
     if cfg.eval is not None:
         eval_raw = load_records(cfg.eval, cfg.eval_split)
-        _check_fields(eval_raw, cfg, cfg.eval)
+        check(eval_raw, cfg.eval)
     else:
         split = train_raw.train_test_split(test_size=cfg.eval_size or 0.1, seed=seed)
         train_raw, eval_raw = split["train"], split["test"]
@@ -109,7 +112,15 @@ def load_classification_data(
         eval_raw = eval_raw.select(range(min(cfg.eval_size, len(eval_raw))))
     if len(train_raw) == 0:
         raise DataError(f"{cfg.train}: no training examples")
-    names = _label_names(list(train_raw[cfg.label_field]))
+    return train_raw, eval_raw
+
+
+def load_classification_data(
+    cfg: DataSection, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int = 0
+) -> ClassificationData:
+    """Load, check and tokenise the train and held-out sets of a classification task."""
+    train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, source: _check_fields(ds, cfg, source))
+    names = label_names_of(list(train_raw[cfg.label_field]))
     index = {n: i for i, n in enumerate(names)}
     train = tokenize_split(train_raw, cfg, tokenizer, max_length, index, cfg.train)
     held_out = tokenize_split(eval_raw, cfg, tokenizer, max_length, index, cfg.eval or cfg.train)
@@ -117,7 +128,14 @@ def load_classification_data(
 
 
 def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Pad a batch (dict of lists, as `Dataset[indices]` returns) to its own longest sequence."""
+    """Pad a batch (dict of lists, as `Dataset[indices]` returns) to its own longest sequence (a multiple of 8).
+
+    Integer labels: a classification batch. Token-list labels: a text-to-text batch (see data.generation).
+    """
+    if rows["labels"] and isinstance(rows["labels"][0], list):
+        from fedhead.data.generation import collate_generation
+
+        return collate_generation(rows, tokenizer)
     labels = torch.tensor(rows.pop("labels"))
     batch = tokenizer.pad(rows, return_tensors="pt", pad_to_multiple_of=8)  # few shapes: FLOPs counted once each
     batch["labels"] = labels

@@ -8,7 +8,9 @@ tensor slice x[b, h]:
 with w_c(b, h) = n_c ('data_size'), conf_c(b, h) ('importance') or n_c * conf_c(b, h) ('product'). A head no
 client kept keeps its previous value; a head whose weights are all zero falls back to n_c. Shared tensors are
 averaged with weights n_c (FedAvg). 'fedavg' is head_weighted with data_size weights: at sparsity 0 it is the
-dense FedAvg baseline exactly.
+dense FedAvg baseline exactly. Under grouped-query attention a key/value unit (shared by several query heads)
+gets, per client, the mean of its query heads' weights (0 for the heads the client pruned), so every client
+that kept any of them counts.
 
 Robust options for faulty or malicious clients: 'median' (coordinate-wise median) and 'trimmed_mean'
 (coordinate-wise mean after cutting the `trim_fraction` lowest and highest values; Yin et al. 2018), each
@@ -92,7 +94,7 @@ def aggregate(
         if block not in weights_by_block:
             weights_by_block[block] = head_weights(updates, block, weighting)
         w_heads = weights_by_block[block]  # (C, H)
-        w_rows = w_heads.repeat_interleave(layout.head_dim, dim=1)  # (C, H * d)
+        w_rows = layout.row_weights(name, w_heads)  # (C, units * d); a key/value unit: mean of its heads' weights
         shape = [len(updates)] + [1] * previous.dim()
         shape[1 + dim] = w_rows.shape[1]
         w_rows = w_rows.view(shape)

@@ -19,7 +19,8 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedhead.config import Config
+from fedhead.config import Config, GenerationSection
+from fedhead.data.generation import IGNORE, prompts_batch
 from fedhead.data.loading import collate
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.payload import ClientUpdate
@@ -27,6 +28,7 @@ from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.importance import score_heads
 from fedhead.heads.mean_context import HeadContextMeans
 from fedhead.heads.pruning import kept_heads_mask
+from fedhead.metrics import score_generations
 from fedhead.models.loading import LoadedModel
 from fedhead.models.slicing import gather_kept, prune_heads_
 
@@ -99,9 +101,9 @@ def train_local(
 
 def _frozen_rows(model_state: State, kept: torch.Tensor, lm: LoadedModel):
     frozen = {}
-    for name, (b, dim) in lm.layout.sliced.items():
+    for name, (_, dim) in lm.layout.sliced.items():
         mask = torch.zeros_like(model_state[name])
-        mask.index_fill_(dim, lm.layout.kept_index(kept, b), 1.0)
+        mask.index_fill_(dim, lm.layout.index_of(name, kept), 1.0)  # kept heads' (or kv units') slices
         frozen[name] = (mask, model_state[name].clone())
     return frozen
 
@@ -171,14 +173,55 @@ def client_update(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
+    model: torch.nn.Module,
+    data: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    *,
+    task: str = "classification",
+    generation: GenerationSection | None = None,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of `model` on `data` (eval mode, no dropout)."""
+    """Mean loss of `model` on `data` (eval mode, no dropout), with accuracy for classification; for a
+    text-to-text task given `generation`, also the generated text's scores (`generation.metrics`)."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, tokens = 0.0, 0, 0
     for i in range(0, len(data), batch_size):
-        batch = collate(data[i : i + batch_size], tokenizer)
+        rows = data[i : i + batch_size]
+        rows.pop("references", None)
+        batch = collate(rows, tokenizer)
         out = model(**batch)
-        loss_sum += float(out.loss) * len(batch["labels"])
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-    return {"eval_loss": loss_sum / len(data), "accuracy": correct / len(data)}
+        if task == "classification":
+            loss_sum += float(out.loss) * len(batch["labels"])
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        else:  # token-level mean, as the model's loss is
+            n = int((batch["labels"] != IGNORE).sum())
+            loss_sum, tokens = loss_sum + float(out.loss) * n, tokens + n
+    if task == "classification":
+        return {"eval_loss": loss_sum / len(data), "accuracy": correct / len(data)}
+    result = {"eval_loss": loss_sum / max(tokens, 1)}
+    if generation is not None:
+        predictions = generate_texts(model, data, tokenizer, batch_size, task, generation)
+        result.update(score_generations(predictions, data["references"], generation.metrics))
+    return result
+
+
+@torch.no_grad()
+def generate_texts(
+    model: torch.nn.Module,
+    data: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    task: str,
+    generation: GenerationSection,
+) -> list[str]:
+    """Greedy (num_beams 1) or beam-search generations for every row of `data`, decoded without special tokens."""
+    model.eval()
+    texts = []
+    for i in range(0, len(data), batch_size):
+        batch = prompts_batch(data[i : i + batch_size], tokenizer, task)
+        out = model.generate(**batch, max_new_tokens=generation.max_new_tokens, num_beams=generation.num_beams,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # (B, T_out)
+        if task == "causal_lm":
+            out = out[:, batch["input_ids"].shape[1]:]  # drop the (left-padded) prompt
+        texts.extend(t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True))
+    return texts

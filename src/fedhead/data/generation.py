@@ -1,0 +1,148 @@
+"""Text-to-text data for generation tasks: seq2seq (T5) and causal LMs (prompt + target, prompt masked out).
+
+Training rows hold `input_ids`, `attention_mask` and `labels` (target token ids; -100 where no loss is taken).
+Evaluation rows are grouped by input, so that an input with several references (E2E NLG) is generated once and
+scored against all of them: each holds the same columns plus `references` (list of strings) and, for causal
+LMs, `prompt_length` (the prompt is `input_ids[:prompt_length]`). Classification data can be run text-to-text:
+the target is the label's word (`data.label_words`), and the label index is kept in `class_ids` so that the
+Dirichlet partition still skews labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedhead.config import DataSection
+from fedhead.data.loading import DataError, label_names_of, load_split_records, strip_headers
+
+IGNORE = -100  # label id the loss skips
+
+
+@dataclass
+class GenerationData:
+    """Tokenised text-to-text train and evaluation sets (see the module docstring for the columns)."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    label_names: list[str] = field(default_factory=list)  # text-to-text classification: the label words
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def class_ids(self) -> list[int] | None:
+        """Class index of each training row (text-to-text classification), else None."""
+        return list(self.train["class_ids"]) if "class_ids" in self.train.column_names else None
+
+
+def render_inputs(records: datasets.Dataset, cfg: DataSection) -> list[str]:
+    """The input text of each record: `cfg.prompt` filled with the record's fields, or its text fields joined."""
+    columns = {name: list(records[name]) for name in records.column_names}
+    texts = []
+    for i in range(len(records)):
+        row = {k: v[i] for k, v in columns.items()}
+        if cfg.strip_headers:
+            row = {k: strip_headers(v) if k in cfg.text_fields and isinstance(v, str) else v for k, v in row.items()}
+        if cfg.prompt is not None:
+            try:
+                texts.append(cfg.prompt.format(**row))
+            except KeyError as err:
+                raise DataError(f"data.prompt names field {err} that the data does not have "
+                                f"(fields: {', '.join(records.column_names)})") from None
+        else:
+            texts.append(" ".join(str(row[f]) for f in cfg.text_fields))
+    return texts
+
+
+def _targets(records: datasets.Dataset, cfg: DataSection, words: dict[str, str] | None) -> list[str]:
+    if cfg.target_field is not None:
+        return [str(t) for t in records[cfg.target_field]]
+    assert words is not None
+    return [words[str(v)] for v in records[cfg.label_field]]
+
+
+def _check_fields(records: datasets.Dataset, cfg: DataSection, source: str) -> None:
+    wanted = [*([] if cfg.prompt else cfg.text_fields), cfg.target_field or cfg.label_field]
+    for name in wanted:
+        if name not in records.column_names:
+            raise DataError(f"{source}: field '{name}' not found (fields: {', '.join(records.column_names)})")
+
+
+def encode_pairs(
+    inputs: list[str], targets: list[str], tokenizer: PreTrainedTokenizerBase, task: str,
+    max_length: int, max_target_length: int,
+) -> dict[str, list]:
+    """Token columns of (input, target) pairs. seq2seq: encoder input, decoder labels (ending in EOS).
+    causal_lm: one sequence prompt + target + EOS, labels -100 over the prompt; `prompt_length` per row."""
+    source = tokenizer(inputs, truncation=True, max_length=max_length)["input_ids"]
+    target = tokenizer(targets, add_special_tokens=task == "seq2seq", truncation=True,
+                       max_length=max_target_length)["input_ids"]
+    if task == "seq2seq":
+        return {"input_ids": source, "attention_mask": [[1] * len(s) for s in source], "labels": target}
+    eos = tokenizer.eos_token_id
+    ids, labels, lengths = [], [], []
+    for s, t in zip(source, target, strict=True):
+        prompt = s + tokenizer(" ->", add_special_tokens=False)["input_ids"]  # a separator the model can learn
+        ids.append(prompt + t + [eos])
+        labels.append([IGNORE] * len(prompt) + t + [eos])
+        lengths.append(len(prompt))
+    return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "labels": labels,
+            "prompt_length": lengths}
+
+
+def load_generation_data(
+    cfg: DataSection, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int, max_target_length: int,
+    seed: int = 0,
+) -> GenerationData:
+    """Load, check and tokenise the train and evaluation sets of a seq2seq or causal-LM task."""
+    train_raw, eval_raw = load_split_records(cfg, seed, check=lambda ds, src: _check_fields(ds, cfg, src))
+    words, label_names = None, []
+    if cfg.target_field is None:  # classification, text-to-text
+        values = label_names_of(list(train_raw[cfg.label_field]))
+        words = {v: (cfg.label_words or {}).get(v, v) for v in values}
+        missing = sorted(set(map(str, eval_raw[cfg.label_field])) - set(words))
+        if missing:
+            raise DataError(f"{cfg.eval or cfg.train}: labels not in the training data: {missing[:5]}")
+        label_names = [words[v] for v in values]
+    columns = encode_pairs(render_inputs(train_raw, cfg), _targets(train_raw, cfg, words), tokenizer, task,
+                           max_length, max_target_length)
+    if words is not None:
+        index = {v: i for i, v in enumerate(words)}
+        columns["class_ids"] = [index[str(v)] for v in train_raw[cfg.label_field]]
+    train = datasets.Dataset.from_dict(columns)
+    # evaluation: one row per distinct input, with every reference of that input (first occurrence order)
+    inputs, targets = render_inputs(eval_raw, cfg), _targets(eval_raw, cfg, words)
+    grouped: dict[str, list[str]] = {}
+    for x, y in zip(inputs, targets, strict=True):
+        grouped.setdefault(x, []).append(y)
+    firsts = [refs[0] for refs in grouped.values()]
+    held_out = encode_pairs(list(grouped), firsts, tokenizer, task, max_length, max_target_length)
+    held_out["references"] = list(grouped.values())
+    return GenerationData(train=train, eval=datasets.Dataset.from_dict(held_out), label_names=label_names)
+
+
+def collate_generation(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Pad a training batch: inputs right-padded (multiple of 8), labels padded with -100."""
+    labels = rows["labels"]
+    batch = tokenizer.pad({"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]},
+                          return_tensors="pt", pad_to_multiple_of=8, padding_side="right")
+    # causal LM: labels align with input_ids; seq2seq: decoder labels padded to a multiple of 8 on their own
+    causal = "prompt_length" in rows
+    width = batch["input_ids"].shape[1] if causal else -(-max(len(x) for x in labels) // 8) * 8
+    batch["labels"] = torch.tensor([x + [IGNORE] * (width - len(x)) for x in labels])  # (B, T_labels)
+    return dict(batch)
+
+
+def prompts_batch(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase, task: str) -> dict[str, torch.Tensor]:
+    """Generation inputs of an evaluation batch: seq2seq right-padded sources; causal LM left-padded prompts."""
+    if task == "seq2seq":
+        return dict(tokenizer.pad({"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]},
+                                  return_tensors="pt", padding_side="right"))
+    prompts = [ids[:n] for ids, n in zip(rows["input_ids"], rows["prompt_length"], strict=True)]
+    return dict(tokenizer.pad({"input_ids": prompts, "attention_mask": [[1] * len(p) for p in prompts]},
+                              return_tensors="pt", padding_side="left"))
