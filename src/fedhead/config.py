@@ -97,8 +97,11 @@ class DataSection(_Section):
         "'mnli premise: {premise} hypothesis: {hypothesis}' (default: the text fields joined by spaces).")
     strip_headers: bool = Field(
         False, description="Drop e-mail style headers (lines before the first blank line), e.g. 20 Newsgroups.")
-    train_size: int | None = Field(None, ge=1, description="Use only the first N training examples.")
-    eval_size: int | None = Field(2000, ge=1, description="Evaluate on the first N held-out examples.")
+    train_size: int | None = Field(None, ge=1, description="Use only N training examples (see subset).")
+    eval_size: int | None = Field(2000, ge=1, description="Evaluate on N held-out examples (see subset).")
+    subset: Literal["first", "random"] = Field(
+        "first", description="Which train_size / eval_size examples: the first N, or N drawn with the seed "
+        "(use 'random' for files sorted by label, such as 20 Newsgroups).")
 
 
 class GenerationSection(_Section):

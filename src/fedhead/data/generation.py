@@ -79,11 +79,15 @@ def encode_pairs(
 ) -> dict[str, list]:
     """Token columns of (input, target) pairs. seq2seq: encoder input, decoder labels (ending in EOS).
     causal_lm: one sequence prompt + target + EOS, labels -100 over the prompt; `prompt_length` per row."""
-    source = tokenizer(inputs, truncation=True, max_length=max_length)["input_ids"]
-    target = tokenizer(targets, add_special_tokens=task == "seq2seq", truncation=True,
+    seq2seq = task == "seq2seq"
+    # a causal LM's prompt gets no end-of-sequence mark: only its BOS, when the tokenizer adds one
+    source = tokenizer(inputs, add_special_tokens=seq2seq, truncation=True, max_length=max_length)["input_ids"]
+    target = tokenizer(targets, add_special_tokens=seq2seq, truncation=True,
                        max_length=max_target_length)["input_ids"]
-    if task == "seq2seq":
+    if seq2seq:
         return {"input_ids": source, "attention_mask": [[1] * len(s) for s in source], "labels": target}
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        source = [[tokenizer.bos_token_id, *s] for s in source]
     eos = tokenizer.eos_token_id
     ids, labels, lengths = [], [], []
     for s, t in zip(source, target, strict=True):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -106,10 +107,14 @@ def load_split_records(
     else:
         split = train_raw.train_test_split(test_size=cfg.eval_size or 0.1, seed=seed)
         train_raw, eval_raw = split["train"], split["test"]
-    if cfg.train_size is not None:
-        train_raw = train_raw.select(range(min(cfg.train_size, len(train_raw))))
-    if cfg.eval_size is not None:
-        eval_raw = eval_raw.select(range(min(cfg.eval_size, len(eval_raw))))
+    def cut(ds: datasets.Dataset, size: int | None) -> datasets.Dataset:
+        if size is None or size >= len(ds):
+            return ds
+        if cfg.subset == "random":  # sorted by index: the sample keeps the file's order
+            return ds.select(sorted(np.random.default_rng(seed).permutation(len(ds))[:size].tolist()))
+        return ds.select(range(size))
+
+    train_raw, eval_raw = cut(train_raw, cfg.train_size), cut(eval_raw, cfg.eval_size)
     if len(train_raw) == 0:
         raise DataError(f"{cfg.train}: no training examples")
     return train_raw, eval_raw

@@ -1,0 +1,182 @@
+"""The four task types federated end to end on tiny random models with real tokenizers and the shared data:
+text-to-text classification and generation on T5, generation on a LLaMA-style decoder with grouped-query
+attention, and 20 Newsgroups classification; plus the generation metrics and the text-to-text data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+from fedhead.config import DataSection, config_from_dict
+from fedhead.data.generation import IGNORE, collate_generation, load_generation_data, prompts_batch
+from fedhead.metrics import score_generations
+from fedhead.report import write_report
+from fedhead.runners.local import run_simulation
+from tests.conftest import MNLI_EVAL, MNLI_TRAIN, SHARED, read_metrics
+
+T5_TOKENIZER = SHARED / "models/t5-small-tokenizer"
+E2E = {"train": str(SHARED / "data/e2e_nlg/validation.jsonl"), "eval": str(SHARED / "data/e2e_nlg/test.jsonl"),
+       "text_fields": ["meaning_representation"], "target_field": "human_reference"}
+XSUM = {"train": str(SHARED / "data/xsum/test_1000.jsonl"), "eval": None, "text_fields": ["document"],
+        "target_field": "summary", "prompt": "Summarize: {document}"}
+MNLI_T2T = {"train": str(MNLI_TRAIN), "eval": str(MNLI_EVAL), "prompt": "mnli premise: {premise} hypothesis: "
+            "{hypothesis}", "label_words": {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}}
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    return AutoTokenizer.from_pretrained(T5_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory, t5_tokenizer) -> str:
+    """A 2+2-layer, 4-head T5 (d_model 64) with random weights, saved beside the real t5-small tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_t5")
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32128, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
+                   num_decoder_layers=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    T5ForConditionalGeneration(cfg).save_pretrained(path)
+    t5_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, t5_tokenizer) -> str:
+    """A 2-layer LLaMA with grouped-query attention (8 query heads, 2 KV heads), random weights."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    t5_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _config(model_dir: str, task: str, data: dict, tmp_path, **sections):
+    raw = {
+        "model": {"name": model_dir, "task": task, "max_length": 48, "max_target_length": 24},
+        "data": {**data, "train_size": 96, "eval_size": 24},
+        "generation": {"max_new_tokens": 6},
+        "partition": {"method": "iid", "num_clients": 4},
+        "federated": {"rounds": 1, "clients_per_round": 2, "local_steps": 2, "batch_size": 8,
+                      "aggregation": "head_weighted", "selection": "loss_gap"},
+        "heads": {"samples": 8, "sparsity": 0.75},
+        "out": str(tmp_path), "run_name": f"{task}-run",
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
+
+
+def _check_round(run_dir, metric_names: list[str], blocks: int, heads: int, kept_per_block: int) -> dict:
+    """The run wrote an initial and a final evaluation with every metric, and clients uploaded only kept heads."""
+    metrics = read_metrics(run_dir)
+    assert [m["round"] for m in metrics] == [0, 1]
+    for m in metrics:
+        assert set(metric_names) <= set(m) and m["eval_loss"] > 0
+    last = metrics[-1]
+    assert last["eval_loss"] < metrics[0]["eval_loss"]  # one round of the pruned clients improved the global model
+    assert last["bytes_up"] < last["bytes_down"]  # 75% of the heads' LoRA slices stayed home
+    for client in last["clients"]:
+        assert len(client["kept_heads"]) == blocks * kept_per_block
+        assert torch.tensor(client["head_scores"]).shape == (blocks, heads)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metric"] == metric_names[0] and summary["final_score"] == last[metric_names[0]]
+    return summary
+
+
+def test_score_generations_against_several_references():
+    preds = ["The cat sat on the mat", "a dog", "Something else"]
+    refs = [["the cat sat on the mat", "a cat was sitting"], ["a dog barks"], ["nothing alike here"]]
+    s = score_generations(preds, refs, ["accuracy", "bleu", "chrf", "rouge1", "rouge2", "rougeL"])
+    assert s["accuracy"] == pytest.approx(1 / 3)  # exact match ignores case
+    assert 0 < s["bleu"] < 100 and 0 < s["chrf"] < 100
+    assert s["rouge1"] == pytest.approx(100 * (1.0 + 2 * (1 * 2 / 3) / (1 + 2 / 3) + 0.0) / 3)
+    same = ["a small dog barks at the postman"]
+    assert score_generations(same, [same], ["bleu", "rougeL"]) == {"bleu": pytest.approx(100.0),
+                                                                  "rougeL": pytest.approx(100.0)}
+    with pytest.raises(ValueError, match="reference"):
+        score_generations(["x"], [[]], ["bleu"])
+
+
+def test_causal_data_masks_the_prompt_and_groups_references(t5_tokenizer):
+    cfg = DataSection(**E2E, train_size=20, eval_size=40)
+    data = load_generation_data(cfg, t5_tokenizer, "causal_lm", 64, 32)
+    row = data.train[0]
+    n = row["prompt_length"]
+    assert row["labels"][:n] == [IGNORE] * n and row["labels"][n:] == row["input_ids"][n:]
+    assert row["input_ids"][-1] == t5_tokenizer.eos_token_id
+    assert t5_tokenizer.decode(row["input_ids"][n:], skip_special_tokens=True) == \
+        "There is a place in the city centre, Alimentum, that is not family-friendly."
+    # evaluation: one row per meaning representation, holding all of its references
+    assert len(data.eval) < 40 and sum(len(r) for r in data.eval["references"]) == 40
+    assert max(len(r) for r in data.eval["references"]) > 1
+    batch = collate_generation(data.train[:4], t5_tokenizer)
+    assert batch["labels"].shape == batch["input_ids"].shape
+    prompts = prompts_batch(data.eval[:3], t5_tokenizer, "causal_lm")
+    assert (prompts["attention_mask"][:, -1] == 1).all()  # left-padded: every prompt ends at the last column
+
+
+def test_text_to_text_classification_keeps_classes(t5_tokenizer):
+    cfg = DataSection(**MNLI_T2T, train_size=50, eval_size=10)
+    data = load_generation_data(cfg, t5_tokenizer, "seq2seq", 64, 8)
+    assert sorted(data.label_names) == ["maybe", "no", "yes"] and len(data.class_ids) == 50
+    first = data.train[0]
+    assert t5_tokenizer.decode(first["labels"], skip_special_tokens=True) == \
+        MNLI_T2T["label_words"][data_label(0)]
+    assert first["labels"][-1] == t5_tokenizer.eos_token_id
+
+
+def data_label(i: int) -> str:
+    return json.loads(MNLI_TRAIN.read_text().splitlines()[i])["label"]
+
+
+def test_t5_text_to_text_mnli_round_dirichlet(tiny_t5_dir, tmp_path):
+    cfg = _config(tiny_t5_dir, "seq2seq", MNLI_T2T, tmp_path, generation={"metrics": ["accuracy"],
+                  "max_new_tokens": 3}, partition={"method": "dirichlet", "alpha": 1.0})
+    summary = run_simulation(cfg, tmp_path / "run")
+    _check_round(tmp_path / "run", ["accuracy"], blocks=6, heads=4, kept_per_block=1)
+    assert summary["final_accuracy"] == summary["final_score"]
+    hist = json.loads((tmp_path / "run" / "partition.json").read_text())["label_histograms"]
+    assert len(hist) == 4 and sum(map(sum, hist)) == 96
+
+
+def test_t5_e2e_generation_round(tiny_t5_dir, tmp_path):
+    cfg = _config(tiny_t5_dir, "seq2seq", E2E, tmp_path, generation={"metrics": ["bleu", "chrf", "rougeL"]})
+    run_simulation(cfg, tmp_path / "run")
+    _check_round(tmp_path / "run", ["bleu", "chrf", "rougeL"], blocks=6, heads=4, kept_per_block=1)
+
+
+def test_gqa_decoder_e2e_and_xsum_rounds_and_report(tiny_llama_dir, tmp_path):
+    e2e = _config(tiny_llama_dir, "causal_lm", E2E, tmp_path, generation={"metrics": ["bleu", "chrf", "rougeL"]})
+    run_simulation(e2e, tmp_path / "e2e")
+    _check_round(tmp_path / "e2e", ["bleu", "chrf", "rougeL"], blocks=2, heads=8, kept_per_block=2)
+    xsum = _config(tiny_llama_dir, "causal_lm", XSUM, tmp_path, generation={"metrics": ["rouge1", "rouge2", "rougeL"]},
+                   model={"max_length": 96})
+    run_simulation(xsum, tmp_path / "xsum")
+    _check_round(tmp_path / "xsum", ["rouge1", "rouge2", "rougeL"], blocks=2, heads=8, kept_per_block=2)
+    dense = e2e.model_copy(update={"heads": e2e.heads.model_copy(update={"sparsity": 0.0}),
+                                   "federated": e2e.federated.model_copy(update={"aggregation": "fedavg"})})
+    run_simulation(dense, tmp_path / "e2e-dense")
+    table = write_report([tmp_path / "e2e-dense", tmp_path / "e2e"], tmp_path / "report").read_text()
+    assert "Baseline: e2e-dense" in table and "bleu" in table and "chrf" in table
+    assert (tmp_path / "report" / "bleu_vs_round.png").is_file()
+
+
+def test_newsgroups_round(tiny_bert_dir, tmp_path):
+    newsgroups = SHARED / "data/20newsgroups"
+    data = {"train": str(newsgroups / "train.jsonl"), "eval": str(newsgroups / "test.jsonl"), "text_fields": ["text"],
+            "label_field": "label", "strip_headers": True, "train_size": 400, "eval_size": 40, "subset": "random"}
+    cfg = config_from_dict({"model": {"name": tiny_bert_dir, "max_length": 64}, "data": data,
+                            "partition": {"method": "dirichlet", "alpha": 1.0, "num_clients": 4},
+                            "federated": {"rounds": 1, "clients_per_round": 2, "local_steps": 2, "batch_size": 8,
+                                          "aggregation": "head_weighted", "selection": "loss_gap"},
+                            "heads": {"samples": 8, "sparsity": 0.5}, "out": str(tmp_path), "run_name": "ng"})
+    summary = run_simulation(cfg, tmp_path / "ng")
+    assert len(json.loads((tmp_path / "ng" / "partition.json").read_text())["label_names"]) == 20  # files sorted
+    assert summary["metric"] == "accuracy" and 0 <= summary["final_accuracy"] <= 1
+    assert all(len(c["kept_heads"]) == 4 for c in read_metrics(tmp_path / "ng")[-1]["clients"])
