@@ -58,22 +58,24 @@ def describe(cfg) -> dict[str, Any]:
 
 
 def table(out: Path, names: list[str]) -> str:
+    """The sweep's Markdown table; rows are compared on the mean of their last 5 evaluations (see fedhead.report)."""
     lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | selection | freeze A "
-             "| final acc | best acc | vs dense | train TFLOPs | upload MB | download MB |", "|" + "---|" * 16]
+             "| final acc | best acc | mean of last 5 evals | vs dense | train TFLOPs | upload MB | download MB |",
+             "|" + "---|" * 17]
     dense = None
     if (out / "dense" / "summary.json").exists():
-        dense = json.loads((out / "dense" / "summary.json").read_text())["final_accuracy"]
+        dense = json.loads((out / "dense" / "summary.json").read_text())["tail_mean_score"]
     for name in names:
         path = out / name / "summary.json"
         if not path.exists():
             continue
         s = json.loads(path.read_text())
         d = describe(Config.model_validate_json((out / name / "config.json").read_text()))
-        drop = f"{100 * (s['final_accuracy'] - dense):+.1f} pt" if dense is not None else "-"
+        drop = f"{100 * (s['tail_mean_score'] - dense):+.1f} pt" if dense is not None else "-"
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "
             f"{d['lr']:g} | {d['aggregation']} | {d.get('selection', 'random')} | {d.get('freeze_a', False)} | "
-            f"{s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {drop} | "
+            f"{s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {s['tail_mean_score']:.3f} | {drop} | "
             f"{s['train_flops'] / 1e12:.1f} | {s['bytes_up'] / 1e6:.1f} | {s['bytes_down'] / 1e6:.1f} |")
     return "\n".join(lines)
 

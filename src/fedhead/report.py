@@ -1,8 +1,9 @@
 """`fedhead report`: compare runs by their trade-off of accuracy against bytes, compute and time.
 
 Reads each run directory's `config.json` and `metrics.jsonl` and writes a Markdown table and PNG plots. The
-dense baseline is the run with sparsity 0 and FedAvg aggregation (or the one named with `--baseline`); the
-target accuracy defaults to the baseline's final accuracy minus 2 points.
+dense baseline is the run with sparsity 0 and FedAvg aggregation (or the one named with `--baseline`). Runs are
+compared on the mean of their last 5 evaluations (with a few label-skewed clients a round, a single evaluation
+swings by several points); the target accuracy defaults to the baseline's mean minus 2 points.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+TAIL = 5  # evaluations averaged for the comparison: one evaluation of a few skewed clients' model swings
 
 
 class ReportError(ValueError):
@@ -118,7 +121,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
     base_tot = None
     if baseline is not None:
         base_tot = {k: sum(m[k] for m in baseline.rounds) for k in ("bytes_up", "bytes_down", "train_flops")}
-        base_final = _final(baseline)
+        base_tail = _tail_mean(baseline)
     for run in runs:
         key = run.metric_key()
         evaluated = [m[key] for m in run.rounds if key in m]
@@ -126,12 +129,13 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
         row: dict[str, Any] = {
             "run": run.name, "method": run.method, "sparsity": run.sparsity, "metric": key,
             "final": evaluated[-1] if evaluated else None, "best": max(evaluated) if evaluated else None,
+            "tail_mean": float(np.mean(evaluated[-TAIL:])) if evaluated else None,
             "final_metrics": next(({k: m[k] for k in run.metric_keys if k in m} for m in reversed(run.rounds)
                                    if key in m), {}),
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
         }
         if base_tot is not None and row["final"] is not None:
-            row["drop_points"] = baseline.points * (base_final - row["final"])
+            row["drop_points"] = baseline.points * (base_tail - row["tail_mean"])
             row["upload_advantage"] = base_tot["bytes_up"] / max(tot["bytes_up"], 1)
             row["comm_advantage"] = (base_tot["bytes_up"] + base_tot["bytes_down"]) / max(
                 tot["bytes_up"] + tot["bytes_down"], 1)
@@ -150,15 +154,21 @@ def _final(run: Run) -> float:
     return values[-1]
 
 
+def _tail_mean(run: Run) -> float:
+    key = run.metric_key()
+    return float(np.mean([m[key] for m in run.rounds if key in m][-TAIL:]))
+
+
 def _fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
     """The comparison table (Markdown)."""
-    head = ("| run | method | sparsity | final | best | drop vs dense | bytes up | bytes down | upload adv. "
+    head = (f"| run | method | sparsity | final | best | mean of last {TAIL} evals | drop vs dense | bytes up "
+            "| bytes down | upload adv. "
             "| comm. adv. | train FLOPs | FLOPs red. | seconds | to target: rounds | bytes | FLOPs | seconds |")
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         t = r.get("to_target")
         reach = ["not reached"] + ["-"] * 3 if t is None else [
@@ -168,6 +178,7 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
             final = " / ".join(f"{k} {v:.3g}" for k, v in r["final_metrics"].items())
         lines.append(
             f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {final} | {_fmt(r['best'])} | "
+            f"{_fmt(r['tail_mean'])} | "
             f"{_fmt(r.get('drop_points'), '.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
             f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
             f"{_fmt(r.get('comm_advantage'), '.2f', 'x')} | {r['train_flops'] / 1e12:.1f} T | "
@@ -223,7 +234,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
         dense = [r for r in runs if r.sparsity == 0 and r.config["federated"]["aggregation"] == "fedavg"]
         base = dense[0] if dense else None
     if target is None and base is not None:
-        target = _final(base) - 2.0 / base.points
+        target = _tail_mean(base) - 2.0 / base.points
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize_runs(runs, base, target)
     table = markdown_table(rows, target)

@@ -269,9 +269,13 @@ def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[s
     return summary
 
 
+TAIL = 5  # evaluations averaged in `tail_mean_score`
+
+
 def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
     """Totals and final values of a run's metrics lines; `metric` is the run's headline score (its initial,
-    final and best values are also written as `*_accuracy` when it is accuracy)."""
+    final and best values are also written as `*_accuracy` when it is accuracy). `tail_mean_score` is the mean
+    of the last TAIL evaluations: with few label-skewed clients a round, one evaluation swings by points."""
     rounds = [m for m in metrics if m.get("round", 0) > 0]
     evaluated = [m for m in metrics if metric in m]
     scores = {
@@ -279,6 +283,8 @@ def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[s
         "final": evaluated[-1][metric] if evaluated else None,
         "best": max((m[metric] for m in evaluated), default=None),
     }
+    tail = [m[metric] for m in evaluated if m["round"] > 0][-TAIL:]
+    scores["tail_mean"] = sum(tail) / len(tail) if tail else None
     summary: dict[str, Any] = {"rounds": len(rounds), "metric": metric}
     summary.update({f"{k}_score": v for k, v in scores.items()})
     if metric == "accuracy":
