@@ -180,3 +180,44 @@ def test_newsgroups_round(tiny_bert_dir, tmp_path):
     assert len(json.loads((tmp_path / "ng" / "partition.json").read_text())["label_names"]) == 20  # files sorted
     assert summary["metric"] == "accuracy" and 0 <= summary["final_accuracy"] <= 1
     assert all(len(c["kept_heads"]) == 4 for c in read_metrics(tmp_path / "ng")[-1]["clients"])
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_and_prunes_like_gating(tmp_path):
+    """The real offline SmolLM2-135M-Instruct (GGUF, dequantised): GQA head map, and 90% per-block pruning of
+    the LoRA model computes what gating the same heads to zero computes."""
+    import copy
+
+    from fedhead.heads.importance import score_heads
+    from fedhead.heads.pruning import kept_heads_mask
+    from fedhead.models.loading import build_model
+    from fedhead.models.slicing import gate_heads, prune_heads_
+
+    cfg = config_from_dict({"model": {"name": "smollm2", "task": "causal_lm"}, "data": E2E,
+                            "partition": {"method": "iid"}, "out": str(tmp_path)})
+    lm = build_model(cfg)
+    assert (lm.head_map.architecture, lm.head_map.num_blocks, lm.head_map.num_heads) == ("llama", 30, 9)
+    assert lm.head_map.blocks[0].num_kv_heads == 3 and lm.tokenizer.pad_token is not None
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)  # a trained-looking adapter, so LoRA slicing matters
+    texts = ["name[The Eagle], eatType[coffee shop] -> The Eagle is a coffee shop.", "name[Alimentum] -> Hi"]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
+    batch = {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+    scores, loss = score_heads(lm.model, lm.head_map, [batch], "confidence",
+                               special_ids=lm.tokenizer.all_special_ids, prefix=lm.prefix)
+    assert scores.shape == (30, 9) and 0 < loss < 20
+    kept = kept_heads_mask(scores, 0.9, "per_block")
+    assert kept.sum().item() == 30  # one query head in each block
+    pruned = copy.deepcopy(lm.model).eval()
+    prune_heads_(pruned, lm.head_map, kept, lm.prefix)
+    gated = lm.model.eval()
+    handles = gate_heads(gated, lm.head_map, kept.float(), lm.prefix)
+    with torch.no_grad():
+        expected = gated(**batch).logits  # (B, T, vocab)
+        actual = pruned(**batch).logits
+    for h in handles:
+        h.remove()
+    real = enc["attention_mask"].bool()
+    assert (actual - expected)[real].abs().max() < 1e-3

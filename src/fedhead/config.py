@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -75,7 +75,8 @@ class DataSection(_Section):
     )
     eval: str | None = Field(
         "../shared/data/mnli/validation_matched.jsonl",
-        description="Held-out evaluation data (file or Hub id); None holds out eval_size training examples.",
+        description="Held-out evaluation data (file or Hub id); None (\"\" in TOML) holds out eval_size training "
+        "examples.",
     )
     train_split: str = Field("train", description="Split name when `train` is a Hub dataset id.")
     eval_split: str = Field("validation", description="Split name when `eval` is a Hub dataset id.")
@@ -102,6 +103,12 @@ class DataSection(_Section):
     subset: Literal["first", "random"] = Field(
         "first", description="Which train_size / eval_size examples: the first N, or N drawn with the seed "
         "(use 'random' for files sorted by label, such as 20 Newsgroups).")
+
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 class GenerationSection(_Section):
