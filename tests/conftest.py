@@ -56,6 +56,22 @@ def tiny_config(model_dir: str, tmp_path: Path, **sections) -> Config:
     return config_from_dict(data)
 
 
+def gated_and_pruned(base, head_map, kept: torch.Tensor, prefix: str, attn: str | None = None):
+    """Two copies of a LoRA model: one with the heads not in `kept` gated to zero (forward hooks), one with
+    them physically pruned; `attn` sets the attention kernel of both."""
+    import copy
+
+    from fedhead.models.slicing import gate_heads, prune_heads_
+
+    full = copy.deepcopy(base)
+    if attn is not None:
+        full.base_model.model.set_attn_implementation(attn)
+    pruned = copy.deepcopy(full)
+    prune_heads_(pruned, head_map, kept, prefix)
+    gate_heads(full, head_map, kept.float(), prefix)
+    return full, pruned
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The metrics lines of a run directory."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -23,6 +23,7 @@ from fedhead.federated.validation import check_update, screen_updates
 from fedhead.models.head_map import HeadLayout, head_map_for, unit_index
 from fedhead.models.llama_heads import PrunedGQAAttentionMixin, PrunedLlamaAttention
 from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_, scatter_kept
+from tests.conftest import gated_and_pruned
 
 PREFIX = "base_model.model."
 H, G, D = 8, 2, 8  # query heads, key/value heads, head_dim: units of 4 query heads (0-3 -> kv 0, 4-7 -> kv 1)
@@ -68,12 +69,7 @@ def batch():
 def _gated_and_pruned(lora_llama, mask: str, attn: str | None = None):
     base, head_map = lora_llama
     kept = torch.tensor(MASKS[mask], dtype=torch.bool)
-    full = copy.deepcopy(base)
-    if attn is not None:
-        full.base_model.model.set_attn_implementation(attn)
-    pruned = copy.deepcopy(full)
-    prune_heads_(pruned, head_map, kept, PREFIX)
-    gate_heads(full, head_map, kept.float(), PREFIX)
+    full, pruned = gated_and_pruned(base, head_map, kept, PREFIX, attn)
     return full, pruned, kept, head_map
 
 

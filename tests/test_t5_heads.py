@@ -1,6 +1,5 @@
 """Physical head pruning of T5 (encoder self-, decoder self- and cross-attention) against exact head gates."""
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,9 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from fedhead.heads.importance import attention_masks_by_block
 from fedhead.models.head_map import ROLES, HeadLayout, head_map_for
-from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_
+from fedhead.models.slicing import gather_kept
 from fedhead.models.t5_heads import PrunedT5Attention
+from tests.conftest import gated_and_pruned
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/models/t5-small-tokenizer"
 PREFIX = "base_model.model."
@@ -57,12 +57,7 @@ def batch():
 def _gated_and_pruned(lora_t5, mask: str, attn: str | None = None):
     base, head_map = lora_t5
     kept = torch.tensor(MASKS[mask], dtype=torch.bool)
-    full = copy.deepcopy(base)
-    if attn is not None:
-        full.base_model.model.set_attn_implementation(attn)
-    pruned = copy.deepcopy(full)
-    prune_heads_(pruned, head_map, kept, PREFIX)
-    gate_heads(full, head_map, kept.float(), PREFIX)
+    full, pruned = gated_and_pruned(base, head_map, kept, PREFIX, attn)
     return full, pruned, kept, head_map
 
 
