@@ -44,12 +44,16 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
     ("dense-lr1e-3", {"federated.learning_rate": 1e-3}),
     ("dense-freeze_a", {"lora.freeze_a": True}),
+    ("mixed-0.9-c0.5", {"heads.sparsity": 0.9, "heads.mode": "mixed", "heads.compute_sparsity": 0.5}),
+    ("mixed-0.9-c0.7", {"heads.sparsity": 0.9, "heads.mode": "mixed", "heads.compute_sparsity": 0.7}),
 ]
 
 
 def describe(cfg) -> dict[str, Any]:
     h = cfg.heads
-    mode = h.mode + (" + mean" if h.mode == "remove" and h.compensate == "mean" else "")
+    mode = h.mode + (" + mean" if h.mode != "train_sparse" and h.compensate == "mean" else "")
+    if h.mode == "mixed":
+        mode += f" (removes {min(h.compute_sparsity, h.sparsity):g})"
     return {"sparsity": h.sparsity, "mode": mode if h.sparsity else "-",
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
             "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,

@@ -212,10 +212,17 @@ class HeadsSection(_Section):
         description="remove mode: 'mean' folds the removed heads' mean context (measured in the scoring pass) "
         "into the output projection's bias (mean ablation instead of zeroing; no training cost).",
     )
-    mode: Literal["remove", "train_sparse"] = Field(
+    mode: Literal["remove", "train_sparse", "mixed"] = Field(
         "remove",
         description="'remove': pruned heads are sliced out of the client's forward and backward; "
-        "'train_sparse': they stay in the forward with global weights, only kept heads' LoRA is trained.",
+        "'train_sparse': they stay in the forward with global weights, only kept heads' LoRA is trained; "
+        "'mixed': the lowest-scored compute_sparsity of the heads are removed, the other pruned heads stay in "
+        "the forward, frozen.",
+    )
+    compute_sparsity: float = Field(
+        0.5, ge=0, lt=1,
+        description="mixed: fraction of heads removed from the client's compute (at most the client's sparsity; "
+        "a larger value is capped at it).",
     )
 
     @model_validator(mode="after")

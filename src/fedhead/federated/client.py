@@ -3,7 +3,8 @@
 One round on client c: (1) score the heads of the received global model on up to `heads.samples` local
 examples (this forward also gives the global model's loss on the client's data); (2) keep the top heads at the
 client's sparsity; (3) train a working copy (`remove`: the pruned heads physically sliced out; `train_sparse`:
-all heads computed, only kept heads' LoRA slices trained) with AdamW; (4) measure the trained model's loss on
+all heads computed, only kept heads' LoRA slices trained; `mixed`: the lowest-scored `compute_sparsity` of the
+heads sliced out, the other pruned heads computed but frozen) with AdamW; (4) measure the trained model's loss on
 the same sample; (5) return the kept-head slices and the shared tensors. Every random choice is drawn from
 (seed, round, client), so a client's update does not depend on which other clients ran before it.
 """
@@ -30,7 +31,7 @@ from fedhead.heads.mean_context import HeadContextMeans
 from fedhead.heads.pruning import kept_heads_mask
 from fedhead.metrics import score_generations
 from fedhead.models.loading import LoadedModel
-from fedhead.models.slicing import gather_kept, prune_heads_
+from fedhead.models.slicing import gather_kept, prune_heads_, scatter_kept
 
 
 def derived_seed(seed: int, round_: int, client: int, stream: int = 0) -> int:
@@ -99,13 +100,26 @@ def train_local(
     return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start)
 
 
-def _frozen_rows(model_state: State, kept: torch.Tensor, lm: LoadedModel):
+def _frozen_rows(work_state: State, trained: torch.Tensor, computed: torch.Tensor, lm: LoadedModel):
+    """Masks of the entries of `work_state` (a model holding the `computed` heads) that belong to `trained`
+    heads; every other head's slice is frozen at its current value."""
     frozen = {}
     for name, (_, dim) in lm.layout.sliced.items():
-        mask = torch.zeros_like(model_state[name])
-        mask.index_fill_(dim, lm.layout.index_of(name, kept), 1.0)  # kept heads' (or kv units') slices
-        frozen[name] = (mask, model_state[name].clone())
+        present = lm.layout.index_of(name, computed)  # full-model rows/columns the working model holds
+        trainable = torch.isin(present, lm.layout.index_of(name, trained)).nonzero().flatten()
+        mask = torch.zeros_like(work_state[name])
+        mask.index_fill_(dim, trainable, 1.0)  # trained heads' (or kv units') slices
+        frozen[name] = (mask, work_state[name].clone())
     return frozen
+
+
+def removed_fraction(cfg: Config, sparsity: float) -> float:
+    """Fraction of heads a client with `sparsity` removes from its compute, by `heads.mode`."""
+    if cfg.heads.mode == "remove":
+        return sparsity
+    if cfg.heads.mode == "mixed":
+        return min(cfg.heads.compute_sparsity, sparsity)
+    return 0.0
 
 
 def client_update(
@@ -126,7 +140,8 @@ def client_update(
     needs_scores = sparsity > 0 or (fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size")
     method = cfg.heads.importance if needs_scores else "none"
     start = time.perf_counter()
-    removing = sparsity > 0 and cfg.heads.mode == "remove"
+    removed = removed_fraction(cfg, sparsity)
+    removing = removed > 0
     means = HeadContextMeans(lm.model, lm.head_map, lm.prefix)
     with count_flops() as scoring_flops, means if removing and cfg.heads.compensate == "mean" else nullcontext():
         scores, loss_before = score_heads(
@@ -135,22 +150,24 @@ def client_update(
             prefix=lm.prefix, generator=gen,
         )
     scoring_seconds = time.perf_counter() - start
-    kept = kept_heads_mask(scores, sparsity, cfg.heads.scope, cfg.heads.min_heads_per_block)
+    scope, floor = cfg.heads.scope, cfg.heads.min_heads_per_block
+    kept = kept_heads_mask(scores, sparsity, scope, floor)  # trained and uploaded
+    computed = kept_heads_mask(scores, removed, scope, floor) | kept  # in the client's forward
 
     work = copy.deepcopy(lm.model)
-    frozen = None
     if removing:
         head_means = means.means() if cfg.heads.compensate == "mean" else None
-        prune_heads_(work, lm.head_map, kept, lm.prefix, head_means)
-    elif sparsity > 0:
-        frozen = _frozen_rows(global_state, kept, lm)
+        prune_heads_(work, lm.head_map, computed, lm.prefix, head_means)
+    frozen = _frozen_rows(trainable_state(work), kept, computed, lm) if bool((computed & ~kept).any()) else None
     torch.manual_seed(derived_seed(cfg.seed, round_, client_id, stream=1))  # dropout
     result = train_local(work, data, cfg, lm.tokenizer, gen, frozen)
     with torch.no_grad():
         work.eval()
         loss_after = sum(float(work(**b).loss) * len(b["labels"]) for b in sample_batches) / len(sample)
-    tensors = trainable_state(work)
-    if frozen is not None:
+    tensors = trainable_state(work)  # head-sliced tensors hold the computed heads
+    if not bool(computed.equal(kept)):  # only the trained heads' slices travel
+        if not bool(computed.all()):
+            tensors = scatter_kept(tensors, computed, lm.layout, global_state)  # back to full shape first
         tensors = gather_kept(tensors, kept, lm.layout)
     return ClientUpdate(
         client_id=client_id,

@@ -1,0 +1,58 @@
+"""heads.mode = 'mixed': the lowest-scored heads removed from compute, the other pruned heads computed but
+frozen. It must reduce to 'remove' and 'train_sparse' at its two ends, and cost in between."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedhead.federated.client import client_update
+from fedhead.federated.state import trainable_state
+from fedhead.models.slicing import gather_kept
+from fedhead.runners.local import Simulation
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def sim(tiny_bert_dir, tmp_path_factory):
+    cfg = tiny_config(tiny_bert_dir, tmp_path_factory.mktemp("mixed"),
+                      heads={"sparsity": 0.75, "scope": "per_block"}, federated={"local_steps": 3})
+    return Simulation.setup(cfg)
+
+
+def _update(sim: Simulation, **heads):
+    cfg = sim.cfg.model_copy(deep=True)
+    for key, value in heads.items():
+        setattr(cfg.heads, key, value)
+    state = trainable_state(sim.lm.model)
+    return client_update(sim.lm, state, sim.client_data(1), cfg, client_id=1, round_=1), state
+
+
+def _same(a, b) -> None:
+    assert a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name], b.tensors[name]), name
+    assert torch.equal(a.kept_heads, b.kept_heads) and a.stats == b.stats and a.train_loss == b.train_loss
+
+
+def test_mixed_reduces_to_remove_and_train_sparse(sim):
+    remove, _ = _update(sim, mode="remove")
+    sparse, _ = _update(sim, mode="train_sparse")
+    _same(_update(sim, mode="mixed", compute_sparsity=0.75)[0], remove)
+    _same(_update(sim, mode="mixed", compute_sparsity=0.0)[0], sparse)
+    _same(_update(sim, mode="mixed", compute_sparsity=0.9)[0], remove)  # capped at the sparsity
+
+
+def test_mixed_trains_kept_heads_only_at_intermediate_cost(sim):
+    remove, _ = _update(sim, mode="remove")
+    sparse, _ = _update(sim, mode="train_sparse")
+    mixed, state = _update(sim, mode="mixed", compute_sparsity=0.5)
+    assert int(mixed.kept_heads.sum()) == 2  # one of 4 heads in each of 2 blocks is trained and sent
+    before = gather_kept(state, mixed.kept_heads, sim.lm.layout)
+    for name, tensor in mixed.tensors.items():
+        assert tensor.shape == remove.tensors[name].shape, name  # same upload as remove
+    for name in sim.lm.layout.sliced:
+        assert not torch.equal(mixed.tensors[name], before[name]), name  # the kept heads' slices were trained
+    assert remove.stats["train_flops"] < mixed.stats["train_flops"] < sparse.stats["train_flops"]
+    # the kept heads saw a different forward (two heads per block computed, one frozen), so they learned differently
+    assert any(not torch.equal(mixed.tensors[n], remove.tensors[n]) for n in mixed.tensors)
