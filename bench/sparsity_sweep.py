@@ -44,6 +44,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
     ("dense-lr1e-3", {"federated.learning_rate": 1e-3}),
     ("dense-freeze_a", {"lora.freeze_a": True}),
+    ("confidence-0.9-mean", {"heads.sparsity": 0.9, "heads.compensate": "mean"}),
     ("mixed-0.9-c0.5", {"heads.sparsity": 0.9, "heads.mode": "mixed", "heads.compute_sparsity": 0.5}),
     ("mixed-0.9-c0.7", {"heads.sparsity": 0.9, "heads.mode": "mixed", "heads.compute_sparsity": 0.7}),
 ]
@@ -86,12 +87,13 @@ def table(out: Path, names: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=None, help="Names of rows to run (default: all).")
+    parser.add_argument("--rows", nargs="+", default=None, help="Names of rows to run, in this order (default: all).")
     parser.add_argument("--rounds", type=int, default=None, help="Override the rounds of every row.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    rows = [(n, o) for n, o in ROWS if args.rows is None or n in args.rows]
+    known = dict(ROWS)
+    rows = [(n, known[n]) for n in args.rows if n in known] if args.rows else ROWS  # in the order asked
     unknown = set(args.rows or []) - {n for n, _ in ROWS}
     if unknown:
         parser.error(f"unknown rows: {sorted(unknown)}; known: {[n for n, _ in ROWS]}")
