@@ -81,3 +81,21 @@ def test_strip_headers():
 
     assert strip_headers("From: a\nSubject: b\n\nHello\nworld") == "Hello\nworld"
     assert strip_headers("no headers here") == "no headers here"
+
+
+def test_random_subset_spans_a_sorted_file(tokenizer):
+    from tests.conftest import SHARED
+
+    newsgroups = SHARED / "data/20newsgroups"
+    common = {"train": str(newsgroups / "train.jsonl"), "eval": str(newsgroups / "test.jsonl"),
+              "text_fields": ["text"], "train_size": 300, "eval_size": 200}
+    first = load_classification_data(DataSection(**common), tokenizer, 16)
+    drawn = load_classification_data(DataSection(**common, subset="random"), tokenizer, 16, seed=3)
+    assert len(first.label_names) == 1 and len(set(first.eval["labels"])) == 1  # the files are sorted by group
+    assert len(drawn.label_names) == 20 and len(set(drawn.eval["labels"])) >= 15
+    again = load_classification_data(DataSection(**common, subset="random"), tokenizer, 16, seed=3)
+    assert again.train["input_ids"] == drawn.train["input_ids"]  # seeded
+
+
+def test_empty_eval_in_toml_holds_out_training_examples():
+    assert DataSection(eval="").eval is None
