@@ -30,6 +30,6 @@ def run_rows(base: Path, rows: list[tuple[str, dict[str, Any]]], out: Path,
         start = time.perf_counter()
         summary = run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists())
         (run_dir / "row.json").write_text(json.dumps(overrides))
-        print(f"{name}: final accuracy {summary['final_accuracy']:.3f} in {time.perf_counter() - start:.0f} s",
+        print(f"{name}: final {summary['metric']} {summary['final_score']:.3f} in {time.perf_counter() - start:.0f} s",
               flush=True)
     return dirs
