@@ -5,7 +5,7 @@ import torch
 
 from fedhead.heads import head_confidence, kept_heads_mask, score_heads
 from fedhead.heads.importance import real_token_mask
-from fedhead.heads.pruning import heads_to_keep
+from fedhead.heads.pruning import heads_to_keep, sampled_scores
 from fedhead.models import build_model, head_map_for
 from fedhead.models.head_map import UnsupportedModelError
 from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_, scatter_kept
@@ -52,6 +52,27 @@ def test_heads_to_keep_and_masks():
     assert floor.tolist() == [[True, False, False, False], [False, False, False, True]]
     per_block = kept_heads_mask(scores, 0.5, scope="per_block")
     assert per_block.tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+def test_sampled_selection_spreads_over_heads_in_score_order():
+    # Prepare: one block of 6 heads with clearly ordered scores; keep 1 head per draw
+    scores = torch.tensor([[0.9, 0.6, 0.4, 0.2, 0.1, 0.05]])
+    gen = torch.Generator().manual_seed(0)
+    # Execute: 3,000 draws at temperature 1
+    counts = torch.zeros(6)
+    for _ in range(3000):
+        counts += kept_heads_mask(sampled_scores(scores, 1.0, gen), 5 / 6, scope="per_block")[0].float()
+    # Assert: every head is drawn sometimes, in proportion to its score (Gumbel top-1 = softmax of log score)
+    expected = scores[0] / scores[0].sum()
+    assert (counts > 0).all()
+    assert torch.allclose(counts / 3000, expected, atol=0.03)
+    # A low temperature gives back the top head; the same seed gives the same draw
+    cold = sampled_scores(scores, 0.01, torch.Generator().manual_seed(1))
+    assert kept_heads_mask(cold, 5 / 6, scope="per_block")[0].tolist() == [True] + [False] * 5
+    assert sampled_scores(scores, 1.0, torch.Generator().manual_seed(3)).equal(
+        sampled_scores(scores, 1.0, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="temperature"):
+        sampled_scores(scores, 0.0, gen)
 
 
 @pytest.fixture(scope="module")

@@ -207,6 +207,13 @@ class HeadsSection(_Section):
         "measured at 90% sparsity, see the README).",
     )
     min_heads_per_block: int = Field(0, ge=0, description="global scope: keep at least this many per block.")
+    selection: Literal["top", "sample"] = Field(
+        "top",
+        description="'top': keep the highest-scored heads; 'sample': draw the kept heads without replacement "
+        "with probability proportional to score ** (1 / temperature), seeded per client and round, so that "
+        "every head's LoRA gets trained sometimes.",
+    )
+    temperature: float = Field(1.0, gt=0, description="selection = 'sample': lower keeps closer to the top heads.")
     compensate: Literal["none", "mean"] = Field(
         "none",
         description="remove mode: 'mean' folds the removed heads' mean context (measured in the scoring pass) "

@@ -28,7 +28,7 @@ from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.importance import score_heads
 from fedhead.heads.mean_context import HeadContextMeans
-from fedhead.heads.pruning import kept_heads_mask
+from fedhead.heads.pruning import kept_heads_mask, sampled_scores
 from fedhead.metrics import score_generations
 from fedhead.models.loading import LoadedModel
 from fedhead.models.slicing import gather_kept, prune_heads_, scatter_kept
@@ -151,8 +151,12 @@ def client_update(
         )
     scoring_seconds = time.perf_counter() - start
     scope, floor = cfg.heads.scope, cfg.heads.min_heads_per_block
-    kept = kept_heads_mask(scores, sparsity, scope, floor)  # trained and uploaded
-    computed = kept_heads_mask(scores, removed, scope, floor) | kept  # in the client's forward
+    ranking = scores
+    if cfg.heads.selection == "sample" and sparsity > 0:
+        draw = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, stream=2))
+        ranking = sampled_scores(scores, cfg.heads.temperature, draw)
+    kept = kept_heads_mask(ranking, sparsity, scope, floor)  # trained and uploaded
+    computed = kept_heads_mask(ranking, removed, scope, floor) | kept  # in the client's forward
 
     work = copy.deepcopy(lm.model)
     if removing:

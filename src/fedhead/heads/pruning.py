@@ -12,6 +12,20 @@ def heads_to_keep(total: int, sparsity: float) -> int:
     return min(total, math.ceil(round((1.0 - sparsity) * total, 9)))
 
 
+def sampled_scores(scores: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Gumbel-perturbed log scores: taking the top k of them samples k heads without replacement, each draw
+    with probability proportional to score ** (1 / temperature).
+
+    Used by `heads.selection = "sample"` so that clients whose confidence ranks the same heads first still
+    train different heads from round to round; a temperature near 0 gives back the deterministic top k.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    uniform = torch.rand(scores.shape, generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(uniform))
+    return (scores.double().clamp_min(1e-12).log() / temperature + gumbel).to(scores.dtype)
+
+
 def kept_heads_mask(
     scores: torch.Tensor, sparsity: float, scope: str = "global", min_per_block: int = 0
 ) -> torch.Tensor:
