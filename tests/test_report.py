@@ -31,6 +31,8 @@ def test_report_table_and_plots(two_runs, tmp_path):
     assert dense_row["bytes_up"] == sum(m.get("bytes_up", 0) for m in dense_metrics)
     assert dense_row["upload_advantage"] == 1.0 and dense_row["drop_points"] == 0.0
     assert pruned_row["upload_advantage"] > 1.0 and pruned_row["flops_reduction"] > 1.0
+    # heads actually pruned, from the clients' kept heads (tiny BERT: 4 heads a block, half kept)
+    assert dense_row["heads_pruned"] == 0.0 and pruned_row["heads_pruned"] == pytest.approx(0.5)
     assert dense_row["to_target"] is not None  # the baseline reaches its own final minus 2 points
     for name in ["accuracy_vs_round.png", "accuracy_vs_bytes_up.png", "accuracy_vs_train_flops.png",
                  "heads_pruned.png", "table.md"]:

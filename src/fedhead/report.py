@@ -133,6 +133,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
             "final_metrics": next(({k: m[k] for k in run.metric_keys if k in m} for m in reversed(run.rounds)
                                    if key in m), {}),
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
+            "heads_pruned": _heads_pruned(run),
         }
         if base_tot is not None and row["final"] is not None:
             row["drop_points"] = baseline.points * (base_tail - row["tail_mean"])
@@ -144,6 +145,14 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
             row["to_target"] = _to_target(run, target)
         rows.append(row)
     return rows
+
+
+def _heads_pruned(run: Run) -> float:
+    """Fraction of heads the clients actually pruned, over all client updates (per-block rounding keeps
+    ceil((1 - s) * heads) a block, so 0.9 of 12 heads prunes 10: 0.83)."""
+    kept = [len(c["kept_heads"]) / sum(map(len, c["head_scores"])) for m in run.rounds for c in m["clients"]
+            if c.get("kept_heads") is not None and c.get("head_scores")]
+    return 1.0 - float(np.mean(kept)) if kept else 0.0
 
 
 def _final(run: Run) -> float:
@@ -165,10 +174,10 @@ def _fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
     """The comparison table (Markdown)."""
-    head = (f"| run | method | sparsity | final | best | mean of last {TAIL} evals | drop vs dense | bytes up "
-            "| bytes down | upload adv. "
+    head = (f"| run | method | sparsity | heads pruned | final | best | mean of last {TAIL} evals | drop vs dense "
+            "| bytes up | bytes down | upload adv. "
             "| comm. adv. | train FLOPs | FLOPs red. | seconds | to target: rounds | bytes | FLOPs | seconds |")
-    lines = [head, "|" + "---|" * 18]
+    lines = [head, "|" + "---|" * 19]
     for r in rows:
         t = r.get("to_target")
         reach = ["not reached"] + ["-"] * 3 if t is None else [
@@ -177,8 +186,8 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
         if len(r.get("final_metrics", {})) > 1:  # generation: every metric, headline first
             final = " / ".join(f"{k} {v:.3g}" for k, v in r["final_metrics"].items())
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {final} | {_fmt(r['best'])} | "
-            f"{_fmt(r['tail_mean'])} | "
+            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {r.get('heads_pruned', 0):.0%} | {final} | "
+            f"{_fmt(r['best'])} | {_fmt(r['tail_mean'])} | "
             f"{_fmt(r.get('drop_points'), '.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
             f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
             f"{_fmt(r.get('comm_advantage'), '.2f', 'x')} | {r['train_flops'] / 1e12:.1f} T | "
