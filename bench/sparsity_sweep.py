@@ -20,6 +20,7 @@ from typing import Any
 from common import ROOT, run_rows
 
 from fedhead.config import Config
+from fedhead.report import Run, heads_pruned
 
 BASE = ROOT / "configs" / "paper_base.toml"
 SPARSE = {"heads.mode": "train_sparse"}
@@ -58,6 +59,8 @@ def describe(cfg) -> dict[str, Any]:
     mode = h.mode + (" + mean" if h.mode != "train_sparse" and h.compensate == "mean" else "")
     if h.mode == "mixed":
         mode += f" (removes {min(h.compute_sparsity, h.sparsity):g})"
+    if h.selection == "sample":
+        mode += f", sampled (T={h.temperature:g})"
     return {"sparsity": h.sparsity, "mode": mode if h.sparsity else "-",
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
             "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,
@@ -68,8 +71,9 @@ def describe(cfg) -> dict[str, Any]:
 def table(out: Path, names: list[str]) -> str:
     """The sweep's Markdown table; rows are compared on the mean of their last 5 evaluations (see fedhead.report)."""
     lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | selection | freeze A "
-             "| final acc | best acc | mean of last 5 evals | vs dense | train TFLOPs | upload MB | download MB |",
-             "|" + "---|" * 17]
+             "| heads pruned | distinct masks | final acc | best acc | mean of last 5 evals | vs dense | train TFLOPs "
+             "| upload MB | download MB |",
+             "|" + "---|" * 19]
     dense = None
     if (out / "dense" / "summary.json").exists():
         dense = json.loads((out / "dense" / "summary.json").read_text())["tail_mean_score"]
@@ -80,9 +84,12 @@ def table(out: Path, names: list[str]) -> str:
         s = json.loads(path.read_text())
         d = describe(Config.model_validate_json((out / name / "config.json").read_text()))
         drop = f"{100 * (s['tail_mean_score'] - dense):+.1f} pt" if dense is not None else "-"
+        run = Run.load(out / name)
+        masks = {tuple(c["kept_heads"]) for m in run.rounds for c in m["clients"]}
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "
             f"{d['lr']:g} | {d['aggregation']} | {d.get('selection', 'random')} | {d.get('freeze_a', False)} | "
+            f"{heads_pruned(run):.0%} | {len(masks)} of {sum(len(m['clients']) for m in run.rounds)} | "
             f"{s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {s['tail_mean_score']:.3f} | {drop} | "
             f"{s['train_flops'] / 1e12:.1f} | {s['bytes_up'] / 1e6:.1f} | {s['bytes_down'] / 1e6:.1f} |")
     return "\n".join(lines)

@@ -133,7 +133,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
             "final_metrics": next(({k: m[k] for k in run.metric_keys if k in m} for m in reversed(run.rounds)
                                    if key in m), {}),
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
-            "heads_pruned": _heads_pruned(run),
+            "heads_pruned": heads_pruned(run),
         }
         if base_tot is not None and row["final"] is not None:
             row["drop_points"] = baseline.points * (base_tail - row["tail_mean"])
@@ -147,7 +147,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
     return rows
 
 
-def _heads_pruned(run: Run) -> float:
+def heads_pruned(run: Run) -> float:
     """Fraction of heads the clients actually pruned, over all client updates (per-block rounding keeps
     ceil((1 - s) * heads) a block, so 0.9 of 12 heads prunes 10: 0.83)."""
     kept = [len(c["kept_heads"]) / sum(map(len, c["head_scores"])) for m in run.rounds for c in m["clients"]

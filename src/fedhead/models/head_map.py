@@ -54,6 +54,7 @@ class HeadMap:
 
     architecture: str
     blocks: tuple[Block, ...]
+    feed_forward: tuple[str, ...] = ()  # paths of the feed-forward Linears (not split by heads; shared)
 
     @property
     def num_blocks(self) -> int:
@@ -68,8 +69,11 @@ class HeadMap:
         return self.blocks[0].head_dim
 
     def lora_target_regex(self, roles: list[str], prefix: str = "") -> str:
-        """A peft `target_modules` regex matching exactly the projections of `roles` in every block."""
-        paths = sorted({b.projections[r] for b in self.blocks for r in roles})
+        """A peft `target_modules` regex matching exactly the projections of `roles` in every block
+        ('feed_forward': every feed-forward Linear too)."""
+        paths = sorted({b.projections[r] for b in self.blocks for r in roles if r in ROLES})
+        if "feed_forward" in roles:
+            paths += sorted(self.feed_forward)
         escaped = "|".join(p.replace(".", r"\.") for p in paths)
         return rf"^{re.escape(prefix)}({escaped})$"
 
@@ -93,7 +97,9 @@ def _bert_map(model: nn.Module, cfg) -> HeadMap:
                 head_dim=d,
             )
         )
-    return HeadMap("bert", tuple(blocks))
+    ffn = tuple(f"encoder.layer.{i}.{m}.dense" for i in range(cfg.num_hidden_layers)
+                for m in ("intermediate", "output"))
+    return HeadMap("bert", tuple(blocks), ffn)
 
 
 def _t5_map(model: nn.Module, cfg) -> HeadMap:
@@ -109,7 +115,10 @@ def _t5_map(model: nn.Module, cfg) -> HeadMap:
     for i in range(cfg.num_decoder_layers):
         add(f"decoder.block.{i}.layer.0.SelfAttention", f"dec{i}.self", "self")
         add(f"decoder.block.{i}.layer.1.EncDecAttention", f"dec{i}.cross", "cross")
-    return HeadMap("t5", tuple(blocks))
+    ffn = [f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(cfg.num_layers)]
+    ffn += [f"decoder.block.{i}.layer.2.DenseReluDense" for i in range(cfg.num_decoder_layers)]
+    linears = ("wi_0", "wi_1", "wo") if getattr(cfg, "is_gated_act", False) else ("wi", "wo")
+    return HeadMap("t5", tuple(blocks), tuple(f"{p}.{m}" for p in ffn for m in linears))
 
 
 def _llama_map(model: nn.Module, cfg) -> HeadMap:
@@ -131,7 +140,8 @@ def _llama_map(model: nn.Module, cfg) -> HeadMap:
         proj = {role: f"{base}.{short}_proj" for role, short in zip(ROLES, "qkvo", strict=True)}
         blocks.append(Block(name=f"layer{i}", attention=base, projections=proj, num_heads=heads, head_dim=d,
                             num_kv_heads=kv_heads))
-    return HeadMap("llama", tuple(blocks))
+    ffn = tuple(f"{root}layers.{i}.mlp.{m}_proj" for i in range(cfg.num_hidden_layers) for m in ("gate", "up", "down"))
+    return HeadMap("llama", tuple(blocks), ffn)
 
 
 _MAPS = {
