@@ -48,6 +48,8 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-0.9-mean", {"heads.sparsity": 0.9, "heads.compensate": "mean"}),
     ("mixed-0.9-c0.5", {"heads.sparsity": 0.9, "heads.mode": "mixed", "heads.compute_sparsity": 0.5}),
     ("mixed-0.9-c0.7", {"heads.sparsity": 0.9, "heads.mode": "mixed", "heads.compute_sparsity": 0.7}),
+    ("dense-ffn", {"lora.target_modules": ["query", "value", "feed_forward"]}),
+    ("confidence-0.9-ffn", {"heads.sparsity": 0.9, "lora.target_modules": ["query", "value", "feed_forward"]}),
     ("sample-0.9", {"heads.sparsity": 0.9, "heads.selection": "sample"}),
     ("sample-0.9-t0.5", {"heads.sparsity": 0.9, "heads.selection": "sample", "heads.temperature": 0.5}),
     ("sample-0.9-t2", {"heads.sparsity": 0.9, "heads.selection": "sample", "heads.temperature": 2.0}),
