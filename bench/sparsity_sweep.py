@@ -67,12 +67,14 @@ def describe(cfg) -> dict[str, Any]:
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
             "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,
             "lr": cfg.federated.learning_rate, "aggregation": cfg.federated.aggregation,
-            "selection": cfg.federated.selection, "freeze_a": cfg.lora.freeze_a}
+            "selection": cfg.federated.selection,
+            "lora": ",".join({"query": "q", "key": "k", "value": "v", "output": "o", "feed_forward": "ffn"}[t]
+                             for t in cfg.lora.target_modules) + (" (A frozen)" if cfg.lora.freeze_a else "")}
 
 
 def table(out: Path, names: list[str]) -> str:
     """The sweep's Markdown table; rows are compared on the mean of their last 5 evaluations (see fedhead.report)."""
-    lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | selection | freeze A "
+    lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | selection | LoRA "
              "| heads pruned | distinct masks | final acc | best acc | mean of last 5 evals | vs dense | train TFLOPs "
              "| upload MB | download MB |",
              "|" + "---|" * 19]
@@ -90,7 +92,7 @@ def table(out: Path, names: list[str]) -> str:
         masks = {tuple(c["kept_heads"]) for m in run.rounds for c in m["clients"]}
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "
-            f"{d['lr']:g} | {d['aggregation']} | {d.get('selection', 'random')} | {d.get('freeze_a', False)} | "
+            f"{d['lr']:g} | {d['aggregation']} | {d['selection']} | {d['lora']} | "
             f"{heads_pruned(run):.0%} | {len(masks)} of {sum(len(m['clients']) for m in run.rounds)} | "
             f"{s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {s['tail_mean_score']:.3f} | {drop} | "
             f"{s['train_flops'] / 1e12:.1f} | {s['bytes_up'] / 1e6:.1f} | {s['bytes_down'] / 1e6:.1f} |")
