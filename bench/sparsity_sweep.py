@@ -51,8 +51,6 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dense-ffn", {"lora.target_modules": ["query", "value", "feed_forward"]}),
     ("confidence-0.9-ffn", {"heads.sparsity": 0.9, "lora.target_modules": ["query", "value", "feed_forward"]}),
     ("sample-0.9", {"heads.sparsity": 0.9, "heads.selection": "sample"}),
-    ("sample-0.9-t0.5", {"heads.sparsity": 0.9, "heads.selection": "sample", "heads.temperature": 0.5}),
-    ("sample-0.9-t2", {"heads.sparsity": 0.9, "heads.selection": "sample", "heads.temperature": 2.0}),
 ]
 
 
