@@ -84,9 +84,9 @@ def table(out: Path, names: list[str]) -> str:
         if not path.exists():
             continue
         s = json.loads(path.read_text())
-        d = describe(Config.model_validate_json((out / name / "config.json").read_text()))
-        drop = f"{100 * (s['tail_mean_score'] - dense):+.1f} pt" if dense is not None else "-"
         run = Run.load(out / name)
+        d = describe(Config.model_validate(run.config))
+        drop = f"{100 * (s['tail_mean_score'] - dense):+.1f} pt" if dense is not None else "-"
         masks = {tuple(c["kept_heads"]) for m in run.rounds for c in m["clients"]}
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "

@@ -24,8 +24,8 @@ def sim(tiny_bert_dir, tmp_path_factory):
 def test_feed_forward_lora_is_trained_whole_by_a_pruned_client(sim):
     # Prepare
     state = trainable_state(sim.lm.model)
-    ffn = [n for n in state if ".intermediate.dense.lora_" in n or ".output.dense.lora_" in n
-           and ".attention." not in n]
+    ffn = [n for n in state if ".intermediate.dense.lora_" in n
+           or (".output.dense.lora_" in n and ".attention." not in n)]
     assert len(ffn) == 2 * 2 * 2  # 2 layers x (intermediate, output) x (A, B)
     # Execute: a client prunes half of the heads
     update = client_update(sim.lm, state, sim.client_data(1), sim.cfg, client_id=1, round_=1)

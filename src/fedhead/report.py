@@ -186,7 +186,7 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
         if len(r.get("final_metrics", {})) > 1:  # generation: every metric, headline first
             final = " / ".join(f"{k} {v:.3g}" for k, v in r["final_metrics"].items())
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {r.get('heads_pruned', 0):.0%} | {final} | "
+            f"| {r['run']} | {r['method']} | {r['sparsity']:g} | {r['heads_pruned']:.0%} | {final} | "
             f"{_fmt(r['best'])} | {_fmt(r['tail_mean'])} | "
             f"{_fmt(r.get('drop_points'), '.1f', ' pt')} | {r['bytes_up'] / 1e6:.1f} MB | "
             f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
