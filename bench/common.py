@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,25 @@ from fedhead.runners.local import run_simulation
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def extend_run(source: Path, target: Path) -> None:
+    """Start `target` as a copy of the finished run `source` (checkpoint, metrics, partition and config), so
+    that resuming it with more rounds runs only the extra ones. The resumed run refuses a config that differs
+    in more than the rounds, and ends with the same metrics as an uninterrupted run
+    (tests/test_runner.py::test_resume_equals_uninterrupted)."""
+    target.mkdir(parents=True)
+    for name in ("config.json", "checkpoint.safetensors", "checkpoint.prev.safetensors", "metrics.jsonl",
+                 "partition.json"):
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)
+
+
 def run_rows(base: Path, rows: list[tuple[str, dict[str, Any]]], out: Path,
-             extra: dict[str, Any] | None = None) -> list[Path]:
+             extra: dict[str, Any] | None = None, extend_from: Path | None = None) -> list[Path]:
     """Run each (name, overrides) row of `base` into `out/name`; a row with summary.json is not run again.
 
-    Writes `row.json` (the row's overrides) beside each run and returns the run directories in row order.
+    With `extend_from`, a row not started yet in `out` but finished there with fewer rounds starts from that
+    run's last checkpoint. Writes `row.json` (the row's overrides) beside each run and returns the run
+    directories in row order.
     """
     out.mkdir(parents=True, exist_ok=True)
     dirs = []
@@ -27,6 +42,8 @@ def run_rows(base: Path, rows: list[tuple[str, dict[str, Any]]], out: Path,
         if (run_dir / "summary.json").exists():
             continue
         cfg = load_config(base, {**overrides, **(extra or {}), "run_name": name, "out": str(out)})
+        if extend_from is not None and not run_dir.exists() and (extend_from / name / "summary.json").exists():
+            extend_run(extend_from / name, run_dir)
         start = time.perf_counter()
         summary = run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists())
         (run_dir / "row.json").write_text(json.dumps(overrides))

@@ -5,6 +5,8 @@ sparsity"). Every row uses the same seed, clients, rounds and local steps; only 
     python bench/sparsity_sweep.py                  # all rows, results in bench/results/paper/
     python bench/sparsity_sweep.py --rows dense confidence-0.9   # a subset
     python bench/sparsity_sweep.py --table-only     # rebuild the table from finished runs
+    python bench/sparsity_sweep.py --rounds 60 --out bench/results/paper60 --extend-from bench/results/paper
+                                                    # 60 rounds, each row continuing its 30-round run
 
 Rows already finished (summary.json present) are not run again; an interrupted row resumes from its
 checkpoint. The table is written to bench/results/paper/sweep.md.
@@ -43,6 +45,9 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("sparse-confidence-0.5", {"heads.sparsity": 0.5, **SPARSE}),
     ("sparse-confidence-0.7", {"heads.sparsity": 0.7, **SPARSE}),
     ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
+    ("confidence-0.9-lr1e-2", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-2}),
+    ("sparse-confidence-0.9-lr1e-2", {"heads.sparsity": 0.9, **SPARSE, "federated.learning_rate": 1e-2}),
+    ("dense-lr1e-2", {"federated.learning_rate": 1e-2}),
     ("dense-lr1e-3", {"federated.learning_rate": 1e-3}),
     ("dense-freeze_a", {"lora.freeze_a": True}),
     ("confidence-0.9-mean", {"heads.sparsity": 0.9, "heads.compensate": "mean"}),
@@ -102,6 +107,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=None, help="Names of rows to run, in this order (default: all).")
     parser.add_argument("--rounds", type=int, default=None, help="Override the rounds of every row.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
+    parser.add_argument("--extend-from", type=Path, default=None,
+                        help="Start each row from its finished run in this folder (same config, fewer rounds).")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     known = dict(ROWS)
@@ -110,7 +117,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows: {sorted(unknown)}; known: {[n for n, _ in ROWS]}")
     if not args.table_only:
-        run_rows(BASE, rows, args.out, {"federated.rounds": args.rounds} if args.rounds else None)
+        run_rows(BASE, rows, args.out, {"federated.rounds": args.rounds} if args.rounds else None, args.extend_from)
     text = table(args.out, [n for n, _ in ROWS])
     (args.out / "sweep.md").write_text(text + "\n")
     print(text)

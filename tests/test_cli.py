@@ -33,6 +33,13 @@ def test_run_with_overrides_then_resume(tmp_path, tiny_bert_dir):
     again = runner.invoke(app, ["run", "--resume", str(tmp_path / "r"), "--quiet"])
     assert again.exit_code == 0, again.output  # nothing left to do: it finishes at once
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    longer = runner.invoke(app, ["run", "--resume", str(tmp_path / "r"), "--rounds", "3", "--quiet"])
+    assert longer.exit_code == 0, longer.output  # extends the finished run by one round
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 3
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["federated"]["rounds"] == 3
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["rounds"] == 3
+    mixed = runner.invoke(app, ["run", "--resume", str(tmp_path / "r"), "--seed", "1", "--quiet"])
+    assert mixed.exit_code != 0 and "only --rounds" in mixed.output
 
 
 def test_quiet_run_logs_one_line_a_round(tmp_path, tiny_bert_dir):

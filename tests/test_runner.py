@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedhead.config import ConfigError
 from fedhead.federated.payload import decode_state
 from fedhead.models.loading import build_backbone_classifier
 from fedhead.runners.local import run_simulation
@@ -61,6 +62,27 @@ def test_resume_equals_uninterrupted(dense_run, tmp_path):
         f.write('{"round": 2, "trunc')
     run_simulation(cfg, tmp_path / "r", resume=True)
     assert strip_timings(read_metrics(tmp_path / "r")) == strip_timings(read_metrics(run_dir))
+
+
+def test_extending_a_finished_run_equals_the_longer_run(dense_run, tmp_path):
+    cfg, run_dir, _ = dense_run
+    short = cfg.model_copy(deep=True)
+    short.federated.rounds = 2
+    run_simulation(short, tmp_path / "e")
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["rounds"] == 2
+    summary = run_simulation(cfg, tmp_path / "e", resume=True)  # 3 rounds: one more
+    assert summary["rounds"] == 3
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["federated"]["rounds"] == 3
+    assert strip_timings(read_metrics(tmp_path / "e")) == strip_timings(read_metrics(run_dir))
+
+
+def test_resume_refuses_a_different_config(dense_run, tmp_path):
+    cfg, run_dir, _ = dense_run
+    run_simulation(cfg, tmp_path / "d", stop_after=1)
+    other = cfg.model_copy(deep=True)
+    other.federated.learning_rate *= 2
+    with pytest.raises(ConfigError, match="federated.learning_rate"):
+        run_simulation(other, tmp_path / "d", resume=True)
 
 
 def test_sparsity_zero_reproduces_dense_run(dense_run, tiny_bert_dir, tmp_path):

@@ -87,7 +87,8 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any option as dotted.key=value (JSON values), repeatable.")
     ] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this run directory.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the run in this run directory; with --rounds, extend it to that many rounds.")] = None,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
     engine: Annotated[
         Engine, typer.Option(help="local: in-process simulation; flower: Flower's simulation engine (Ray), "
@@ -105,7 +106,15 @@ def run(
         if resume is not None:
             if not (resume / "config.json").is_file():
                 raise ConfigError(f"{resume} is not a run directory (no config.json)")
-            cfg = Config.model_validate_json((resume / "config.json").read_text())
+            others = _overrides(seed=seed, out=out, name=name, sparsity=sparsity, clients=clients,
+                                clients_per_round=clients_per_round)
+            if config is not None or set_ or others:
+                raise ConfigError("--resume continues the run with its own config.json; only --rounds may be given "
+                                  "with it (to extend a finished run)")
+            stored = json.loads((resume / "config.json").read_text())
+            if rounds is not None:
+                stored["federated"]["rounds"] = rounds
+            cfg = Config.model_validate(stored)
             run_dir = resume
         else:
             overrides = {**_parse_set(set_ or []), **_overrides(

@@ -226,6 +226,7 @@ def drive_rounds(
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
     if checkpoint is not None:
         state, meta = checkpoint
+        rd.accept_config(cfg, meta["round"])
         stats = ClientStats.from_json(meta["client_stats"])
         rng.bit_generator.state = meta["rng"]
         first = meta["round"] + 1

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedhead.config import Config, ConfigError
 from fedhead.federated.payload import decode_state_with_metadata, encode_state
 from fedhead.federated.state import State
 
@@ -47,6 +48,24 @@ class RunDir:
     def create(self, config_json: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / "config.json", config_json.encode())
+
+    def accept_config(self, cfg: Config, last_round: int) -> None:
+        """Check that `cfg` may resume this run after `last_round`, and record it in config.json.
+
+        Only the rounds (to extend a finished run or shorten an unfinished one), the run name and the output
+        folder may differ from the run's config.json; anything else raises ConfigError.
+        """
+        path = self.path / "config.json"
+        if path.exists():
+            stored, given = _resumable(json.loads(path.read_text())), _resumable(cfg.model_dump(mode="json"))
+            changed = sorted(k for k in stored.keys() | given.keys() if stored.get(k) != given.get(k))
+            if changed:
+                raise ConfigError(f"cannot resume {self.path}: the config differs in {changed}; "
+                                  "only the rounds may change")
+        if cfg.federated.rounds < last_round:
+            raise ConfigError(f"cannot resume {self.path} with {cfg.federated.rounds} rounds: it has run {last_round}")
+        atomic_write(path, cfg.model_dump_json(indent=2).encode())
+        (self.path / "summary.json").unlink(missing_ok=True)
 
     def write_json(self, name: str, data: Any) -> None:
         atomic_write(self.path / name, json.dumps(data, indent=2).encode())
@@ -100,3 +119,20 @@ class RunDir:
                 log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", path,
                             type(err).__name__, err)
         return None
+
+
+def _resumable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config flattened to dotted keys, without what a resumed run may change."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", config)
+    for key in ("federated.rounds", "run_name", "out"):
+        flat.pop(key, None)
+    return flat
