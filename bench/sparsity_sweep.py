@@ -7,6 +7,7 @@ sparsity"). Every row uses the same seed, clients, rounds and local steps; only 
     python bench/sparsity_sweep.py --table-only     # rebuild the table from finished runs
     python bench/sparsity_sweep.py --rounds 60 --out bench/results/paper60 --extend-from bench/results/paper
                                                     # 60 rounds, each row continuing its 30-round run
+    python bench/sparsity_sweep.py --seed 1 --out bench/results/paper-seed1 --rows dense confidence-0.9
 
 Rows already finished (summary.json present) are not run again; an interrupted row resumes from its
 checkpoint. The table is written to bench/results/paper/sweep.md.
@@ -106,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=None, help="Names of rows to run, in this order (default: all).")
     parser.add_argument("--rounds", type=int, default=None, help="Override the rounds of every row.")
+    parser.add_argument("--seed", type=int, default=None, help="Override the seed of every row (use another --out).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
     parser.add_argument("--extend-from", type=Path, default=None,
                         help="Start each row from its finished run in this folder (same config, fewer rounds).")
@@ -117,7 +119,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows: {sorted(unknown)}; known: {[n for n, _ in ROWS]}")
     if not args.table_only:
-        run_rows(BASE, rows, args.out, {"federated.rounds": args.rounds} if args.rounds else None, args.extend_from)
+        extra = {k: v for k, v in {"federated.rounds": args.rounds, "seed": args.seed}.items() if v is not None}
+        run_rows(BASE, rows, args.out, extra, args.extend_from)
     text = table(args.out, [n for n, _ in ROWS])
     (args.out / "sweep.md").write_text(text + "\n")
     print(text)

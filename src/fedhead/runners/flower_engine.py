@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhead.config import Config
+from fedhead.runners.run_dir import RunDir
 
 APP_NAME = "fedhead-flower"
 FLOWER_ENV = {
@@ -180,7 +181,9 @@ def run_flower(
     """Run (or resume) `cfg` on Flower's simulation engine, writing `run_dir`; returns the summary (as
     `fedhead.runners.local.run_simulation` does). On failure the Flower home with the logs is kept and named."""
     run_dir = Path(run_dir).resolve()
-    if not resume:
+    if resume:
+        RunDir(run_dir).accept_config(cfg)  # the ServerApp reads config.json: it may extend the rounds
+    else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))  # what the ServerApp reads
     (run_dir / "summary.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends

@@ -49,7 +49,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / "config.json", config_json.encode())
 
-    def accept_config(self, cfg: Config, last_round: int) -> None:
+    def accept_config(self, cfg: Config, last_round: int = 0) -> None:
         """Check that `cfg` may resume this run after `last_round`, and record it in config.json.
 
         Only the rounds (to extend a finished run or shorten an unfinished one), the run name and the output
