@@ -1,6 +1,6 @@
 """Federated MultiNLI accuracy at head sparsity 0 / 0.5 / 0.7 / 0.9 for each pruning mode, importance, scope
 and pooling: the measurement that decides the method's defaults (issue "Keep the accuracy at 90% head
-sparsity"). Every row uses the same seed, clients, rounds and local steps; only the named options differ.
+sparsity"). Every row uses the same seed, clients and rounds; only the named options differ.
 
     python bench/sparsity_sweep.py                  # all rows, results in bench/results/paper/
     python bench/sparsity_sweep.py --rows dense confidence-0.9   # a subset
@@ -49,6 +49,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-0.9-lr1e-2", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-2}),
     ("sparse-confidence-0.9-lr1e-2", {"heads.sparsity": 0.9, **SPARSE, "federated.learning_rate": 1e-2}),
     ("dense-lr1e-2", {"federated.learning_rate": 1e-2}),
+    ("confidence-0.9-steps12", {"heads.sparsity": 0.9, "federated.local_steps": 12}),  # about dense's FLOPs
     ("dense-lr1e-3", {"federated.learning_rate": 1e-3}),
     ("dense-freeze_a", {"lora.freeze_a": True}),
     ("confidence-0.9-mean", {"heads.sparsity": 0.9, "heads.compensate": "mean"}),
@@ -70,7 +71,8 @@ def describe(cfg) -> dict[str, Any]:
     return {"sparsity": h.sparsity, "mode": mode if h.sparsity else "-",
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
             "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,
-            "lr": cfg.federated.learning_rate, "aggregation": cfg.federated.aggregation,
+            "lr": cfg.federated.learning_rate, "steps": cfg.federated.local_steps,
+            "aggregation": cfg.federated.aggregation,
             "selection": cfg.federated.selection,
             "lora": ",".join({"query": "q", "key": "k", "value": "v", "output": "o", "feed_forward": "ffn"}[t]
                              for t in cfg.lora.target_modules) + (" (A frozen)" if cfg.lora.freeze_a else "")}
@@ -78,10 +80,10 @@ def describe(cfg) -> dict[str, Any]:
 
 def table(out: Path, names: list[str]) -> str:
     """The sweep's Markdown table; rows are compared on the mean of their last 5 evaluations (see fedhead.report)."""
-    lines = ["| row | sparsity | mode | importance | scope | pooling | lr | aggregation | selection | LoRA "
-             "| heads pruned | distinct masks | final acc | best acc | mean of last 5 evals | vs dense | train TFLOPs "
-             "| upload MB | download MB |",
-             "|" + "---|" * 19]
+    lines = ["| row | sparsity | mode | importance | scope | pooling | lr | local steps | aggregation | selection "
+             "| LoRA | heads pruned | distinct masks | final acc | best acc | mean of last 5 evals | vs dense "
+             "| train TFLOPs | upload MB | download MB |",
+             "|" + "---|" * 20]
     dense = None
     if (out / "dense" / "summary.json").exists():
         dense = json.loads((out / "dense" / "summary.json").read_text())["tail_mean_score"]
@@ -96,7 +98,7 @@ def table(out: Path, names: list[str]) -> str:
         masks = {tuple(c["kept_heads"]) for m in run.rounds for c in m["clients"]}
         lines.append(
             f"| {name} | {d['sparsity']} | {d['mode']} | {d['importance']} | {d['scope']} | {d['pooling']} | "
-            f"{d['lr']:g} | {d['aggregation']} | {d['selection']} | {d['lora']} | "
+            f"{d['lr']:g} | {d['steps']} | {d['aggregation']} | {d['selection']} | {d['lora']} | "
             f"{heads_pruned(run):.0%} | {len(masks)} of {sum(len(m['clients']) for m in run.rounds)} | "
             f"{s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | {s['tail_mean_score']:.3f} | {drop} | "
             f"{s['train_flops'] / 1e12:.1f} | {s['bytes_up'] / 1e6:.1f} | {s['bytes_down'] / 1e6:.1f} |")
