@@ -83,6 +83,10 @@ def test_resume_refuses_a_different_config(dense_run, tmp_path):
     other.federated.learning_rate *= 2
     with pytest.raises(ConfigError, match="federated.learning_rate"):
         run_simulation(other, tmp_path / "d", resume=True)
+    stored = json.loads((tmp_path / "d" / "config.json").read_text())
+    del stored["heads"]["temperature"]  # a config.json written before the option existed: it ran the default
+    (tmp_path / "d" / "config.json").write_text(json.dumps(stored))
+    assert run_simulation(cfg, tmp_path / "d", resume=True)["rounds"] == 3
 
 
 def test_sparsity_zero_reproduces_dense_run(dense_run, tiny_bert_dir, tmp_path):

@@ -58,7 +58,9 @@ class RunDir:
         path = self.path / "config.json"
         if path.exists():
             stored, given = _resumable(json.loads(path.read_text())), _resumable(cfg.model_dump(mode="json"))
-            changed = sorted(k for k in stored.keys() | given.keys() if stored.get(k) != given.get(k))
+            # an option newer than the run's config.json is accepted at its default, which is what the run did
+            changed = sorted(k for k in given if (stored[k] if k in stored else _default(k)) != given[k])
+            changed += sorted(stored.keys() - given.keys())
             if changed:
                 raise ConfigError(f"cannot resume {self.path}: the config differs in {changed}; "
                                   "only the rounds may change")
@@ -136,3 +138,14 @@ def _resumable(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("federated.rounds", "run_name", "out"):
         flat.pop(key, None)
     return flat
+
+
+def _default(dotted: str) -> Any:
+    """The default value of a config option given by its dotted key (None if it has none)."""
+    model: Any = Config
+    *sections, name = dotted.split(".")
+    for section in sections:
+        model = getattr(model, "model_fields", {}).get(section)
+        model = None if model is None else model.annotation
+    field = getattr(model, "model_fields", {}).get(name)
+    return None if field is None or field.is_required() else field.get_default(call_default_factory=True)
