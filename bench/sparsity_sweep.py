@@ -8,6 +8,7 @@ sparsity"). Every row uses the same seed, clients and rounds; only the named opt
     python bench/sparsity_sweep.py --rounds 60 --out bench/results/paper60 --extend-from bench/results/paper
                                                     # 60 rounds, each row continuing its 30-round run
     python bench/sparsity_sweep.py --seed 1 --out bench/results/paper-seed1 --rows dense confidence-0.9
+    python bench/sparsity_sweep.py --across-seeds bench/results/paper bench/results/paper-seed1   # seeds.md
 
 Rows already finished (summary.json present) are not run again; an interrupted row resumes from its
 checkpoint. The table is written to bench/results/paper/sweep.md.
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common import ROOT, run_rows
 
 from fedhead.config import Config
@@ -105,6 +107,27 @@ def table(out: Path, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(dirs: list[Path], names: list[str]) -> str:
+    """Rows finished in every folder of `dirs` (one seed each): each seed's mean of the last 5 evaluations,
+    their mean and standard deviation, and the drop against the same seed's dense row (paired)."""
+    def score(d: Path, name: str) -> float | None:
+        path = d / name / "summary.json"
+        return json.loads(path.read_text())["tail_mean_score"] if path.exists() else None
+
+    seeds = [json.loads((d / "dense" / "config.json").read_text())["seed"] for d in dirs]
+    lines = ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | drop vs dense, paired: mean ± sd |",
+             "|" + "---|" * (len(dirs) + 3)]
+    for name in names:
+        scores = [score(d, name) for d in dirs]
+        dense = [score(d, "dense") for d in dirs]
+        if any(v is None for v in scores + dense):
+            continue
+        drops = 100 * (np.array(scores) - np.array(dense))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in scores) + f" | {np.mean(scores):.3f} ± "
+                     f"{np.std(scores, ddof=1):.3f} | {np.mean(drops):+.1f} ± {np.std(drops, ddof=1):.1f} pt |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=None, help="Names of rows to run, in this order (default: all).")
@@ -114,12 +137,19 @@ def main() -> None:
     parser.add_argument("--extend-from", type=Path, default=None,
                         help="Start each row from its finished run in this folder (same config, fewer rounds).")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--across-seeds", nargs="+", type=Path, default=None, metavar="DIR",
+                        help="Only write OUT/seeds.md: the rows finished in every DIR (one seed each) side by side.")
     args = parser.parse_args()
     known = dict(ROWS)
     rows = [(n, known[n]) for n in args.rows if n in known] if args.rows else ROWS  # in the order asked
     unknown = set(args.rows or []) - {n for n, _ in ROWS}
     if unknown:
         parser.error(f"unknown rows: {sorted(unknown)}; known: {[n for n, _ in ROWS]}")
+    if args.across_seeds:
+        text = seeds_table(args.across_seeds, [n for n, _ in ROWS])
+        (args.out / "seeds.md").write_text(text + "\n")
+        print(text)
+        return
     if not args.table_only:
         extra = {k: v for k, v in {"federated.rounds": args.rounds, "seed": args.seed}.items() if v is not None}
         run_rows(BASE, rows, args.out, extra, args.extend_from)
