@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def extend_run(source: Path, target: Path) -> None:
     """Start `target` as a copy of the finished run `source` (checkpoint, metrics, partition and config), so
     that resuming it with more rounds runs only the extra ones. The resumed run refuses a config that differs
-    in more than the rounds, and ends with the same metrics as an uninterrupted run
-    (tests/test_runner.py::test_resume_equals_uninterrupted)."""
+    in more than the rounds, and ends with the same metrics as a run started with those rounds
+    (tests/test_runner.py::test_extending_a_finished_run_equals_the_longer_run)."""
     target.mkdir(parents=True)
     for name in ("config.json", "checkpoint.safetensors", "checkpoint.prev.safetensors", "metrics.jsonl",
                  "partition.json"):

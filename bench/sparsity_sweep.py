@@ -117,9 +117,9 @@ def seeds_table(dirs: list[Path], names: list[str]) -> str:
     seeds = [json.loads((d / "dense" / "config.json").read_text())["seed"] for d in dirs]
     lines = ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | drop vs dense, paired: mean ± sd |",
              "|" + "---|" * (len(dirs) + 3)]
+    dense = [score(d, "dense") for d in dirs]
     for name in names:
         scores = [score(d, name) for d in dirs]
-        dense = [score(d, "dense") for d in dirs]
         if any(v is None for v in scores + dense):
             continue
         drops = 100 * (np.array(scores) - np.array(dense))

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedhead.config import Config, ConfigError
+from fedhead.config import Config, ConfigError, config_from_dict
 from fedhead.federated.payload import decode_state_with_metadata, encode_state
 from fedhead.federated.state import State
 
@@ -57,10 +57,10 @@ class RunDir:
         """
         path = self.path / "config.json"
         if path.exists():
-            stored, given = _resumable(json.loads(path.read_text())), _resumable(cfg.model_dump(mode="json"))
-            # an option newer than the run's config.json is accepted at its default, which is what the run did
-            changed = sorted(k for k in given if (stored[k] if k in stored else _default(k)) != given[k])
-            changed += sorted(stored.keys() - given.keys())
+            # validating fills an option newer than the run's config.json with its default: what the run did
+            stored = _resumable(config_from_dict(json.loads(path.read_text())).model_dump(mode="json"))
+            given = _resumable(cfg.model_dump(mode="json"))
+            changed = sorted(k for k in given if stored[k] != given[k])
             if changed:
                 raise ConfigError(f"cannot resume {self.path}: the config differs in {changed}; "
                                   "only the rounds may change")
@@ -139,13 +139,3 @@ def _resumable(config: dict[str, Any]) -> dict[str, Any]:
         flat.pop(key, None)
     return flat
 
-
-def _default(dotted: str) -> Any:
-    """The default value of a config option given by its dotted key (None if it has none)."""
-    model: Any = Config
-    *sections, name = dotted.split(".")
-    for section in sections:
-        model = getattr(model, "model_fields", {}).get(section)
-        model = None if model is None else model.annotation
-    field = getattr(model, "model_fields", {}).get(name)
-    return None if field is None or field.is_required() else field.get_default(call_default_factory=True)
