@@ -47,6 +47,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-0.9-cls_raw", {"heads.sparsity": 0.9, "model.pooling": "cls_raw"}),
     ("dense-cls", {"model.pooling": "cls"}),  # the checkpoint's pooler over [CLS], frozen
     ("confidence-0.9-cls", {"heads.sparsity": 0.9, "model.pooling": "cls"}),
+    ("dense-cls-train_pooler", {"model.pooling": "cls", "model.train_pooler": True}),
     ("sparse-confidence-0.5", {"heads.sparsity": 0.5, **SPARSE}),
     ("sparse-confidence-0.7", {"heads.sparsity": 0.7, **SPARSE}),
     ("confidence-0.9-lr1e-3", {"heads.sparsity": 0.9, "federated.learning_rate": 1e-3}),
