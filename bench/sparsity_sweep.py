@@ -40,6 +40,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     *[(f"full-{s}", {"heads.sparsity": s, **FULL}) for s in (0.5, 0.7, 0.9)],
     ("full-0.9-freeze_a", {"heads.sparsity": 0.9, **FULL, "lora.freeze_a": True}),
     ("sparse-confidence-0.9", {"heads.sparsity": 0.9, **SPARSE}),
+    ("sparse-random-0.9", {"heads.sparsity": 0.9, "heads.importance": "random", **SPARSE}),
     ("confidence-global-0.9", {"heads.sparsity": 0.9, "heads.scope": "global"}),
     ("gradient-0.9", {"heads.sparsity": 0.9, "heads.importance": "gradient"}),
     ("confidence-alltokens-0.9", {"heads.sparsity": 0.9, "heads.exclude_special_tokens": False}),
