@@ -74,9 +74,10 @@ def describe(cfg) -> dict[str, Any]:
         mode += f" (removes {min(h.compute_sparsity, h.sparsity):g})"
     if h.selection == "sample":
         mode += f", sampled (T={h.temperature:g})"
+    pooling = cfg.model.pooling + (" (pooler trained)" if cfg.model.train_pooler else "")
     return {"sparsity": h.sparsity, "mode": mode if h.sparsity else "-",
             "importance": (h.importance + ("" if h.exclude_special_tokens else " (all tokens)")) if h.sparsity else "-",
-            "scope": h.scope if h.sparsity else "-", "pooling": cfg.model.pooling,
+            "scope": h.scope if h.sparsity else "-", "pooling": pooling,
             "lr": cfg.federated.learning_rate, "steps": cfg.federated.local_steps,
             "aggregation": cfg.federated.aggregation,
             "selection": cfg.federated.selection,
