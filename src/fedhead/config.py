@@ -166,6 +166,18 @@ class FederatedSection(_Section):
     power_of_choice_d: int = Field(
         0, ge=0, description="power_of_choice: candidates sampled (0 means 2 * clients_per_round)."
     )
+    server_optimizer: Literal["none", "momentum", "adam", "yogi"] = Field(
+        "none",
+        description="Server step on the pseudo-gradient (aggregate minus global), Flower's formulas: 'none' takes "
+        "the aggregate; 'momentum' FedAvgM (Hsu et al. 2019); 'adam' FedAdam, 'yogi' FedYogi (Reddi et al. 2021). "
+        "A head's slice (and its moments) moves only in rounds where some client trained that head.",
+    )
+    server_learning_rate: float = Field(
+        1.0, gt=0, le=100, description="Server learning rate (eta): 1.0 for momentum; about 1e-2 for adam / yogi.")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="momentum: the factor beta of FedAvgM.")
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="adam / yogi: first-moment decay.")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="adam / yogi: second-moment decay.")
+    server_tau: float = Field(1e-3, gt=0, description="adam / yogi: adaptivity tau added to sqrt(v).")
 
 
 class RobustSection(_Section):
@@ -220,12 +232,28 @@ class HeadsSection(_Section):
         description="remove mode: 'mean' folds the removed heads' mean context (measured in the scoring pass) "
         "into the output projection's bias (mean ablation instead of zeroing; no training cost).",
     )
-    mode: Literal["remove", "train_sparse", "mixed"] = Field(
+    mode: Literal["remove", "train_sparse", "mixed", "sparse_backward"] = Field(
         "remove",
         description="'remove': pruned heads are sliced out of the client's forward and backward; "
         "'train_sparse': they stay in the forward with global weights, only kept heads' LoRA is trained; "
         "'mixed': the lowest-scored compute_sparsity of the heads are removed, the other pruned heads stay in "
-        "the forward, frozen.",
+        "the forward, frozen; 'sparse_backward': every head is in the forward (as train_sparse), but the pruned "
+        "heads are computed without autograd, so the backward and its saved activations hold only the kept "
+        "heads (BERT and LLaMA families).",
+    )
+    schedule: Literal["importance", "rolling"] = Field(
+        "importance",
+        description="Which heads a client keeps: 'importance' (its top-scored heads, see selection) or 'rolling' "
+        "(FedRolex-style: in every block, client c in round t keeps the window of k = ceil((1 - s) * H) heads "
+        "starting at (t + c) * k mod H, so every head is trained evenly; needs scope = 'per_block').",
+    )
+    warmup_rounds: int = Field(
+        0, ge=0, description="Rounds 1..warmup_rounds are dense (no head pruned); pruning starts after them.")
+    scale_kept: bool = Field(
+        False,
+        description="remove / mixed: HeteroFL's scaler (Diao et al. 2021): during local training only, the kept "
+        "heads' context is multiplied by H / (heads computed in the block), so the output projection sees the "
+        "magnitude of the whole block.",
     )
     compute_sparsity: float = Field(
         0.5, ge=0, lt=1,
@@ -243,8 +271,26 @@ class HeadsSection(_Section):
                     raise ValueError(f"heads.tiers values must be in [0, 1), got {s}")
         return self
 
-    def sparsity_of(self, client_id: int) -> float:
-        """Sparsity of `client_id`: its tier when tiers are set, else the common sparsity."""
+    @model_validator(mode="after")
+    def _check_schedule(self) -> HeadsSection:
+        if self.schedule == "rolling" and self.selection == "sample":
+            raise ValueError("heads.schedule = 'rolling' chooses the kept heads itself: heads.selection = 'sample' "
+                             "does not apply")
+        if self.schedule == "rolling" and self.scope != "per_block":
+            raise ValueError("heads.schedule = 'rolling' rolls a window in every block: it needs scope = 'per_block'")
+        if self.compensate != "none" and self.mode not in ("remove", "mixed"):
+            raise ValueError(f"heads.compensate stands in for removed heads: mode = '{self.mode}' removes none "
+                             "from the forward")
+        if self.scale_kept and self.mode not in ("remove", "mixed"):
+            raise ValueError(f"heads.scale_kept scales what remains of a block with removed heads: it does not "
+                             f"apply to mode = '{self.mode}'")
+        return self
+
+    def sparsity_of(self, client_id: int, round_: int | None = None) -> float:
+        """Sparsity of `client_id` (in `round_`): 0 during the warm-up rounds, else its tier when tiers are
+        set, else the common sparsity."""
+        if round_ is not None and round_ <= self.warmup_rounds:
+            return 0.0
         if self.tiers:
             return self.tiers[client_id % len(self.tiers)]
         return self.sparsity

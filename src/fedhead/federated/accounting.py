@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -23,6 +24,31 @@ def count_flops(enabled: bool = True) -> Iterator[list[int]]:
     with mode:
         yield box
     box[0] = int(mode.get_total_flops())
+
+
+@contextmanager
+def saved_activation_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Bytes the autograd graph of the enclosed forward keeps for its backward; the total lands in box[0].
+
+    Every tensor autograd saves passes through a `saved_tensors_hooks` pack hook; its storage is counted once
+    (views of one storage share it) unless it is a parameter or buffer of `model` (weights are not activation
+    memory). The saved tensors live until the backward, so their sum is the activation memory at the end of
+    the forward, the peak of a training step up to the kernels' transient buffers. Device-independent.
+    """
+    box = [0]
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in owned and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield box
+    box[0] = sum(seen.values())
 
 
 class PhaseTimer:

@@ -23,15 +23,21 @@ from transformers import PreTrainedTokenizerBase
 from fedhead.config import Config, GenerationSection
 from fedhead.data.generation import IGNORE, prompts_batch
 from fedhead.data.loading import collate
-from fedhead.federated.accounting import count_flops
+from fedhead.federated.accounting import count_flops, saved_activation_bytes
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.importance import score_heads
 from fedhead.heads.mean_context import HeadContextMeans
-from fedhead.heads.pruning import kept_heads_mask, sampled_scores
+from fedhead.heads.pruning import kept_heads_mask, rolling_heads_mask, sampled_scores
 from fedhead.metrics import score_generations
 from fedhead.models.loading import LoadedModel
-from fedhead.models.slicing import gather_kept, prune_heads_, scatter_kept
+from fedhead.models.slicing import (
+    attach_frozen_heads,
+    gather_kept,
+    prune_heads_,
+    scale_kept_context,
+    scatter_kept,
+)
 
 
 def derived_seed(seed: int, round_: int, client: int, stream: int = 0) -> int:
@@ -53,6 +59,7 @@ class TrainResult:
     steps: int
     flops: int
     seconds: float
+    peak_memory_bytes: int = 0  # activations saved for the backward (largest step) + LoRA grads + AdamW state
 
 
 def train_local(
@@ -74,7 +81,7 @@ def train_local(
     n = len(data)
     steps = fed.local_steps or fed.local_epochs * -(-n // fed.batch_size)
     model.train()
-    losses, flops, start, order, pos = [], 0, time.perf_counter(), [], 0
+    losses, flops, start, order, pos, activations = [], 0, time.perf_counter(), [], 0, 0
     flops_by_shape: dict[tuple[int, ...], int] = {}  # FLOPs depend only on the batch shape: count each once
     for _ in range(steps):
         if pos >= len(order):  # a new pass over the local data in a fresh seeded order
@@ -82,9 +89,12 @@ def train_local(
         batch = collate(data[order[pos : pos + fed.batch_size]], tokenizer)
         pos += fed.batch_size
         shape = tuple(batch["input_ids"].shape)
-        with count_flops(shape not in flops_by_shape) as counted:
+        with count_flops(shape not in flops_by_shape) as counted, saved_activation_bytes(model) as saved:
             loss = model(**batch).loss
+        with count_flops(shape not in flops_by_shape) as counted_backward:
             loss.backward()
+        counted[0] += counted_backward[0]
+        activations = max(activations, saved[0])
         flops_by_shape.setdefault(shape, counted[0])
         flops += flops_by_shape[shape]
         if frozen_rows:
@@ -97,7 +107,9 @@ def train_local(
                 for name, (mask, original) in frozen_rows.items():
                     params[name].copy_(torch.where(mask.bool(), params[name], original))
         losses.append(float(loss.detach()))
-    return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start)
+    trainable = sum(p.numel() * p.element_size() for p in params.values())
+    peak = activations + 3 * trainable  # + a gradient and AdamW's two moments per trainable value
+    return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start, peak)
 
 
 def _frozen_rows(work_state: State, trained: torch.Tensor, computed: torch.Tensor, lm: LoadedModel):
@@ -114,8 +126,9 @@ def _frozen_rows(work_state: State, trained: torch.Tensor, computed: torch.Tenso
 
 
 def removed_fraction(cfg: Config, sparsity: float) -> float:
-    """Fraction of heads a client with `sparsity` removes from its compute, by `heads.mode`."""
-    if cfg.heads.mode == "remove":
+    """Fraction of heads a client with `sparsity` removes from its autograd graph, by `heads.mode`
+    (sparse_backward computes them in the forward, without autograd)."""
+    if cfg.heads.mode in ("remove", "sparse_backward"):
         return sparsity
     if cfg.heads.mode == "mixed":
         return min(cfg.heads.compute_sparsity, sparsity)
@@ -131,7 +144,7 @@ def client_update(
     round_: int,
 ) -> ClientUpdate:
     """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`."""
-    sparsity = cfg.heads.sparsity_of(client_id)
+    sparsity = cfg.heads.sparsity_of(client_id, round_)
     load_state_(lm.model, global_state)
     gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id))
     sample = torch.randperm(len(data), generator=gen)[: cfg.heads.samples].tolist()
@@ -155,19 +168,33 @@ def client_update(
     if cfg.heads.selection == "sample" and sparsity > 0:
         draw = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, stream=2))
         ranking = sampled_scores(scores, cfg.heads.temperature, draw)
-    kept = kept_heads_mask(ranking, sparsity, scope, floor)  # trained and uploaded
-    computed = kept_heads_mask(ranking, removed, scope, floor) | kept  # in the client's forward
+    if cfg.heads.schedule == "rolling" and sparsity > 0:
+        kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id)  # trained and uploaded
+    else:
+        kept = kept_heads_mask(ranking, sparsity, scope, floor)  # trained and uploaded
+    # in the client's autograd graph: the kept heads and, in mixed mode, the best-scored of the others
+    computed = kept if removed >= sparsity else kept_heads_mask(ranking, removed, scope, floor) | kept
 
     work = copy.deepcopy(lm.model)
+    handles: list = []
     if removing:
         head_means = means.means() if cfg.heads.compensate == "mean" else None
         prune_heads_(work, lm.head_map, computed, lm.prefix, head_means)
+        if cfg.heads.mode == "sparse_backward":  # the removed heads come back as no-grad side computations
+            handles += attach_frozen_heads(work, copy.deepcopy(lm.model), lm.head_map, computed, lm.prefix)
+        if cfg.heads.scale_kept:
+            handles += scale_kept_context(work, lm.head_map, computed, lm.prefix)
     frozen = _frozen_rows(trainable_state(work), kept, computed, lm) if bool((computed & ~kept).any()) else None
     torch.manual_seed(derived_seed(cfg.seed, round_, client_id, stream=1))  # dropout
     result = train_local(work, data, cfg, lm.tokenizer, gen, frozen)
+    for handle in handles:
+        if getattr(handle, "training_only", False):  # the HeteroFL scaler acts during training only
+            handle.remove()
     with torch.no_grad():
         work.eval()
         loss_after = sum(float(work(**b).loss) * len(b["labels"]) for b in sample_batches) / len(sample)
+    for handle in handles:
+        handle.remove()
     tensors = trainable_state(work)  # head-sliced tensors hold the computed heads
     if not bool(computed.equal(kept)):  # only the trained heads' slices travel
         if not bool(computed.all()):
@@ -187,6 +214,7 @@ def client_update(
             "steps": result.steps,
             "train_flops": result.flops,
             "scoring_flops": scoring_flops[0],
+            "peak_memory_bytes": result.peak_memory_bytes,
         },
         timings={"train_seconds": result.seconds, "scoring_seconds": scoring_seconds},
     )

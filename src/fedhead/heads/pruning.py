@@ -55,3 +55,20 @@ def kept_heads_mask(
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     kept.view(-1)[order] = True
     return kept
+
+
+def rolling_heads_mask(blocks: int, heads: int, sparsity: float, round_: int, client: int) -> torch.Tensor:
+    """FedRolex-style rolling window (Alam et al. 2022), per block: client c in round t keeps the
+    k = ceil((1 - s) * H) heads  (start + j) mod H, j = 0..k-1, with start = ((t + c) * k) mod H.
+
+    Consecutive clients of a round take adjacent windows and every window moves by k heads a round, so each
+    head is trained equally often over the rounds whatever the clients' data say about it.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    k = heads_to_keep(heads, sparsity)
+    start = ((round_ + client) * k) % heads
+    window = (start + torch.arange(k)) % heads
+    kept = torch.zeros(blocks, heads, dtype=torch.bool)
+    kept[:, window] = True
+    return kept

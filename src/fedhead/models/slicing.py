@@ -19,7 +19,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedhead.models.head_map import HeadLayout, HeadMap, unit_index
+from fedhead.models.head_map import HeadLayout, HeadMap, UnsupportedModelError, unit_index
 
 
 def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
@@ -200,3 +200,81 @@ def scatter_kept(
         else:
             out[name] = tensor
     return out
+
+
+def attach_frozen_heads(
+    model: nn.Module, side: nn.Module, head_map: HeadMap, computed: torch.Tensor, prefix: str
+) -> list:
+    """Add back to `model` (already pruned to the `computed` heads) the heads it lacks, computed without autograd.
+
+    `side` is an unpruned copy of the model before pruning; it is pruned here to the other heads (~computed)
+    and frozen. In every block, the side attention runs on the block's input under `torch.no_grad()` and its
+    projected context W_o[:, pruned] ctx_pruned (LoRA of o included, the bias not twice) is added to the output
+    projection's output. The forward is the whole model's (every head, global weights for the side heads); the
+    backward and the tensors saved for it hold only the computed heads: the pruned heads' contribution is a
+    constant to autograd, so the gradient reaching earlier blocks ignores the path through them.
+    Supported: BERT-family encoders (output projection after the attention module) and LLaMA-family decoders
+    (output projection inside it). Returns the hook handles.
+    """
+    if head_map.architecture not in ("bert", "llama"):
+        raise UnsupportedModelError(
+            f"heads.mode = 'sparse_backward' supports BERT- and LLaMA-family models, not {head_map.architecture}")
+    side.requires_grad_(False)
+    prune_heads_(side, head_map, ~computed, prefix)
+    handles = []
+    for b, block in enumerate(head_map.blocks):
+        if bool(computed[b].all()):
+            continue
+        side_attention = side.get_submodule(prefix + block.attention)
+        side_output = side.get_submodule(prefix + block.projections["output"])
+        attention = model.get_submodule(prefix + block.attention)
+        output_inside = block.projections["output"].startswith(block.attention + ".")
+        stash: list[torch.Tensor] = []
+
+        def run_side(module: nn.Module, args: tuple, kwargs: dict, side_attention=side_attention,
+                     side_output=side_output, output_inside=output_inside, stash=stash) -> None:
+            side_attention.train(module.training)
+            with torch.no_grad():
+                out = side_attention(*args, **kwargs)[0]  # (B, T, D) projected, or (B, T, p * d) context
+                if not output_inside:
+                    base = side_output.base_layer if isinstance(side_output, LoraLayer) else side_output
+                    out = side_output(out)
+                    if base.bias is not None:
+                        out = out - base.bias
+            stash.append(out)
+
+        handles.append(attention.register_forward_pre_hook(run_side, with_kwargs=True))
+        if output_inside:
+            def add_side(_m: nn.Module, _args: tuple, output, stash=stash):
+                return (output[0] + stash.pop(), *output[1:])
+
+            handles.append(attention.register_forward_hook(add_side))
+        else:
+            def add_projected(_m: nn.Module, _args: tuple, output: torch.Tensor, stash=stash) -> torch.Tensor:
+                return output + stash.pop()
+
+            o = model.get_submodule(prefix + block.projections["output"])
+            handles.append(o.register_forward_hook(add_projected))
+    return handles
+
+
+def scale_kept_context(model: nn.Module, head_map: HeadMap, computed: torch.Tensor, prefix: str) -> list:
+    """HeteroFL's scaler (Diao et al. 2021) for a model pruned to the `computed` heads: the context entering
+    each block's output projection is multiplied by H / k_b (k_b: heads the block still computes), so the
+    projection sees the magnitude the whole block would give. Training only: the handles carry
+    `training_only = True` and the caller removes them before the model is evaluated."""
+    handles = []
+    for b, block in enumerate(head_map.blocks):
+        k = int(computed[b].sum())
+        if k in (0, block.num_heads):
+            continue
+        o = model.get_submodule(prefix + block.projections["output"])
+        factor = block.num_heads / k
+
+        def scale(_m: nn.Module, args: tuple, factor: float = factor) -> tuple:
+            return (args[0] * factor, *args[1:])
+
+        handle = o.register_forward_pre_hook(scale)
+        handle.training_only = True
+        handles.append(handle)
+    return handles

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from fedhead.federated.client import client_update, derived_seed, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
 from fedhead.federated.privacy import dp_aggregate, epsilon_spent
 from fedhead.federated.selection import ClientStats, Selection, select_clients
+from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.federated.validation import screen_updates
 from fedhead.models import LoadedModel, build_model
@@ -45,6 +46,7 @@ class Simulation:
     lm: LoadedModel
     data: TaskData
     parts: list[np.ndarray]
+    server_moments: State = field(default_factory=dict)  # the server optimiser's state, checkpointed
 
     @classmethod
     def setup(cls, cfg: Config) -> Simulation:
@@ -133,6 +135,10 @@ def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats,
     else:
         new_state = aggregate(state, updates, sim.lm.layout, fed.aggregation, fed.aggregation_weights,
                               cfg.robust.trim_fraction)
+        opt = server_optimizer_of(cfg)
+        if opt.kind != "none":
+            new_state, sim.server_moments = server_step(
+                state, new_state, trained_masks(state, updates, sim.lm.layout), sim.server_moments, opt)
     metrics = round_metrics(round_, selection, updates, clients, bytes_down, t_train - t0,
                             time.perf_counter() - t_train)
     metrics["rejected"] = [{"client": r.client_id, "reason": r.reason} for r in rejected]
@@ -146,6 +152,15 @@ def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats,
                                               cfg.privacy.delta)
         metrics["dp_delta"] = cfg.privacy.delta
     return new_state, metrics
+
+
+def server_optimizer_of(cfg: Config) -> ServerOptimizer:
+    fed = cfg.federated
+    return ServerOptimizer(fed.server_optimizer, fed.server_learning_rate, fed.server_momentum, fed.server_beta1,
+                           fed.server_beta2, fed.server_tau)
+
+
+MOMENTS = "server_optimizer/"  # prefix of the server optimiser's tensors in a checkpoint
 
 
 def client_metrics(update: ClientUpdate, timings: dict[str, float], bytes_down: int, bytes_up: int) -> dict[str, Any]:
@@ -225,7 +240,9 @@ def drive_rounds(
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
     if checkpoint is not None:
-        state, meta = checkpoint
+        saved, meta = checkpoint
+        state = {k: v for k, v in saved.items() if not k.startswith(MOMENTS)}
+        sim.server_moments = {k[len(MOMENTS):]: v for k, v in saved.items() if k.startswith(MOMENTS)}
         rd.accept_config(cfg, meta["round"])
         stats = ClientStats.from_json(meta["client_stats"])
         rng.bit_generator.state = meta["rng"]
@@ -251,8 +268,8 @@ def drive_rounds(
             metrics.update(sim.evaluate_global())
             metrics["seconds_eval"] = time.perf_counter() - t
         rd.append_metrics(metrics)
-        rd.save_checkpoint(state, {"round": round_, "rng": rng.bit_generator.state,
-                                   "client_stats": stats.to_json()})
+        saved = {**state, **{MOMENTS + k: v for k, v in sim.server_moments.items()}}
+        rd.save_checkpoint(saved, {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()})
         if on_round:
             on_round(metrics)
         if stop_after is not None and round_ >= stop_after and round_ < cfg.federated.rounds:

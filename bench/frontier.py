@@ -1,0 +1,252 @@
+"""The accuracy frontier of head pruning: each row's paired accuracy drop against dense, with its noise, beside
+what it saves (training FLOPs, upload and download bytes, client step time, peak client training memory).
+
+Protocol (issue "Head pruning that pays"): MiniLM on MultiNLI, the paper_base federation (20 Dirichlet(1.0)
+clients, 4 a round, 8 local steps at batch 32, lr 3e-3, 64 tokens), 60 rounds, 1,000-pair evaluations every 4
+rounds for the curves, and the **final global model of every run scored on all 9,815 validation_matched
+pairs**. Each row runs with 3 seeds (the seed changes the partition, the client sequence and the LoRA init);
+a row's drop is paired: its full-set accuracy minus dense's of the same seed, then mean, sd and a 95% t interval
+over seeds.
+
+    python bench/frontier.py run --rows dense sparse-0.9 --seeds 0 1 2 --threads 1   # resumable
+    python bench/frontier.py table          # docs/results/frontier.md from docs/results/frontier/*.json
+    python bench/frontier.py screen --rounds 30 --rows ...   # one seed, fewer rounds: screening only
+
+Finished runs are not run again and an interrupted run resumes from its checkpoint (run folders in
+bench/results/frontier/seed<S>/<row>/, not committed). Each finished run leaves a small record in
+docs/results/frontier/<row>.seed<S>.json (config overrides, seed, full-set accuracy, totals): the table is
+rebuilt from those records alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import ROOT
+
+from fedhead.config import Config, load_config
+from fedhead.federated.client import evaluate
+from fedhead.federated.state import load_state_
+from fedhead.runners.local import MOMENTS, Simulation, run_simulation
+from fedhead.runners.run_dir import RunDir
+
+BASE = ROOT / "configs" / "paper_base.toml"
+PROTOCOL = {"federated.rounds": 60, "federated.eval_every": 4}
+RESULTS = ROOT / "docs" / "results" / "frontier"
+RUNS = ROOT / "bench" / "results" / "frontier"
+
+SPARSE = {"heads.mode": "train_sparse"}
+FREEZE = {"lora.freeze_a": True}
+
+ROWS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "dense-freeze_a": FREEZE,
+    # today's best: train_sparse keeps accuracy best, remove saves compute
+    "sparse-0.9": {"heads.sparsity": 0.9, **SPARSE},
+    "remove-0.9": {"heads.sparsity": 0.9},
+    "sparse-0.7": {"heads.sparsity": 0.7, **SPARSE},
+    "remove-0.7": {"heads.sparsity": 0.7},
+    # mechanisms (issue "Head pruning that pays"), screened at 90%
+    "sb-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward"},
+    "sb-rolling-fa-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", "heads.schedule": "rolling",
+                          **FREEZE},
+    "sparse-rolling-0.9": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling"},
+    "sparse-adam-0.9": {"heads.sparsity": 0.9, **SPARSE, "federated.server_optimizer": "adam",
+                        "federated.server_learning_rate": 3e-3},
+    "sparse-momentum-0.9": {"heads.sparsity": 0.9, **SPARSE, "federated.server_optimizer": "momentum",
+                            "federated.server_learning_rate": 1.0, "federated.server_momentum": 0.5},
+    "remove-rolling-scaled-0.9": {"heads.sparsity": 0.9, "heads.schedule": "rolling", "heads.scale_kept": True},
+}
+
+
+def record_path(row: str, seed: int, results: Path = RESULTS) -> Path:
+    return results / f"{row}.seed{seed}.json"
+
+
+def full_eval(run_dir: Path) -> dict[str, float]:
+    """The run's final global model (its last checkpoint) scored on every pair of the evaluation file."""
+    rd = RunDir(run_dir)
+    cfg = Config.model_validate(rd.read_json("config.json"))
+    full_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_size": None})})
+    sim = Simulation.setup(full_cfg)
+    saved, meta = rd.load_checkpoint()
+    load_state_(sim.lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
+    start = time.perf_counter()
+    result = evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
+    return {**result, "pairs": len(sim.data.eval), "round": meta["round"], "seconds": time.perf_counter() - start}
+
+
+def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_file: str) -> dict[str, Any]:
+    """The committed summary of one finished run: enough to rebuild the frontier table without rerunning."""
+    rd = RunDir(run_dir)
+    summary = rd.read_json("summary.json")
+    cfg = rd.read_json("config.json")
+    metrics = rd.metrics()
+    clients = [c for m in metrics if m.get("round", 0) > 0 for c in m["clients"]]
+    heads_total = len(clients[0]["head_scores"]) * len(clients[0]["head_scores"][0]) if clients else 0
+    kept = [len(c["kept_heads"]) for c in clients]
+    step_seconds = [c["train_seconds"] / c["steps"] for c in clients if c.get("steps")]
+    peak = [c["peak_memory_bytes"] for c in clients if c.get("peak_memory_bytes") is not None]
+    curve = [{"round": m["round"], "accuracy": m["accuracy"]} for m in metrics if "accuracy" in m]
+    return {
+        "row": row,
+        "seed": cfg["seed"],
+        "overrides": overrides,
+        "rounds": summary["rounds"],
+        "full_eval": rd.read_json(full_eval_file),
+        "tail_mean_accuracy_1000": summary["tail_mean_score"],
+        "curve_1000": curve,
+        "heads_pruned": 1 - statistics.mean(kept) / heads_total if heads_total else 0.0,
+        "distinct_masks": len({tuple(c["kept_heads"]) for c in clients}),
+        "train_flops": summary["train_flops"],
+        "scoring_flops": summary["scoring_flops"],
+        "bytes_up": summary["bytes_up"],
+        "bytes_down": summary["bytes_down"],
+        "client_step_seconds_median": statistics.median(step_seconds) if step_seconds else None,
+        "client_peak_memory_bytes_median": statistics.median(peak) if peak else None,
+    }
+
+
+def run_one(row: str, seed: int, protocol: dict[str, Any], out: Path) -> Path:
+    """Run (or resume, or extend to more rounds) one row with one seed in `out/row`; returns its folder.
+
+    A run finished with fewer rounds is extended: its metrics then equal those of a run started with the
+    larger number (tests/test_runner.py::test_extending_a_finished_run_equals_the_longer_run), so a row screened
+    at 30 rounds becomes its 60-round run without repeating the first 30.
+    """
+    run_dir = out / row
+    rounds = protocol["federated.rounds"]
+    if (run_dir / "summary.json").exists() and RunDir(run_dir).read_json("summary.json")["rounds"] == rounds:
+        return run_dir
+    cfg = load_config(BASE, {**ROWS[row], **protocol, "seed": seed, "run_name": row, "out": str(out)})
+    start = time.perf_counter()
+    summary = run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists())
+    (run_dir / "row.json").write_text(json.dumps(ROWS[row]))
+    print(f"{row} seed {seed}: {rounds} rounds, last 1,000-pair accuracy {summary['final_score']:.3f} in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return run_dir
+
+
+def run(rows: list[str], seeds: list[int], threads: int, rounds: int | None, runs: Path, results: Path,
+        eval_every: int | None = None) -> None:
+    protocol = {**PROTOCOL, "threads": threads}
+    if rounds is not None:
+        protocol["federated.rounds"] = rounds
+    if eval_every is not None:
+        protocol["federated.eval_every"] = eval_every
+    results.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for row in rows:
+            if record_path(row, seed, results).exists():
+                continue
+            run_dir = run_one(row, seed, protocol, runs / f"seed{seed}")
+            name = f"full_eval.r{protocol['federated.rounds']}.json"
+            if not (run_dir / name).exists():
+                result = full_eval(run_dir)
+                RunDir(run_dir).write_json(name, result)
+                print(f"{row} seed {seed}: full-set accuracy {result['accuracy']:.4f} on {result['pairs']} pairs",
+                      flush=True)
+            record = make_record(row, ROWS[row], run_dir, name)
+            record_path(row, seed, results).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def t_quantile(n: int) -> float:
+    """Two-sided 95% Student t quantile with n - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def load_records(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    by_row: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted(results.glob("*.json")):
+        r = json.loads(path.read_text())
+        by_row.setdefault(r["row"], {})[r["seed"]] = r
+    return by_row
+
+
+def frontier_rows(results: Path) -> list[dict[str, Any]]:
+    """Per row: seeds paired with dense, the full-set accuracy, the paired drop (mean, sd, 95% interval) and
+    every cost as a ratio dense / row (above 1: the row saves), averaged over the paired seeds."""
+    records = load_records(results)
+    dense = records.get("dense", {})
+    out = []
+    for row, by_seed in records.items():
+        seeds = sorted(s for s in by_seed if s in dense)
+        if not seeds:
+            continue
+        acc = np.array([by_seed[s]["full_eval"]["accuracy"] for s in seeds])
+        drops = 100 * (np.array([dense[s]["full_eval"]["accuracy"] for s in seeds]) - acc)
+        n = len(seeds)
+        sd = float(np.std(drops, ddof=1)) if n > 1 else math.nan
+        half = t_quantile(n) * sd / math.sqrt(n) if n > 1 else math.nan
+
+        def ratio(key: str, seeds: list[int] = seeds, by_seed: dict = by_seed) -> float | None:
+            pairs = [(dense[s].get(key), by_seed[s].get(key)) for s in seeds]
+            if any(d is None or r in (None, 0) for d, r in pairs):
+                return None
+            return float(np.mean([d / r for d, r in pairs]))
+
+        first = by_seed[seeds[0]]
+        out.append({
+            "row": row, "seeds": seeds, "overrides": first["overrides"], "heads_pruned": first["heads_pruned"],
+            "accuracy": float(acc.mean()), "drop": float(drops.mean()), "drop_sd": sd,
+            "drop_low": float(drops.mean() - half), "drop_high": float(drops.mean() + half),
+            "flops_saved": ratio("train_flops"), "upload_saved": ratio("bytes_up"),
+            "download_saved": ratio("bytes_down"), "step_time_saved": ratio("client_step_seconds_median"),
+            "memory_saved": ratio("client_peak_memory_bytes_median"),
+        })
+    return sorted(out, key=lambda r: (r["row"] != "dense", r["drop"]))
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def table(results: Path) -> str:
+    lines = ["| row | options | heads pruned | seeds | accuracy (9,815 pairs) | drop vs dense, paired (pt) "
+             "| 95% interval | training FLOPs saved | upload saved | download saved | step time saved "
+             "| peak memory saved |",
+             "|" + "---|" * 12]
+    for r in frontier_rows(results):
+        opts = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
+        interval = "-" if math.isnan(r["drop_low"]) else f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]"
+        sd = "" if math.isnan(r["drop_sd"]) else f" ± {r['drop_sd']:.1f}"
+        lines.append(f"| {r['row']} | {opts} | {r['heads_pruned']:.0%} | {len(r['seeds'])} | {r['accuracy']:.4f} | "
+                     f"{r['drop']:+.1f}{sd} | {interval} | {_x(r['flops_saved'])} | {_x(r['upload_saved'])} | "
+                     f"{_x(r['download_saved'])} | {_x(r['step_time_saved'])} | {_x(r['memory_saved'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "screen"):
+        p = sub.add_parser(name)
+        p.add_argument("--rows", nargs="+", required=True, choices=list(ROWS))
+        p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if name == "run" else [0])
+        p.add_argument("--threads", type=int, default=1, help="torch threads (1 when two jobs share 2 cores)")
+        p.add_argument("--rounds", type=int, default=None if name == "run" else 30)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.rows, args.seeds, args.threads, args.rounds, RUNS, RESULTS)
+    elif args.command == "screen":
+        results = ROOT / "docs" / "results" / f"screen{args.rounds}"
+        run(args.rows, args.seeds, args.threads, args.rounds, RUNS, results)
+        print(table(results))
+    else:
+        text = table(RESULTS)
+        (RESULTS.parent / "frontier.md").write_text(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
