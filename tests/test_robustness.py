@@ -73,12 +73,12 @@ KINDS = ["extra_name", "missing_name", "shape", "dtype", "nan", "heads_shape", "
 @given(kind=st.sampled_from(KINDS), value=st.floats(-1e3, 1e3, allow_nan=False), method=st.sampled_from(
     ["fedavg", "head_weighted", "median", "trimmed_mean"]))
 def test_malformed_updates_are_rejected_and_change_nothing(kind, value, method):
-    good = valid_update()
-    bad = mutate(good, kind, value)
-    accepted, rejected = screen_updates([good, bad], GLOBAL, LAYOUT, max_norm=100.0)
-    assert [u.client_id for u in accepted] == [0]
+    goods = [valid_update(0)] + [valid_update(i, kept=((True, True), (True, True)), shift=0.1 * i) for i in (1, 2)]
+    bad = mutate(goods[0], kind, value)
+    accepted, rejected = screen_updates([*goods, bad], GLOBAL, LAYOUT, max_norm=100.0)
+    assert [u.client_id for u in accepted] == [0, 1, 2]
     assert [r.client_id for r in rejected] == [100] and rejected[0].reason
-    expected = aggregate(GLOBAL, [good], LAYOUT, method)
+    expected = aggregate(GLOBAL, goods, LAYOUT, method)  # robust rules need 3 values of a coordinate
     got = aggregate(GLOBAL, accepted, LAYOUT, method)
     assert all(torch.equal(got[k], expected[k]) for k in GLOBAL)
     assert not torch.equal(got["cls"], GLOBAL["cls"])  # the valid update was applied

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedhead.config import Config, ConfigError, config_reference, load_config
+from fedhead.config import Config, ConfigError, config_from_dict, config_reference, load_config
 from fedhead.data.loading import DataError
 from fedhead.models.head_map import UnsupportedModelError
 
@@ -24,7 +25,9 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True, soft_wrap=True)
-USER_ERRORS = (ConfigError, DataError, UnsupportedModelError, FileNotFoundError)
+# Errors a user can fix (bad config, data, model, paths): one line and exit code 2. Anything else still ends in
+# one line (exit 1, "internal error"), never in a traceback; FEDHEAD_DEBUG=1 shows the traceback.
+USER_ERRORS = (ConfigError, DataError, UnsupportedModelError, OSError, UnicodeError, ValueError)
 
 
 def _setup_logging() -> None:
@@ -39,8 +42,14 @@ def _setup_logging() -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
-    raise typer.Exit(code=2)
+    if os.environ.get("FEDHEAD_DEBUG"):
+        raise err
+    user = isinstance(err, USER_ERRORS)
+    kind = "" if isinstance(err, ConfigError | DataError | UnsupportedModelError) else f"{type(err).__name__}: "
+    message = " ".join(str(err).split()) or type(err).__name__
+    console.print(f"[bold red]{'error' if user else 'internal error'}:[/] {kind}{message}", markup=True,
+                  highlight=False)
+    raise typer.Exit(code=2 if user else 1)
 
 
 def _overrides(**fields: Any) -> dict[str, Any]:
@@ -90,6 +99,8 @@ def run(
     resume: Annotated[Path | None, typer.Option(
         help="Continue the run in this run directory; with --rounds, extend it to that many rounds.")] = None,
     quiet: Annotated[bool, typer.Option(help="Log lines instead of a progress bar.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Start afresh in a run directory that holds another run (its files are replaced).")] = False,
     engine: Annotated[
         Engine, typer.Option(help="local: in-process simulation; flower: Flower's simulation engine (Ray), "
                              "one simulated SuperNode per client.")
@@ -111,10 +122,13 @@ def run(
             if config is not None or set_ or others:
                 raise ConfigError("--resume continues the run with its own config.json; only --rounds may be given "
                                   "with it (to extend a finished run)")
-            stored = json.loads((resume / "config.json").read_text())
-            if rounds is not None:
-                stored["federated"]["rounds"] = rounds
-            cfg = Config.model_validate(stored)
+            try:
+                stored = json.loads((resume / "config.json").read_text())
+                if rounds is not None:
+                    stored["federated"]["rounds"] = rounds
+            except (ValueError, TypeError, KeyError) as err:
+                raise ConfigError(f"{resume / 'config.json'} is damaged ({type(err).__name__}: {err})") from None
+            cfg = config_from_dict(stored)
             run_dir = resume
         else:
             overrides = {**_parse_set(set_ or []), **_overrides(
@@ -122,14 +136,15 @@ def run(
                 clients_per_round=clients_per_round)}
             cfg = load_config(config, overrides)
             run_dir = Path(cfg.out) / (cfg.run_name or "run")
-        summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation)
-    except USER_ERRORS as err:
+        summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation, overwrite)
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)
     console.print(f"[green]done[/]: final {summary.get('metric')} {summary.get('final_score')}, results in {run_dir}")
     typer.echo(json.dumps(summary))
 
 
-def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, run_simulation) -> dict:
+def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, run_simulation,
+                       overwrite: bool = False) -> dict:
     log = logging.getLogger("fedhead")
 
     def line(m: dict) -> str:
@@ -140,7 +155,8 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
         return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}"
 
     if quiet:
-        return run_simulation(cfg, run_dir, resume=resume, on_round=lambda m: log.info(line(m)))
+        return run_simulation(cfg, run_dir, resume=resume, on_round=lambda m: log.info(line(m)),
+                              overwrite=overwrite)
     columns = (TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=console) as progress:
@@ -149,14 +165,14 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
         def update(m: dict) -> None:
             progress.update(task, completed=m["round"], description=line(m))
 
-        return run_simulation(cfg, run_dir, resume=resume, on_round=update)
+        return run_simulation(cfg, run_dir, resume=resume, on_round=update, overwrite=overwrite)
 
 
 @app.command()
 def heads(
     config: Annotated[Path | None, typer.Argument(help="TOML config file (defaults when omitted).")] = None,
     out: Annotated[Path, typer.Option(help="Heat map PNG; the scores go beside it as JSON.")] = Path("heads.png"),
-    samples: Annotated[int, typer.Option(help="Training examples to score on.")] = 256,
+    samples: Annotated[int, typer.Option(min=1, help="Training examples to score on.")] = 256,
     method: Annotated[str | None, typer.Option(help="Importance: confidence, gradient or random.")] = None,
 ) -> None:
     """Score the attention heads of the configured model on the configured data and draw a heat map."""
@@ -164,8 +180,10 @@ def heads(
 
     try:
         cfg = load_config(config, {"heads.importance": method})
+        if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise ConfigError(f"--out {out}: the heat map is an image: give a .png, .pdf, .svg or .jpg path")
         result = score_and_plot(cfg, out, samples)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)
     console.print(f"heat map: {out}, scores: {result}")
 
@@ -185,7 +203,9 @@ def report(
 
     try:
         table = write_report(runs, out, baseline, target)
-    except (ReportError, *USER_ERRORS) as err:
+    except ReportError as err:
+        _fail(ConfigError(str(err)))
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)
     typer.echo(table.read_text())
 
@@ -197,7 +217,10 @@ def flower_app(
     """Write the Flower app of fedhead (for `flwr run DIRECTORY ...` on a Flower deployment)."""
     from fedhead.runners.flower_engine import write_app
 
-    path = write_app(directory)
+    try:
+        path = write_app(directory)
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
+        _fail(err)
     console.print(f"Flower app in {path}: flwr run {path} SUPERLINK --run-config 'config=\"/abs/config.toml\"'")
 
 
@@ -205,10 +228,6 @@ def flower_app(
 def config_reference_cmd() -> None:
     """Print the Markdown table of every config option (the README's reference)."""
     typer.echo(config_reference())
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m fedhead.cli`

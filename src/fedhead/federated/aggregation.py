@@ -13,8 +13,11 @@ gets, per client, the mean of its query heads' weights (0 for the heads the clie
 that kept any of them counts.
 
 Robust options for faulty or malicious clients: 'median' (coordinate-wise median) and 'trimmed_mean'
-(coordinate-wise mean after cutting the `trim_fraction` lowest and highest values; Yin et al. 2018), each
-over the clients that kept the head, unweighted.
+(coordinate-wise mean after cutting c = max(1, floor(n * trim_fraction)) of the lowest and of the highest
+values; Yin et al. 2018), each over the n clients that kept the head, unweighted. Head pruning leaves some heads
+with few values, where a plain median of 2 is one client's choice and a 20% trim of 4 cuts nothing; so a
+coordinate with n < 3 values keeps its previous value. Breakdown point (attackers a coordinate tolerates with
+its value still bounded by honest ones): median floor((n - 1) / 2), trimmed mean c, with n >= 3 either way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import scatter_kept
+
+MIN_ROBUST_VALUES = 3  # fewer values of a coordinate than this: robust aggregation keeps the previous value
 
 
 def head_weights(updates: list[ClientUpdate], block: int, weighting: str) -> torch.Tensor:
@@ -56,11 +61,11 @@ def robust_aggregate(
             value = torch.nanmedian(stacked, dim=0).values
         else:
             ordered = torch.sort(stacked, dim=0).values  # NaN sort last
-            cut = torch.floor(count * trim_fraction)
+            cut = torch.floor(count * trim_fraction).clamp(min=1)
             rank = torch.arange(len(updates), dtype=torch.float64).view(-1, *([1] * previous.dim()))
             inside = (rank >= cut) & (rank < count - cut)
             value = torch.where(inside, ordered, 0.0).sum(0) / (count - 2 * cut).clamp(min=1)
-        new[name] = torch.where(count > 0, value, previous.double()).to(previous.dtype)
+        new[name] = torch.where(count >= MIN_ROBUST_VALUES, value, previous.double()).to(previous.dtype)
     return new
 
 

@@ -26,11 +26,13 @@ class Rejection:
     reason: str
 
 
-def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout) -> str | None:
-    """The first problem with `update`, or None when it is well formed."""
+def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout,
+                 max_examples: int = 10**9) -> str | None:
+    """The first problem with `update`, or None when it is well formed (a data size in [1, max_examples])."""
     shape = (layout.num_blocks, layout.num_heads)
-    if not isinstance(update.num_examples, int) or isinstance(update.num_examples, bool) or update.num_examples < 1:
-        return f"data size must be a positive integer, got {update.num_examples!r}"
+    n = update.num_examples
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_examples:
+        return f"data size must be an integer in [1, {max_examples}], got {str(n)[:40]}"
     if not isinstance(update.kept_heads, torch.Tensor) or update.kept_heads.dtype != torch.bool:
         return "kept_heads must be a boolean tensor"
     if tuple(update.kept_heads.shape) != shape:

@@ -177,15 +177,17 @@ def run_flower(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     round_timeout: float = 3600.0,
     keep_home: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) `cfg` on Flower's simulation engine, writing `run_dir`; returns the summary (as
     `fedhead.runners.local.run_simulation` does). On failure the Flower home with the logs is kept and named."""
     run_dir = Path(run_dir).resolve()
+    rd = RunDir(run_dir)
     if resume:
-        RunDir(run_dir).accept_config(cfg)  # the ServerApp reads config.json: it may extend the rounds
+        rd.accept_config(cfg)
+        rd.commit_config(cfg)  # the ServerApp reads config.json: it may extend the rounds
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))  # what the ServerApp reads
+        rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite)  # config.json: what the ServerApp reads
     (run_dir / "summary.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends
     home = Path(tempfile.mkdtemp(prefix="fedhead-flower-"))
     app = write_app(home / "app")

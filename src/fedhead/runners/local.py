@@ -23,14 +23,12 @@ import torch
 from fedhead.config import Config
 from fedhead.data import label_histograms, partition_indices
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
-from fedhead.federated.aggregation import aggregate
 from fedhead.federated.client import client_update, derived_seed, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
-from fedhead.federated.privacy import dp_aggregate, epsilon_spent
 from fedhead.federated.selection import ClientStats, Selection, select_clients
-from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks
+from fedhead.federated.server import Reply, ServerOptions, server_round
+from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
-from fedhead.federated.validation import screen_updates
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners.run_dir import RunDir
@@ -105,98 +103,41 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
 Received = tuple[ClientUpdate, dict[str, float], int, int]  # decoded update, its timings, bytes down, bytes up
 
 
+def server_options(cfg: Config) -> ServerOptions:
+    """The server round's options from the run's config."""
+    fed, robust, dp = cfg.federated, cfg.robust, cfg.privacy
+    return ServerOptions(
+        aggregation=fed.aggregation, weighting=fed.aggregation_weights, trim_fraction=robust.trim_fraction,
+        max_norm=robust.max_update_norm, norm_action=robust.norm_action, outlier_factor=robust.outlier_factor,
+        min_clients=fed.min_clients, max_examples=fed.max_examples,
+        optimizer=ServerOptimizer(fed.server_optimizer, fed.server_learning_rate, fed.server_momentum,
+                                  fed.server_beta1, fed.server_beta2, fed.server_tau),
+        dp_noise_multiplier=dp.noise_multiplier if dp.enabled else None, dp_clipping_norm=dp.clipping_norm,
+        dp_delta=dp.delta, dp_sample_rate=fed.clients_per_round / cfg.partition.num_clients)
+
+
 def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats, selection: Selection,
                  received: list[Received], bytes_down: int, t0: float,
                  failed: list[dict[str, Any]] | None = None) -> tuple[State, dict[str, Any]]:
-    """The server's side of a round once the updates are in (every engine): validation, client statistics,
-    aggregation, the metrics line. `t0`: when the round started (perf_counter); `failed`: clients that did
-    not answer, with the reason."""
-    cfg, fed = sim.cfg, sim.cfg.federated
-    accepted, rejected = screen_updates(
-        [r[0] for r in received], state, sim.lm.layout, max_norm=cfg.robust.max_update_norm,
-        norm_action=cfg.robust.norm_action, outlier_factor=cfg.robust.outlier_factor)
-    good = {id(u) for u in accepted}
-    updates, clients = [], []
-    for update, timings, down, up in received:
-        if id(update) not in good:
-            continue
-        updates.append(update)
-        clients.append(client_metrics(update, timings, down, up))
-        stats.record(update.client_id, round_, update.loss_before, update.loss_after, clients[-1]["kept_heads"])
-    updates = accepted  # clipped where the config asks for it
+    """The server's side of a round once the updates are in (every engine): `federated.server.server_round`,
+    timed. `received` is in the order of `selection.clients` minus the failed ones; `t0`: when the round
+    started (perf_counter); `failed`: clients that did not answer, with the reason."""
+    answered = [c for c in selection.clients if c not in {f["client"] for f in failed or []}]
+    replies = [Reply(client, update, down, up, timings)
+               for client, (update, timings, down, up) in zip(answered, received, strict=True)]
     t_train = time.perf_counter()
-    skipped = len(updates) < fed.min_clients
-    if skipped:
-        new_state = {k: v.clone() for k, v in state.items()}
-    elif cfg.privacy.enabled:
-        noise = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, -1, stream=3))
-        new_state = dp_aggregate(state, updates, sim.lm.layout, cfg.privacy.noise_multiplier,
-                                 cfg.privacy.clipping_norm, noise)
-    else:
-        new_state = aggregate(state, updates, sim.lm.layout, fed.aggregation, fed.aggregation_weights,
-                              cfg.robust.trim_fraction)
-        opt = server_optimizer_of(cfg)
-        if opt.kind != "none":
-            new_state, sim.server_moments = server_step(
-                state, new_state, trained_masks(state, updates, sim.lm.layout), sim.server_moments, opt)
-    metrics = round_metrics(round_, selection, updates, clients, bytes_down, t_train - t0,
-                            time.perf_counter() - t_train)
-    metrics["rejected"] = [{"client": r.client_id, "reason": r.reason} for r in rejected]
-    metrics["failed"] = list(failed or [])
-    if skipped:
-        metrics["skipped"] = (f"only {len(updates)} good updates, fewer than federated.min_clients = "
-                              f"{fed.min_clients}: the global state is kept")
-    if cfg.privacy.enabled:
-        metrics["dp_epsilon"] = epsilon_spent(cfg.privacy.noise_multiplier,
-                                              fed.clients_per_round / cfg.partition.num_clients, round_,
-                                              cfg.privacy.delta)
-        metrics["dp_delta"] = cfg.privacy.delta
-    return new_state, metrics
-
-
-def server_optimizer_of(cfg: Config) -> ServerOptimizer:
-    fed = cfg.federated
-    return ServerOptimizer(fed.server_optimizer, fed.server_learning_rate, fed.server_momentum, fed.server_beta1,
-                           fed.server_beta2, fed.server_tau)
+    known = {c: len(sim.parts[c]) for c in answered}
+    noise = torch.Generator().manual_seed(derived_seed(sim.cfg.seed, round_, -1, stream=3))
+    result = server_round(state, round_, replies, selection, stats, sim.server_moments, sim.lm.layout,
+                          server_options(sim.cfg), noise=noise, known_sizes=known, failed=failed,
+                          bytes_down=bytes_down)
+    sim.server_moments = result.moments
+    result.metrics["seconds_clients"] = t_train - t0
+    result.metrics["seconds_aggregate"] = time.perf_counter() - t_train
+    return result.state, result.metrics
 
 
 MOMENTS = "server_optimizer/"  # prefix of the server optimiser's tensors in a checkpoint
-
-
-def client_metrics(update: ClientUpdate, timings: dict[str, float], bytes_down: int, bytes_up: int) -> dict[str, Any]:
-    """One client's entry in a round's metrics line (`clients`)."""
-    return {
-        "client": update.client_id,
-        "num_examples": update.num_examples,
-        "bytes_down": bytes_down,
-        "bytes_up": bytes_up,
-        "loss_before": update.loss_before,
-        "loss_after": update.loss_after,
-        "train_loss": update.train_loss,
-        "kept_heads": update.kept_heads.flatten().nonzero().flatten().tolist(),
-        "head_scores": [[round(float(x), 5) for x in row] for row in update.head_scores],
-        **update.stats,
-        **timings,
-    }
-
-
-def round_metrics(round_: int, selection: Selection, updates: list[ClientUpdate], clients: list[dict[str, Any]],
-                  bytes_down: int, seconds_clients: float, seconds_aggregate: float) -> dict[str, Any]:
-    """A round's metrics line (before evaluation) from the selection and the received updates."""
-    return {
-        "round": round_,
-        "selected": selection.clients,
-        "selection_reason": selection.reason,
-        "selection_priorities": {str(k): v for k, v in selection.priorities.items()},
-        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
-        "bytes_down": bytes_down,
-        "bytes_up": sum(c["bytes_up"] for c in clients),
-        "train_flops": sum(c["train_flops"] for c in clients),
-        "scoring_flops": sum(c["scoring_flops"] for c in clients),
-        "clients": clients,
-        "seconds_clients": seconds_clients,
-        "seconds_aggregate": seconds_aggregate,
-    }
 
 
 def run_simulation(
@@ -206,15 +147,20 @@ def run_simulation(
     resume: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the federated experiment of `cfg`, writing everything to `run_dir`; returns the summary.
 
     stop_after: stop once this round is done (as if killed), leaving a resumable run directory.
+    overwrite: a fresh run may replace another run's files in `run_dir` (otherwise ConfigError).
     """
     start = time.perf_counter()
+    rd = RunDir(run_dir)
+    if not resume and rd.holds_a_run() and not overwrite:
+        rd.create("", overwrite=False)  # raises the ConfigError before the model is loaded
     sim = Simulation.setup(cfg)
-    return drive_rounds(sim, RunDir(run_dir), lambda state, r, rng, stats: run_round(sim, state, r, rng, stats),
-                        resume=resume, on_round=on_round, stop_after=stop_after, start=start)
+    return drive_rounds(sim, rd, lambda state, r, rng, stats: run_round(sim, state, r, rng, stats),
+                        resume=resume, on_round=on_round, stop_after=stop_after, start=start, overwrite=overwrite)
 
 
 RoundFn = Callable[[State, int, np.random.Generator, ClientStats], tuple[State, dict[str, Any]]]
@@ -229,6 +175,7 @@ def drive_rounds(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
     start: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The run loop shared by every engine: run directory, resume, rounds (`round_fn`), evaluation, checkpoints,
     adapter and summary. `round_fn(state, round, rng, stats)` returns the next state and the round's metrics."""
@@ -250,7 +197,7 @@ def drive_rounds(
         rd.truncate_metrics(meta["round"])
         log.info("resuming %s after round %d", rd.path, meta["round"])
     else:
-        rd.create(cfg.model_dump_json(indent=2))
+        rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite or resume)
         (rd.path / "metrics.jsonl").unlink(missing_ok=True)
         labels = class_labels(sim.data)
         hist = None if labels is None else label_histograms(labels, sim.parts, sim.data.num_labels)
@@ -260,6 +207,8 @@ def drive_rounds(
         rd.append_metrics({"round": 0, **initial})
         if on_round:
             on_round({"round": 0, **initial})
+    if checkpoint is not None and first > cfg.federated.rounds:
+        rd.commit_config(cfg)  # nothing left to run: the summary is rewritten below
     for round_ in range(first, cfg.federated.rounds + 1):
         state, metrics = round_fn(state, round_, rng, stats)
         if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
@@ -270,6 +219,8 @@ def drive_rounds(
         rd.append_metrics(metrics)
         saved = {**state, **{MOMENTS + k: v for k, v in sim.server_moments.items()}}
         rd.save_checkpoint(saved, {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()})
+        if checkpoint is not None and round_ == first:
+            rd.commit_config(cfg)
         if on_round:
             on_round(metrics)
         if stop_after is not None and round_ >= stop_after and round_ < cfg.federated.rounds:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from fedhead.federated.state import State
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
 METRICS = "metrics.jsonl"
+RUN_FILES = ("config.json", METRICS, CHECKPOINT, PREVIOUS, "summary.json", "partition.json", "adapter")
 
 log = logging.getLogger("fedhead")
 
@@ -45,20 +47,52 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def create(self, config_json: str) -> None:
+    def holds_a_run(self) -> bool:
+        """Whether the folder holds results of a run (metrics, checkpoints, summary or adapter); a config.json
+        alone (a run that never started, or the Flower engine's handover to its ServerApp) is not one."""
+        return self.path.is_dir() and any((self.path / n).exists() for n in RUN_FILES[1:] if n != "partition.json")
+
+    def create(self, config_json: str, overwrite: bool = False) -> None:
+        """Start a fresh run here. A folder holding another run is refused (ConfigError) unless `overwrite`,
+        which deletes that run's files first: two runs are never mixed."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a run directory")
+        if self.holds_a_run():
+            if not overwrite:
+                raise ConfigError(f"{self.path} holds another run: continue it with --resume {self.path}, or "
+                                  "start afresh with --overwrite (its files are replaced)")
+            for name in RUN_FILES:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.remove_temporary_files()
         atomic_write(self.path / "config.json", config_json.encode())
 
+    def remove_temporary_files(self) -> None:
+        """Delete the temporary files of writes a kill interrupted (`.NAME.*` beside NAME)."""
+        if self.path.is_dir():
+            for tmp in self.path.glob(".*.*"):
+                if tmp.is_file() and tmp.name[1:].split(".")[0] in {n.split(".")[0] for n in RUN_FILES}:
+                    tmp.unlink(missing_ok=True)
+
     def accept_config(self, cfg: Config, last_round: int = 0) -> None:
-        """Check that `cfg` may resume this run after `last_round`, and record it in config.json.
+        """Check that `cfg` may resume this run after `last_round`; nothing is written (see `commit_config`).
 
         Only the rounds (to extend a finished run or shorten an unfinished one), the run name and the output
         folder may differ from the run's config.json; anything else raises ConfigError.
         """
         path = self.path / "config.json"
+        self.remove_temporary_files()
         if path.exists():
+            try:
+                raw = json.loads(path.read_text())
+            except (ValueError, UnicodeError) as err:
+                raise ConfigError(f"{path} is damaged ({type(err).__name__}: {err})") from None
             # validating fills an option newer than the run's config.json with its default: what the run did
-            stored = _resumable(config_from_dict(json.loads(path.read_text())).model_dump(mode="json"))
+            stored = _resumable(config_from_dict(raw).model_dump(mode="json"))
             given = _resumable(cfg.model_dump(mode="json"))
             changed = sorted(k for k in given if stored[k] != given[k])
             if changed:
@@ -66,7 +100,12 @@ class RunDir:
                                   "only the rounds may change")
         if cfg.federated.rounds < last_round:
             raise ConfigError(f"cannot resume {self.path} with {cfg.federated.rounds} rounds: it has run {last_round}")
-        atomic_write(path, cfg.model_dump_json(indent=2).encode())
+
+    def commit_config(self, cfg: Config) -> None:
+        """Record a resumed run's config (its rounds may have changed) and drop the summary it supersedes;
+        called once the resumed run has done its first new round, so a resume that fails earlier leaves the
+        run as it was."""
+        atomic_write(self.path / "config.json", cfg.model_dump_json(indent=2).encode())
         (self.path / "summary.json").unlink(missing_ok=True)
 
     def write_json(self, name: str, data: Any) -> None:
