@@ -26,6 +26,10 @@ def test_two_rounds_beat_the_untrained_model(tmp_path):
     # Assert
     metrics = [json.loads(line) for line in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
     before, after = metrics[0]["accuracy"], metrics[-1]["accuracy"]
-    assert after > before + 0.03, (before, after)
+    # an absolute bar a majority-class predictor cannot pass: the evaluated pairs are 118/92/90, so always
+    # answering the most frequent label scores 0.393 (the untrained head scores 0.326)
+    labels = [json.loads(line)["label"] for line, _ in zip(MNLI_EVAL.open(), range(300), strict=False)]
+    majority = max(labels.count(v) for v in set(labels)) / len(labels)
+    assert after > majority + 0.03, (before, after, majority)
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"]
     assert summary["final_accuracy"] == after
