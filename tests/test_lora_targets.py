@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhead.federated.client import client_update, derived_seed
+from fedhead.federated.client import client_update
 from fedhead.federated.state import trainable_state
 from fedhead.heads.pruning import kept_heads_mask, sampled_scores
 from fedhead.runners.local import Simulation
+from fedhead.seeds import derived_seed
 from tests.conftest import tiny_config
 
 

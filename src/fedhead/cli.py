@@ -176,7 +176,7 @@ def heads(
     method: Annotated[str | None, typer.Option(help="Importance: confidence, gradient or random.")] = None,
 ) -> None:
     """Score the attention heads of the configured model on the configured data and draw a heat map."""
-    from fedhead.heads.report import score_and_plot
+    from fedhead.heads_report import score_and_plot
 
     try:
         cfg = load_config(config, {"heads.importance": method})

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-TAIL = 5  # evaluations averaged for the comparison: one evaluation of a few skewed clients' model swings
+from fedhead.run_metrics import TAIL, headline_metric, read_metrics, tail_mean
 
 
 class ReportError(ValueError):
@@ -35,13 +35,13 @@ class Run:
     def load(cls, path: Path) -> Run:
         if not (path / "metrics.jsonl").is_file() or not (path / "config.json").is_file():
             raise ReportError(f"{path} is not a run directory (config.json and metrics.jsonl needed)")
-        config = json.loads((path / "config.json").read_text())
-        lines = []
-        for raw in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
+        try:
+            config = json.loads((path / "config.json").read_text())
+            lines = read_metrics(path / "metrics.jsonl")
+        except (ValueError, UnicodeError) as err:
+            raise ReportError(f"{path}: unreadable run files ({type(err).__name__}: {err})") from None
+        if not isinstance(config, dict) or not isinstance(config.get("heads"), dict):
+            raise ReportError(f"{path}/config.json is not a fedhead config")
         initial = next((m for m in lines if m.get("round") == 0), {})
         return cls(path, config, [m for m in lines if m.get("round", 0) > 0], initial)
 
@@ -65,9 +65,7 @@ class Run:
 
     def metric_key(self) -> str:
         """The run's headline metric: accuracy for classification, else its first generation metric."""
-        if self.config["model"].get("task", "classification") == "classification":
-            return "accuracy"
-        return self.config.get("generation", {}).get("metrics", ["rougeL"])[0]
+        return headline_metric(self.config)
 
     @property
     def metric_keys(self) -> list[str]:
@@ -155,17 +153,8 @@ def heads_pruned(run: Run) -> float:
     return 1.0 - float(np.mean(kept)) if kept else 0.0
 
 
-def _final(run: Run) -> float:
-    key = run.metric_key()
-    values = [m[key] for m in run.rounds if key in m]
-    if not values:
-        raise ReportError(f"{run.path}: no evaluated round")
-    return values[-1]
-
-
 def _tail_mean(run: Run) -> float:
-    key = run.metric_key()
-    return float(np.mean([m[key] for m in run.rounds if key in m][-TAIL:]))
+    return tail_mean(run.rounds, run.metric_key())
 
 
 def _fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
@@ -232,7 +221,7 @@ def mean_head_scores(run: Run) -> np.ndarray | None:
 def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
                  target: float | None = None) -> Path:
     """Write table.md, summary.json and plots for `run_dirs` into `out`; returns the table's path."""
-    from fedhead.heads.report import plot_head_scores
+    from fedhead.heads_report import plot_head_scores
 
     runs = [Run.load(Path(p)) for p in run_dirs]
     if not runs:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import DataSection
@@ -130,18 +129,3 @@ def load_classification_data(
     train = tokenize_split(train_raw, cfg, tokenizer, max_length, index, cfg.train)
     held_out = tokenize_split(eval_raw, cfg, tokenizer, max_length, index, cfg.eval or cfg.train)
     return ClassificationData(train=train, eval=held_out, label_names=names)
-
-
-def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """Pad a batch (dict of lists, as `Dataset[indices]` returns) to its own longest sequence (a multiple of 8).
-
-    Integer labels: a classification batch. Token-list labels: a text-to-text batch (see data.generation).
-    """
-    if rows["labels"] and isinstance(rows["labels"][0], list):
-        from fedhead.data.generation import collate_generation
-
-        return collate_generation(rows, tokenizer)
-    labels = torch.tensor(rows.pop("labels"))
-    batch = tokenizer.pad(rows, return_tensors="pt", pad_to_multiple_of=8)  # few shapes: FLOPs counted once each
-    batch["labels"] = labels
-    return dict(batch)

@@ -1,8 +1,7 @@
-"""Counting what a round costs: FLOPs with torch's own counter, and a wall clock per phase."""
+"""Counting what a round costs: FLOPs with torch's own counter, and the activation memory of a training step."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,18 +48,3 @@ def saved_activation_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield box
     box[0] = sum(seen.values())
-
-
-class PhaseTimer:
-    """Accumulates wall-clock seconds per named phase."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

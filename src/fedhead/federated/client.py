@@ -21,8 +21,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import Config, GenerationSection
+from fedhead.data.batching import batches_of, collate
 from fedhead.data.generation import IGNORE, prompts_batch
-from fedhead.data.loading import collate
 from fedhead.federated.accounting import count_flops, saved_activation_bytes
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State, load_state_, trainable_state
@@ -38,19 +38,7 @@ from fedhead.models.slicing import (
     scale_kept_context,
     scatter_kept,
 )
-
-
-def derived_seed(seed: int, round_: int, client: int, stream: int = 0) -> int:
-    """A 63-bit seed for one (round, client, stream), independent of the order clients run in."""
-    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
-        (seed * 1_000_003 + round_) * 1_000_033 + client * 7 + stream)).item())
-
-
-def batches_of(
-    data: datasets.Dataset, order: list[int], batch_size: int, tokenizer: PreTrainedTokenizerBase
-) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of the rows `order` of `data`, in that order."""
-    return [collate(data[order[i : i + batch_size]], tokenizer) for i in range(0, len(order), batch_size)]
+from fedhead.seeds import Stream, derived_seed
 
 
 @dataclass
@@ -146,7 +134,7 @@ def client_update(
     """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`."""
     sparsity = cfg.heads.sparsity_of(client_id, round_)
     load_state_(lm.model, global_state)
-    gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id))
+    gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.CLIENT_DATA))
     sample = torch.randperm(len(data), generator=gen)[: cfg.heads.samples].tolist()
     fed = cfg.federated
     sample_batches = batches_of(data, sample, fed.batch_size, lm.tokenizer)
@@ -166,7 +154,7 @@ def client_update(
     scope, floor = cfg.heads.scope, cfg.heads.min_heads_per_block
     ranking = scores
     if cfg.heads.selection == "sample" and sparsity > 0:
-        draw = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, stream=2))
+        draw = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.HEAD_SAMPLING))
         ranking = sampled_scores(scores, cfg.heads.temperature, draw)
     if cfg.heads.schedule == "rolling" and sparsity > 0:
         kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id)  # trained and uploaded
@@ -185,7 +173,7 @@ def client_update(
         if cfg.heads.scale_kept:
             handles += scale_kept_context(work, lm.head_map, computed, lm.prefix)
     frozen = _frozen_rows(trainable_state(work), kept, computed, lm) if bool((computed & ~kept).any()) else None
-    torch.manual_seed(derived_seed(cfg.seed, round_, client_id, stream=1))  # dropout
+    torch.manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.DROPOUT))
     result = train_local(work, data, cfg, lm.tokenizer, gen, frozen)
     for handle in handles:
         if getattr(handle, "training_only", False):  # the HeteroFL scaler acts during training only

@@ -21,8 +21,3 @@ def load_state_(model: nn.Module, state: State) -> None:
         if name not in params:
             raise KeyError(f"model has no parameter '{name}'")
         params[name].copy_(value)
-
-
-def state_numel(state: State) -> int:
-    """Number of values in a state."""
-    return sum(t.numel() for t in state.values())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhead.config import Config
+from fedhead.run_metrics import read_metrics
 from fedhead.runners.run_dir import RunDir
 
 APP_NAME = "fedhead-flower"
@@ -211,13 +212,8 @@ def run_flower(
         try:
             while True:
                 done = flwr.poll() is not None
-                lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() \
-                    else []
-                for raw in lines[seen:]:
-                    try:
-                        metrics = json.loads(raw)
-                    except json.JSONDecodeError:
-                        break  # a line being written: read it next time
+                lines = read_metrics(run_dir / "metrics.jsonl")  # a line being written is read next time
+                for metrics in lines[seen:]:
                     seen += 1
                     if on_round:
                         on_round(metrics)

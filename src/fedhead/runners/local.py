@@ -23,7 +23,7 @@ import torch
 from fedhead.config import Config
 from fedhead.data import label_histograms, partition_indices
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
-from fedhead.federated.client import client_update, derived_seed, evaluate
+from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
 from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.server import Reply, ServerOptions, server_round
@@ -31,7 +31,9 @@ from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
+from fedhead.run_metrics import tail_mean
 from fedhead.runners.run_dir import RunDir
+from fedhead.seeds import SERVER, Stream, derived_seed, failure_draws
 
 log = logging.getLogger("fedhead")
 
@@ -89,7 +91,7 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     # from the seed); each client trains from the bytes it received and answers with serialised bytes.
     down = encode_state(state)
     received, failed = [], []
-    fails = np.random.default_rng([cfg.seed, round_, 7]).random(len(selection.clients))  # simulated dropouts
+    fails = failure_draws(cfg.seed, round_, len(selection.clients))  # simulated dropouts
     for c, u in zip(selection.clients, fails, strict=True):
         if u < cfg.robust.dropout_probability:
             failed.append({"client": c, "reason": "dropped out (simulated failure)"})
@@ -127,7 +129,7 @@ def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats,
                for client, (update, timings, down, up) in zip(answered, received, strict=True)]
     t_train = time.perf_counter()
     known = {c: len(sim.parts[c]) for c in answered}
-    noise = torch.Generator().manual_seed(derived_seed(sim.cfg.seed, round_, -1, stream=3))
+    noise = torch.Generator().manual_seed(derived_seed(sim.cfg.seed, round_, SERVER, Stream.DP_NOISE))
     result = server_round(state, round_, replies, selection, stats, sim.server_moments, sim.lm.layout,
                           server_options(sim.cfg), noise=noise, known_sizes=known, failed=failed,
                           bytes_down=bytes_down)
@@ -238,8 +240,6 @@ def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[s
     return summary
 
 
-TAIL = 5  # evaluations averaged in `tail_mean_score`
-
 
 def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
     """Totals and final values of a run's metrics lines; `metric` is the run's headline score (its initial,
@@ -252,8 +252,7 @@ def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[s
         "final": evaluated[-1][metric] if evaluated else None,
         "best": max((m[metric] for m in evaluated), default=None),
     }
-    tail = [m[metric] for m in evaluated if m["round"] > 0][-TAIL:]
-    scores["tail_mean"] = sum(tail) / len(tail) if tail else None
+    scores["tail_mean"] = tail_mean(metrics, metric)
     summary: dict[str, Any] = {"rounds": len(rounds), "metric": metric}
     summary.update({f"{k}_score": v for k, v in scores.items()})
     if metric == "accuracy":

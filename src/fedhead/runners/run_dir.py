@@ -18,6 +18,7 @@ from typing import Any
 from fedhead.config import Config, ConfigError, config_from_dict
 from fedhead.federated.payload import decode_state_with_metadata, encode_state
 from fedhead.federated.state import State
+from fedhead.run_metrics import read_metrics
 
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
@@ -121,16 +122,7 @@ class RunDir:
             os.fsync(f.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        lines = []
-        for raw in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break  # a line torn by a kill: everything after it is not trusted
-        return lines
+        return read_metrics(self.path / METRICS)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Keep only the metrics of rounds up to `last_round` (resume)."""

@@ -37,8 +37,8 @@ def plot_head_scores(scores: torch.Tensor, path: Path, title: str, block_names: 
 
 def score_and_plot(cfg: Config, out: Path, samples: int) -> Path:
     """Score heads with `cfg.heads.importance` on `samples` training examples; write PNG and JSON, return JSON path."""
+    from fedhead.data.batching import batches_of
     from fedhead.data.tasks import load_task_data
-    from fedhead.federated.client import batches_of
     from fedhead.heads.importance import score_heads
     from fedhead.models import build_model
     from fedhead.models.loading import load_tokenizer

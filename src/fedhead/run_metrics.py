@@ -1,0 +1,44 @@
+"""A run's metrics log (`metrics.jsonl`, one JSON line a round) and the numbers every reader takes from it.
+
+One home for what the run loop, the report, the Flower engine and the benchmarks all need: reading the log
+(a line torn by a kill ends it), the run's headline metric, and the tail mean that compares runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TAIL = 5  # evaluations averaged by `tail_mean`: with few label-skewed clients a round, one evaluation swings
+
+
+def parse_lines(text: str) -> list[dict[str, Any]]:
+    """The metrics lines of `text`, up to the first line that is not valid JSON (torn by a kill mid-write:
+    everything after it is not trusted)."""
+    lines = []
+    for raw in text.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            break
+    return lines
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The metrics lines of the file `path` ([] when it does not exist)."""
+    return parse_lines(path.read_text()) if path.exists() else []
+
+
+def headline_metric(config: dict[str, Any]) -> str:
+    """The headline metric of a run's config (a dict, as config.json holds it): accuracy for classification,
+    else its first generation metric."""
+    if config.get("model", {}).get("task", "classification") == "classification":
+        return "accuracy"
+    return config.get("generation", {}).get("metrics", ["rougeL"])[0]
+
+
+def tail_mean(metrics: list[dict[str, Any]], key: str, tail: int = TAIL) -> float | None:
+    """Mean of `key` over the last `tail` evaluations after round 0 (None when there is none)."""
+    values = [m[key] for m in metrics if m.get("round", 0) > 0 and key in m][-tail:]
+    return sum(values) / len(values) if values else None
