@@ -225,6 +225,36 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def figure(results: Path, out: Path, title: str) -> Path:
+    """Accuracy drop (with its 95% interval when a row has several seeds) against the training FLOPs and the
+    upload bytes each row needs, as fractions of dense's (dense at (1, 0)); one point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = frontier_rows(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, label in ((axes[0], "flops_saved", "training FLOPs (fraction of dense)"),
+                           (axes[1], "upload_saved", "upload bytes (fraction of dense)")):
+        for r in rows:
+            if r[key] is None:
+                continue
+            x = 1 / r[key]
+            err = None if math.isnan(r["drop_low"]) else [[r["drop"] - r["drop_low"]], [r["drop_high"] - r["drop"]]]
+            ax.errorbar([x], [r["drop"]], yerr=err, fmt="o", capsize=3)
+            ax.annotate(r["row"], (x, r["drop"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy drop vs dense, points (paired)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,9 +273,15 @@ def main() -> None:
         run(args.rows, args.seeds, args.threads, args.rounds, RUNS, results)
         print(table(results))
     else:
-        text = table(RESULTS)
-        (RESULTS.parent / "frontier.md").write_text(text + "\n")
-        print(text)
+        for results, name, title in (
+                (RESULTS, "frontier", "Frontier: 60 rounds, final model on 9,815 pairs, 95% interval over seeds"),
+                (RESULTS.parent / "screen30", "screen30", "Screening: 30 rounds, one seed, 9,815 pairs")):
+            if not results.exists():
+                continue
+            text = table(results)
+            (RESULTS.parent / f"{name}.md").write_text(text + "\n")
+            figure(results, ROOT / "docs" / f"{name}.png", title)
+            print(f"{name}:\n{text}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,23 @@ from fedhead.config import config_reference
 from tests.conftest import ROOT
 
 
-def test_readme_config_reference_is_current():
-    assert config_reference() in (ROOT / "README.md").read_text()
+def test_config_reference_is_current():
+    assert config_reference() in (ROOT / "docs" / "configuration.md").read_text()
+
+
+def test_readme_fits_and_every_link_resolves():
+    """The README stays short, and every relative link in the README and docs/ points at a file of the
+    repository (no ../shared paths a user does not have)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path = (page.parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{page.name}: broken link {target}"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -147,14 +148,24 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
                        overwrite: bool = False) -> dict:
     log = logging.getLogger("fedhead")
 
+    started, first_round = time.monotonic(), [None]
+
     def line(m: dict) -> str:
         metric = cfg.metric
         acc = f" {metric} {m[metric]:.4f} eval_loss {m['eval_loss']:.4f}" if metric in m else ""
         loss = f" train_loss {m['train_loss']:.4f}" if m.get("train_loss") is not None else ""
-        up = f" up {m['bytes_up'] / 1e6:.2f} MB" if "bytes_up" in m else ""
-        return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}"
+        up = f" up {m['bytes_up'] / 1e6:.2f} MB down {m['bytes_down'] / 1e6:.2f} MB" if "bytes_up" in m else ""
+        seconds = sum(v for k, v in m.items() if k.startswith("seconds_") and isinstance(v, int | float))
+        took = f" {seconds:.1f} s" if seconds else ""
+        eta = ""
+        if m["round"] > 0:  # time left from this session's rounds so far
+            first_round[0] = m["round"] if first_round[0] is None else first_round[0]
+            done = m["round"] - first_round[0] + 1
+            left = cfg.federated.rounds - m["round"]
+            eta = f" (about {(time.monotonic() - started) / done * left / 60:.1f} min left)" if left else ""
+        return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}{took}{eta}"
 
-    if quiet:
+    if quiet or not console.is_terminal:  # a file, a pipe, a batch job: one log line a round
         return run_simulation(cfg, run_dir, resume=resume, on_round=lambda m: log.info(line(m)),
                               overwrite=overwrite)
     columns = (TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
