@@ -1,12 +1,15 @@
-"""Cost of one local training step of MiniLM + LoRA at head sparsity 0, 0.5, 0.7 and 0.9, in one run.
+"""Cost of one local training step of MiniLM + LoRA at head sparsity 0, 0.5, 0.7 and 0.9 for each pruning mode
+(remove, train_sparse, sparse_backward), at 128 and 512 tokens, in one run.
 
-For each sparsity the heads are physically removed (fedhead's `prune_heads_`), then it measures the median
-step time (forward + backward + AdamW step, after warm-up, torch threads = cores) and the forward+backward
-FLOPs counted by `torch.utils.flop_counter` under eager attention (whole model and attention blocks only),
-with the model's default dropout and with dropout off. Ratios are against sparsity 0 of the same run.
+For each mode and sparsity it builds the model a client trains (fedhead's `prune_heads_`, plus the no-grad side
+heads of sparse_backward) and measures the forward+backward FLOPs counted by `torch.utils.flop_counter` under
+eager attention (whole model and attention blocks), the peak training memory a client reports (the bytes autograd
+saves for the backward + LoRA gradients + AdamW state; see `fedhead.federated.accounting`), and, unless
+--repeats 0, the median step time (forward + backward + AdamW step after warm-up). Ratios are against dense at
+the same length, in the same run.
 
-    python bench/step_cost.py                # batch 32 x 128 tokens, LoRA r=8 on query/value
-    python bench/step_cost.py --repeats 5 --json bench/results/step_cost.json
+    python bench/step_cost.py                       # 32 x 128 and 8 x 512 tokens, LoRA r=8 on query/value
+    python bench/step_cost.py --repeats 0 --json bench/results/step_cost.json   # FLOPs and memory only
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedhead.config import Config
+from fedhead.federated.accounting import saved_activation_bytes
 from fedhead.heads.pruning import kept_heads_mask
 from fedhead.models import build_model
-from fedhead.models.slicing import prune_heads_
+from fedhead.models.slicing import attach_frozen_heads, prune_heads_
 
 MNLI = Path(__file__).resolve().parents[1].parent / "shared/data/mnli/train.jsonl"
 
@@ -37,15 +41,6 @@ def make_batch(tokenizer, batch: int, length: int) -> dict[str, torch.Tensor]:
     out = dict(enc)
     out["labels"] = torch.arange(batch) % 3
     return out
-
-
-def set_dropout(model: torch.nn.Module, p: float | None) -> None:
-    """p=None keeps the checkpoint's dropout; otherwise sets every Dropout (and the attention's) to p."""
-    if p is None:
-        return
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = p
 
 
 def count(model, batch) -> tuple[int, int]:
@@ -75,50 +70,76 @@ def time_steps(model, batch, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def memory(model, batch) -> int:
+    """Peak training memory of one step as the client reports it (fedhead.federated.client.train_local): the
+    bytes autograd saves for the backward (activations) + a gradient and AdamW's two moments per trainable value."""
+    with saved_activation_bytes(model) as saved:
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return saved[0] + 3 * trainable
+
+
+def working_model(lm, mode: str, kept: torch.Tensor):
+    """The model a client trains in `mode` with `kept` heads (as fedhead.federated.client.client_update builds it)."""
+    model = copy.deepcopy(lm.model)
+    if mode in ("remove", "sparse_backward") and not bool(kept.all()):
+        prune_heads_(model, lm.head_map, kept, lm.prefix)
+        if mode == "sparse_backward":
+            attach_frozen_heads(model, copy.deepcopy(lm.model), lm.head_map, kept, lm.prefix)
+    return model  # train_sparse: every head computed, the pruned heads' LoRA gradients masked after the step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=None, help="Batch size (default: 32 at 128 tokens or fewer, "
+                        "else 8).")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
+    parser.add_argument("--modes", nargs="+", default=["remove", "train_sparse", "sparse_backward"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="Timed steps (0: FLOPs and memory only).")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON here.")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = Config(model={"attn_implementation": "eager", "pooling": "mean"})
+    cfg = Config(model={"attn_implementation": "eager", "pooling": "mean", "max_length": max(args.lengths)})
     lm = build_model(cfg, 3)
-    batch = make_batch(lm.tokenizer, args.batch, args.length)
     scores = torch.rand(lm.head_map.num_blocks, lm.head_map.num_heads, generator=torch.Generator().manual_seed(0))
     rows = []
-    for s in args.sparsities:
-        model = copy.deepcopy(lm.model)
-        kept = kept_heads_mask(scores, s, "global")
-        if s > 0:
-            prune_heads_(model, lm.head_map, kept, lm.prefix)
-        flops, attn_flops = count(model, batch)
-        row = {"sparsity": s, "kept_heads": int(kept.sum()), "flops": flops, "attention_flops": attn_flops}
-        for label, p in [("dropout", None), ("no_dropout", 0.0)]:
-            m = copy.deepcopy(model)
-            set_dropout(m, p)
-            row[f"step_ms_{label}"] = 1000 * time_steps(m, batch, args.warmup, args.repeats)
-        rows.append(row)
-        print(f"  measured sparsity {s}: {row['step_ms_dropout']:.0f} ms", flush=True)
+    for length in args.lengths:
+        batch_size = args.batch or (32 if length <= 128 else 8)
+        batch = make_batch(lm.tokenizer, batch_size, length)
+        for mode in args.modes:
+            for s in args.sparsities:
+                if s == 0 and mode != args.modes[0]:
+                    continue  # dense is the same model in every mode
+                kept = kept_heads_mask(scores, s, "per_block")
+                model = working_model(lm, mode if s > 0 else "dense", kept)
+                flops, attn_flops = count(model, batch)
+                row = {"length": length, "batch": batch_size, "mode": mode if s > 0 else "dense", "sparsity": s,
+                       "kept_heads": int(kept.sum()), "flops": flops, "attention_flops": attn_flops,
+                       "peak_memory_bytes": memory(model, batch)}
+                if args.repeats:
+                    row["step_ms"] = 1000 * time_steps(model, batch, args.warmup, args.repeats)
+                rows.append(row)
+                print(f"  {length} tokens, {row['mode']} {s}: {row['peak_memory_bytes'] / 1e6:.0f} MB", flush=True)
 
-    base = rows[0]
-    header = ("| sparsity | kept heads | step ms (dropout) | speed-up | step ms (no dropout) | speed-up "
-              "| fwd+bwd GFLOPs | reduction | attention GFLOPs | reduction |")
-    print(f"\nMiniLM-L6 + LoRA r=8 (query, value), batch {args.batch} x {args.length} tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} steps\n")
+    header = ("| tokens x batch | mode | sparsity | kept heads | step ms | speed-up | fwd+bwd GFLOPs | reduction "
+              "| attention GFLOPs | peak training memory MB | reduction |")
+    print(f"\nMiniLM-L6 + LoRA r=8 (query, value), per-block pruning, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} steps; ratios against dense at the same length\n")
     print(header)
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for r in rows:
-        print(f"| {r['sparsity']:.1f} | {r['kept_heads']} | {r['step_ms_dropout']:.0f} | "
-              f"{base['step_ms_dropout'] / r['step_ms_dropout']:.2f}x | {r['step_ms_no_dropout']:.0f} | "
-              f"{base['step_ms_no_dropout'] / r['step_ms_no_dropout']:.2f}x | {r['flops'] / 1e9:.1f} | "
-              f"{base['flops'] / r['flops']:.2f}x | {r['attention_flops'] / 1e9:.1f} | "
-              f"{base['attention_flops'] / max(r['attention_flops'], 1):.2f}x |")
+        base = next(b for b in rows if b["length"] == r["length"] and b["mode"] == "dense")
+        ms = f"{r['step_ms']:.0f} | {base['step_ms'] / r['step_ms']:.2f}x" if "step_ms" in r else "- | -"
+        print(f"| {r['length']} x {r['batch']} | {r['mode']} | {r['sparsity']:.1f} | {r['kept_heads']} | {ms} | "
+              f"{r['flops'] / 1e9:.1f} | {base['flops'] / r['flops']:.2f}x | {r['attention_flops'] / 1e9:.1f} | "
+              f"{r['peak_memory_bytes'] / 1e6:.0f} | {base['peak_memory_bytes'] / r['peak_memory_bytes']:.2f}x |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

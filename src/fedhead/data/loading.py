@@ -43,7 +43,14 @@ def load_records(source: str, split: str) -> datasets.Dataset:
     if suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"data file not found: {source}")
-        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        try:
+            ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        except Exception as err:  # noqa: BLE001 - empty, undecodable or malformed files raise many kinds
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            raise DataError(f"{source}: cannot read it as {suffix[1:]} ({type(err).__name__}: {detail})") from None
+        if len(ds) == 0:
+            raise DataError(f"{source}: no records")
+        return ds
     if path.exists():
         raise DataError(f"{source}: unsupported data file type (use .jsonl, .json or .csv)")
     try:  # a Hub dataset id: the path real users with internet take
@@ -85,6 +92,8 @@ def tokenize_split(
     texts = [list(ds[f]) for f in cfg.text_fields]
     if any(t is None for col in texts for t in col):
         raise DataError(f"{source}: empty text in fields {cfg.text_fields}")
+    if any(not isinstance(t, str) for col in texts for t in col):
+        raise DataError(f"{source}: the text fields {cfg.text_fields} must hold strings")
     if cfg.strip_headers:
         texts = [[strip_headers(t) for t in col] for col in texts]
     enc = tokenizer(*texts, truncation=True, max_length=max_length)
@@ -104,6 +113,9 @@ def load_split_records(
         eval_raw = load_records(cfg.eval, cfg.eval_split)
         check(eval_raw, cfg.eval)
     else:
+        if cfg.eval_size is not None and cfg.eval_size >= len(train_raw):
+            raise DataError(f"{cfg.train}: data.eval_size = {cfg.eval_size} held out of {len(train_raw)} records "
+                            "leaves nothing to train on (no data.eval file is set)")
         split = train_raw.train_test_split(test_size=cfg.eval_size or 0.1, seed=seed)
         train_raw, eval_raw = split["train"], split["test"]
     def cut(ds: datasets.Dataset, size: int | None) -> datasets.Dataset:

@@ -155,6 +155,11 @@ _MAPS = {
 }
 
 
+def supported_model_types() -> set[str]:
+    """The Hugging Face `model_type` values fedhead has a head map for."""
+    return set(_MAPS)
+
+
 def head_map_for(backbone: nn.Module) -> HeadMap:
     """The head map of a Hugging Face backbone; unsupported architectures raise UnsupportedModelError."""
     cfg = backbone.config

@@ -60,10 +60,42 @@ def model_files(cfg: Config) -> tuple[str, dict[str, str]]:
     return path, ({"gguf_file": gguf} if gguf else {})
 
 
+def check_model_source(cfg: Config) -> None:
+    """Fail early, with a message naming the problem, for a model that cannot be loaded: a directory that holds
+    no model, an architecture fedhead has no head map for (read from config.json before any weight is loaded),
+    or a Hub id that cannot be reached."""
+    from fedhead.models.head_map import UnsupportedModelError, supported_model_types
+
+    path, extra = model_files(cfg)
+    local = Path(path)
+    if local.is_dir():
+        if "gguf_file" not in extra and not (local / "config.json").is_file():
+            raise UnsupportedModelError(f"model.name = {path}: a directory without config.json is not a model")
+        if (local / "config.json").is_file():
+            import json
+
+            try:
+                model_type = json.loads((local / "config.json").read_text()).get("model_type", "?")
+            except (ValueError, UnicodeError, AttributeError) as err:
+                raise UnsupportedModelError(f"{local / 'config.json'} is damaged ({err})") from None
+            if model_type not in supported_model_types():
+                raise UnsupportedModelError(f"model.name = {path}: no head map for model_type '{model_type}'; "
+                                            f"supported: {', '.join(sorted(supported_model_types()))}")
+    elif local.exists():
+        raise UnsupportedModelError(f"model.name = {path} is a file, not a model directory or Hub id")
+
+
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """The model's tokenizer; one without a padding token pads with its end-of-sequence token."""
+    check_model_source(cfg)
     path, extra = model_files(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    except OSError as err:
+        if Path(path).exists():
+            raise
+        raise OSError(f"model '{path}' is neither a local directory nor reachable on the Hugging Face Hub "
+                      f"(offline?): {' '.join(str(err).split())[:160]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

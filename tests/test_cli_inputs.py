@@ -1,0 +1,170 @@
+"""Bad input through the CLI ends in one line naming the problem and a non-zero exit (2 for user errors), never in
+a traceback, and leaves no run directory changed (issue "Trust nothing": 33 of 110 probe cases were tracebacks)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedhead.cli import app
+from tests.conftest import MNLI_TRAIN, write_tiny_toml
+
+runner = CliRunner()
+
+
+def _invoke(args: list[str]):
+    result = runner.invoke(app, [str(a) for a in args])
+    # a traceback would come back as an exception other than the SystemExit of typer.Exit
+    assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+    return result
+
+
+def _fails_cleanly(args: list[str], code: int = 2, match: str | None = None) -> str:
+    result = _invoke(args)
+    assert result.exit_code == code, (args, result.exit_code, result.output)
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    if match:
+        assert match in errors[0], errors[0]
+    return errors[0]
+
+
+def _data_file(tmp_path: Path, name: str, content: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, tiny_bert_dir) -> Path:
+    return write_tiny_toml(tmp_path / "tiny.toml", tiny_bert_dir)
+
+
+DATA_CASES = {
+    "empty.jsonl": b"",
+    "latin1.jsonl": '{"premise": "caf\xe9", "hypothesis": "x", "label": "neutral"}\n'.encode("latin-1"),
+    "header.csv": b"premise,hypothesis,label\n",
+    "garbage.jsonl": b"not json at all\n{{{\n",
+    "lists.jsonl": b'{"premise": ["a", "b"], "hypothesis": "x", "label": "neutral"}\n' * 20,
+    "missing.jsonl": b'{"text": "a", "label": "neutral"}\n' * 20,
+}
+
+
+@pytest.mark.parametrize("name", list(DATA_CASES))
+def test_bad_data_files(name, tmp_path, config):
+    path = _data_file(tmp_path, name, DATA_CASES[name])
+    _fails_cleanly(["run", config, "--out", tmp_path / "out", "--set", f"data.train={json.dumps(str(path))}"])
+    assert not (tmp_path / "out" / "tiny" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("settings_", [
+    ["model.name=\"\""], ["model.name=\"no-such-model-offline\""], ["data.eval=\"\"", "data.eval_size=100000"],
+    ["partition.num_clients=500", "partition.min_partition_size=100"], ["federated.learning_rate=\"inf\""],
+    ["run_name=\"../../x\""], ["heads.sparsity=1.5"], ["nosuch.option=1"], ["federated.rounds=0"],
+])
+def test_bad_options(settings_, tmp_path, config):
+    args = ["run", config, "--out", tmp_path / "out"]
+    for s in settings_:
+        args += ["--set", s]
+    _fails_cleanly(args)
+    assert not any((tmp_path / "out").rglob("metrics.jsonl"))
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_models_that_cannot_load(tmp_path, config):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    _fails_cleanly(["run", config, "--out", tmp_path / "o", "--set", f"model.name={json.dumps(str(empty))}"],
+                   match="without config.json")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8,
+                                                  "vocab_size": 50}))
+    _fails_cleanly(["run", config, "--out", tmp_path / "o", "--set", f"model.name={json.dumps(str(gpt2))}"],
+                   match="no head map for model_type 'gpt2'")
+
+
+def test_bad_output_paths(tmp_path, config):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails_cleanly(["run", config, "--out", blocker])
+    _fails_cleanly(["run", config, "--out", "/dev/null/x"])
+    _fails_cleanly(["heads", config, "--out", tmp_path / "scores.xyz"], match="image")
+    usage = _invoke(["heads", config, "--samples", "0"])  # click's own usage error: a box, exit 2
+    assert usage.exit_code == 2 and "Invalid value for '--samples'" in usage.output
+    _fails_cleanly(["report", tmp_path / "nothing", "--out", tmp_path / "r"])
+
+
+def test_bad_config_files(tmp_path):
+    _fails_cleanly(["run", _data_file(tmp_path, "latin1.toml", "seed = 'caf\xe9'\n".encode("latin-1"))],
+                   match="UTF-8")
+    _fails_cleanly(["run", _data_file(tmp_path, "broken.toml", b"[model\nname=")], match="TOML")
+    _fails_cleanly(["run", tmp_path / "missing.toml"], match="not found")
+
+
+def test_bad_resumes(tmp_path, config):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{ damaged")
+    _fails_cleanly(["run", "--resume", run_dir], match="damaged")
+    (run_dir / "config.json").write_text(json.dumps({"federated": {"rounds": 2}}))
+    _fails_cleanly(["run", "--resume", run_dir, "--rounds", "0"])
+    _fails_cleanly(["run", "--resume", tmp_path / "nowhere"])
+    assert (run_dir / "config.json").read_text() == json.dumps({"federated": {"rounds": 2}})  # unchanged
+
+
+def _not_a_config(text: str) -> bool:
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError):
+        return True
+    return bool(data) and any(k not in {"model", "lora", "data", "partition", "federated", "heads", "generation",
+                                        "robust", "privacy", "seed", "out", "run_name", "threads", "extends"}
+                              for k in data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=60).filter(_not_a_config))
+def test_generated_config_files_never_trace_back(text, tmp_path_factory):
+    path = tmp_path_factory.mktemp("toml") / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    result = _invoke(["run", path, "--out", path.parent / "out"])
+    assert result.exit_code == 2 and not (path.parent / "out").exists()
+
+
+def _not_a_config_json(blob: bytes) -> bool:
+    try:
+        return not isinstance(json.loads(blob), dict)
+    except (ValueError, UnicodeError):
+        return True
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blob=st.binary(max_size=80).filter(_not_a_config_json))
+def test_generated_damaged_run_directories_never_trace_back(blob, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    (run_dir / "config.json").write_bytes(blob)
+    assert _invoke(["run", "--resume", run_dir]).exit_code == 2
+    assert (run_dir / "config.json").read_bytes() == blob
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.binary(max_size=60), metrics=st.binary(max_size=60))
+def test_generated_run_files_given_to_report_never_trace_back(config, metrics, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rep")
+    (run_dir / "config.json").write_bytes(config)
+    (run_dir / "metrics.jsonl").write_bytes(metrics)
+    result = _invoke(["report", run_dir, "--out", run_dir / "report"])
+    assert result.exit_code != 0
+
+
+def test_the_shared_training_file_is_where_the_bad_cases_expect_it():
+    assert MNLI_TRAIN.exists()
