@@ -63,6 +63,16 @@ ROWS: dict[str, dict[str, Any]] = {
     "sparse-momentum-0.9": {"heads.sparsity": 0.9, **SPARSE, "federated.server_optimizer": "momentum",
                             "federated.server_learning_rate": 1.0, "federated.server_momentum": 0.5},
     "remove-rolling-scaled-0.9": {"heads.sparsity": 0.9, "heads.schedule": "rolling", "heads.scale_kept": True},
+    "remove-scaled-0.9": {"heads.sparsity": 0.9, "heads.scale_kept": True},
+    "sb-fa-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", **FREEZE},
+    "sb-fa-r16-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", **FREEZE, "lora.rank": 16,
+                      "lora.alpha": 32.0},
+    "sb-fa-r32-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", **FREEZE, "lora.rank": 32,
+                      "lora.alpha": 64.0},
+    "sb-warmup10-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", "heads.warmup_rounds": 10},
+    "sb-momentum-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward",
+                        "federated.server_optimizer": "momentum", "federated.server_momentum": 0.5},
+    "sb-0.7": {"heads.sparsity": 0.7, "heads.mode": "sparse_backward"},
 }
 
 
@@ -276,11 +286,10 @@ def main() -> None:
         for results, name, title in (
                 (RESULTS, "frontier", "Frontier: 60 rounds, final model on 9,815 pairs, 95% interval over seeds"),
                 (RESULTS.parent / "screen30", "screen30", "Screening: 30 rounds, one seed, 9,815 pairs")):
-            if not results.exists():
-                continue
-            text = table(results)
+            text = table(results) if results.exists() else "No run has finished the full protocol yet."
             (RESULTS.parent / f"{name}.md").write_text(text + "\n")
-            figure(results, ROOT / "docs" / f"{name}.png", title)
+            if results.exists():
+                figure(results, ROOT / "docs" / f"{name}.png", title)
             print(f"{name}:\n{text}")
 
 

@@ -69,7 +69,10 @@ def test_bad_data_files(name, tmp_path, config):
     ["partition.num_clients=500", "partition.min_partition_size=100"], ["federated.learning_rate=\"inf\""],
     ["run_name=\"../../x\""], ["heads.sparsity=1.5"], ["nosuch.option=1"], ["federated.rounds=0"],
 ])
-def test_bad_options(settings_, tmp_path, config):
+def test_bad_options(settings_, tmp_path, config, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
     args = ["run", config, "--out", tmp_path / "out"]
     for s in settings_:
         args += ["--set", s]

@@ -22,7 +22,8 @@ import torch
 from fedhead.federated.payload import decode_state
 from fedhead.federated.selection import ClientStats
 from fedhead.runners import flower_engine as fe
-from fedhead.runners.flower_app import node_partition, payload_of, payload_record, select_among
+from fedhead.runners.flower_app import select_among
+from fedhead.runners.flower_client import node_partition, payload_of, payload_record
 from fedhead.runners.local import run_simulation
 from tests.conftest import tiny_config
 

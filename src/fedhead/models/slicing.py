@@ -212,7 +212,9 @@ def attach_frozen_heads(
     projected context W_o[:, pruned] ctx_pruned (LoRA of o included, the bias not twice) is added to the output
     projection's output. The forward is the whole model's (every head, global weights for the side heads); the
     backward and the tensors saved for it hold only the computed heads: the pruned heads' contribution is a
-    constant to autograd, so the gradient reaching earlier blocks ignores the path through them.
+    constant to autograd, so the gradient reaching earlier blocks ignores the path through them. The side heads
+    keep the values they had when attached: a shared LoRA tensor that trains (A of q/k/v, B of o) changes the
+    kept heads only, so after the first step the side heads differ from train_sparse's unless `lora.freeze_a`.
     Supported: BERT-family encoders (output projection after the attention module) and LLaMA-family decoders
     (output projection inside it). Returns the hook handles.
     """

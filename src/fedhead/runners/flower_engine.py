@@ -58,7 +58,7 @@ publisher = "fedhead"
 
 [tool.flwr.app.components]
 serverapp = "fedhead.runners.flower_app:server_app"
-clientapp = "fedhead.runners.flower_app:client_app"
+clientapp = "fedhead.runners.flower_client:client_app"
 
 [tool.flwr.app.config]
 config = ""            # fedhead TOML (or config.json) on the SuperLink machine; empty: RUN-DIR/config.json
