@@ -265,6 +265,16 @@ def figure(results: Path, out: Path, title: str) -> Path:
     return out
 
 
+def _update_readme(name: str, text: str) -> None:
+    """Rewrite the README's copy of a table, between `<!-- NAME:start -->` and `<!-- NAME:end -->`."""
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = f"<!-- {name}:start -->\n", f"\n<!-- {name}:end -->"
+    if start in content and end in content:
+        head, rest = content.split(start, 1)
+        readme.write_text(head + start + text + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +300,7 @@ def main() -> None:
             (RESULTS.parent / f"{name}.md").write_text(text + "\n")
             if results.exists():
                 figure(results, ROOT / "docs" / f"{name}.png", title)
+                _update_readme(name, text)
             print(f"{name}:\n{text}")
 
 
