@@ -323,6 +323,11 @@ class Config(_Section):
         description="Run directory name (default: config file stem): letters, digits and _ . = + - only, so it "
         "names a folder inside `out`.")
     threads: int | None = Field(None, ge=1, description="torch threads (default: all cores).")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?|mps)$",
+        description="Where clients train, score and evaluate: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', "
+        "'cuda:N' or 'mps'. The state that travels stays on the CPU (safetensors bytes); FLOPs are counted the "
+        "same on any device.")
 
     @field_validator("run_name")
     @classmethod

@@ -22,6 +22,14 @@ def collate(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[s
     return dict(batch)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (the same dict when they are there already)."""
+    device = torch.device(device)
+    if all(t.device == device for t in batch.values()):
+        return batch
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def batches_of(
     data: datasets.Dataset, order: list[int], batch_size: int, tokenizer: PreTrainedTokenizerBase
 ) -> list[dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import Config, GenerationSection
-from fedhead.data.batching import batches_of, collate
+from fedhead.data.batching import batches_of, collate, to_device
 from fedhead.data.generation import IGNORE, prompts_batch
 from fedhead.federated.accounting import count_flops, saved_activation_bytes
 from fedhead.federated.payload import ClientUpdate
@@ -30,7 +30,7 @@ from fedhead.heads.importance import score_heads
 from fedhead.heads.mean_context import HeadContextMeans
 from fedhead.heads.pruning import kept_heads_mask, rolling_heads_mask, sampled_scores
 from fedhead.metrics import score_generations
-from fedhead.models.loading import LoadedModel
+from fedhead.models.loading import LoadedModel, device_of
 from fedhead.models.slicing import (
     attach_frozen_heads,
     gather_kept,
@@ -65,6 +65,7 @@ def train_local(
     """
     fed = cfg.federated
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = device_of(model)
     optim = torch.optim.AdamW(params.values(), lr=fed.learning_rate, weight_decay=fed.weight_decay)
     n = len(data)
     steps = fed.local_steps or fed.local_epochs * -(-n // fed.batch_size)
@@ -74,7 +75,7 @@ def train_local(
     for _ in range(steps):
         if pos >= len(order):  # a new pass over the local data in a fresh seeded order
             order, pos = torch.randperm(n, generator=generator).tolist(), 0
-        batch = collate(data[order[pos : pos + fed.batch_size]], tokenizer)
+        batch = to_device(collate(data[order[pos : pos + fed.batch_size]], tokenizer), device)
         pos += fed.batch_size
         shape = tuple(batch["input_ids"].shape)
         with count_flops(shape not in flops_by_shape) as counted, saved_activation_bytes(model) as saved:
@@ -100,13 +101,15 @@ def train_local(
     return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start, peak)
 
 
-def _frozen_rows(work_state: State, trained: torch.Tensor, computed: torch.Tensor, lm: LoadedModel):
+def _frozen_rows(work_state: dict[str, torch.Tensor], trained: torch.Tensor, computed: torch.Tensor,
+                 lm: LoadedModel):
     """Masks of the entries of `work_state` (a model holding the `computed` heads) that belong to `trained`
     heads; every other head's slice is frozen at its current value."""
     frozen = {}
     for name, (_, dim) in lm.layout.sliced.items():
         present = lm.layout.index_of(name, computed)  # full-model rows/columns the working model holds
         trainable = torch.isin(present, lm.layout.index_of(name, trained)).nonzero().flatten()
+        trainable = trainable.to(work_state[name].device)
         mask = torch.zeros_like(work_state[name])
         mask.index_fill_(dim, trainable, 1.0)  # trained heads' (or kv units') slices
         frozen[name] = (mask, work_state[name].clone())
@@ -137,7 +140,8 @@ def client_update(
     gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.CLIENT_DATA))
     sample = torch.randperm(len(data), generator=gen)[: cfg.heads.samples].tolist()
     fed = cfg.federated
-    sample_batches = batches_of(data, sample, fed.batch_size, lm.tokenizer)
+    device = device_of(lm.model)
+    sample_batches = [to_device(b, device) for b in batches_of(data, sample, fed.batch_size, lm.tokenizer)]
     needs_scores = sparsity > 0 or (fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size")
     method = cfg.heads.importance if needs_scores else "none"
     start = time.perf_counter()
@@ -172,7 +176,8 @@ def client_update(
             handles += attach_frozen_heads(work, copy.deepcopy(lm.model), lm.head_map, computed, lm.prefix)
         if cfg.heads.scale_kept:
             handles += scale_kept_context(work, lm.head_map, computed, lm.prefix)
-    frozen = _frozen_rows(trainable_state(work), kept, computed, lm) if bool((computed & ~kept).any()) else None
+    on_device = {n: p.detach() for n, p in work.named_parameters() if p.requires_grad}
+    frozen = _frozen_rows(on_device, kept, computed, lm) if bool((computed & ~kept).any()) else None
     torch.manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.DROPOUT))
     result = train_local(work, data, cfg, lm.tokenizer, gen, frozen)
     for handle in handles:
@@ -225,7 +230,7 @@ def evaluate(
     for i in range(0, len(data), batch_size):
         rows = data[i : i + batch_size]
         rows.pop("references", None)
-        batch = collate(rows, tokenizer)
+        batch = to_device(collate(rows, tokenizer), device_of(model))
         out = model(**batch)
         if task == "classification":
             loss_sum += float(out.loss) * len(batch["labels"])
@@ -255,7 +260,7 @@ def generate_texts(
     model.eval()
     texts = []
     for i in range(0, len(data), batch_size):
-        batch = prompts_batch(data[i : i + batch_size], tokenizer, task)
+        batch = to_device(prompts_batch(data[i : i + batch_size], tokenizer, task), device_of(model))
         out = model.generate(**batch, max_new_tokens=generation.max_new_tokens, num_beams=generation.num_beams,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)  # (B, T_out)
         if task == "causal_lm":

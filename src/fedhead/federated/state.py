@@ -9,8 +9,9 @@ State = dict[str, torch.Tensor]
 
 
 def trainable_state(model: nn.Module) -> State:
-    """Detached copies of every trainable parameter of `model`, by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached copies of every trainable parameter of `model`, by name, on the CPU (the state that travels and
+    is checkpointed stays on the CPU whatever device the model trains on)."""
+    return {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

@@ -85,8 +85,8 @@ def _confidence(model, head_map, batches, special_ids, prefix) -> tuple[torch.Te
             out = model(**batch, output_attentions=True)
             for b, (attn, queries, keys) in enumerate(attention_masks_by_block(out, batch, head_map, special_ids)):
                 s, c = head_confidence(attn.double(), queries, keys)
-                sums[b] += s
-                counts[b] += c
+                sums[b] += s.cpu()
+                counts[b] += c.cpu() if isinstance(c, torch.Tensor) else c
             size = len(batch["labels"])
             loss_sum, n = loss_sum + float(out.loss) * size, n + size
     finally:

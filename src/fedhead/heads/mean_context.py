@@ -42,10 +42,10 @@ class HeadContextMeans:
                 mask = self._mask
                 if mask is not None and mask.shape == x.shape[:2]:
                     w = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-                    self.sums[b] += (x * w).sum(dim=(0, 1))
+                    self.sums[b] += (x * w).sum(dim=(0, 1)).cpu()
                     self.counts[b] += float(w.sum())
                 else:
-                    self.sums[b] += x.sum(dim=(0, 1))
+                    self.sums[b] += x.sum(dim=(0, 1)).cpu()
                     self.counts[b] += x.shape[0] * x.shape[1]
 
             self._handles.append(module.register_forward_pre_hook(hook))

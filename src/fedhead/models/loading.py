@@ -60,6 +60,31 @@ def model_files(cfg: Config) -> tuple[str, dict[str, str]]:
     return path, ({"gguf_file": gguf} if gguf else {})
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device of the config's `device`: 'auto' is CUDA when available, then MPS, then the CPU; a device
+    that is not available raises UnsupportedModelError with one line."""
+    from fedhead.models.head_map import UnsupportedModelError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UnsupportedModelError(f"device = '{name}': no such CUDA device here (torch sees "
+                                    f"{torch.cuda.device_count()}); use 'auto' or 'cpu'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UnsupportedModelError(f"device = '{name}': MPS is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (the device its batches must be on)."""
+    return next(model.parameters()).device
+
+
 def check_model_source(cfg: Config) -> None:
     """Fail early, with a message naming the problem, for a model that cannot be loaded: a directory that holds
     no model, an architecture fedhead has no head map for (read from config.json before any weight is loaded),
@@ -205,5 +230,6 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     prefix = PEFT_PREFIX + inner
     layout = HeadLayout.from_model(head_map, trainable, prefix=prefix)
+    model.to(resolve_device(cfg.device))
     return LoadedModel(model=model, tokenizer=tokenizer, head_map=head_map, layout=layout, prefix=prefix,
                        task=task)

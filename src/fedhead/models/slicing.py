@@ -24,6 +24,7 @@ from fedhead.models.head_map import HeadLayout, HeadMap, UnsupportedModelError, 
 
 def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping `index` of the output rows (dim=0) or input columns (dim=1); grads flags kept."""
+    index = index.to(linear.weight.device)
     weight = linear.weight.detach().index_select(dim, index).clone()  # (out', in) or (out, in')
     bias = None
     if linear.bias is not None:
@@ -120,7 +121,8 @@ def _fold_mean_of_pruned(
     context = torch.zeros_like(mean)
     context[pruned] = mean[pruned]  # (H * d,): only the pruned heads' mean
     base = module.base_layer if isinstance(module, LoraLayer) else module
-    shift = base.weight @ context.to(base.weight.dtype)  # (D,)
+    context = context.to(base.weight)
+    shift = base.weight @ context  # (D,)
     if isinstance(module, LoraLayer):
         for name in module.active_adapters:
             if name in module.lora_A:
@@ -167,7 +169,7 @@ def gate_heads(model: nn.Module, head_map: HeadMap, gates: torch.Tensor, prefix:
 
         def hook(_mod: nn.Module, args: tuple, b: int = b, h: int = block.num_heads, d: int = block.head_dim):
             x = args[0]  # (B, T, H * d)
-            gated = (x.unflatten(-1, (h, d)) * gates[b].view(1, 1, h, 1).to(x.dtype)).flatten(-2)
+            gated = (x.unflatten(-1, (h, d)) * gates[b].view(1, 1, h, 1).to(x)).flatten(-2)
             return (gated, *args[1:])
 
         handles.append(module.register_forward_pre_hook(hook))
