@@ -219,3 +219,14 @@ def test_reported_peak_memory_is_kept_and_summed_safely():
     line = _round([u]).metrics["clients"][0]
     assert line["peak_memory_bytes"] == 1234 and line["train_flops"] == 10
     assert np.isclose(_round([u]).metrics["train_flops"], 10)
+
+
+@pytest.mark.parametrize("loss", [1e300, -1.0, 1e5])
+def test_reported_losses_cannot_steer_selection(loss):
+    """A finite but absurd loss_before (1e300) was accepted and gave its client the top loss-gap priority for
+    the rest of the run: losses are cross-entropies in [0, 1e4]."""
+    liar = valid_update(1, FULL)
+    liar.loss_before = loss
+    stats = ClientStats()
+    result = _round([valid_update(0, FULL), liar], stats=stats)
+    assert [r["client"] for r in result.metrics["rejected"]] == [1] and 1 not in stats.loss_global

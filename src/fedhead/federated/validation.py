@@ -17,6 +17,8 @@ from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State
 from fedhead.models.head_map import HeadLayout
 
+MAX_LOSS = 1e4  # a cross-entropy above this is no loss a model reports: it would only steer loss-gap selection
+
 
 @dataclass
 class Rejection:
@@ -44,8 +46,8 @@ def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout,
         return "head_scores must lie in [0, 1]"
     for name in ("loss_before", "loss_after", "train_loss"):
         value = getattr(update, name)
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            return f"{name} must be a finite number"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_LOSS:
+            return f"{name} must be a cross-entropy in [0, {MAX_LOSS:g}], got {str(value)[:40]}"
     missing = sorted(set(global_state) - set(update.tensors))
     extra = sorted(set(update.tensors) - set(global_state))
     if missing or extra:
