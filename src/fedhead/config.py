@@ -1,6 +1,6 @@
 """One validated configuration object for a fedhead run, loaded from TOML.
 
-Every option of the method (DESIGN.md section 2) is declared here once, with its default, its range and its
+Every option of the method (docs/method.md) is declared here once, with its default, its range and its
 meaning; the README's config reference is generated from these declarations (`fedhead config-reference`).
 """
 
