@@ -73,6 +73,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "sb-momentum-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward",
                         "federated.server_optimizer": "momentum", "federated.server_momentum": 0.5},
     "sb-0.7": {"heads.sparsity": 0.7, "heads.mode": "sparse_backward"},
+    "sb-rolling-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", "heads.schedule": "rolling"},
+    "sparse-rolling-fa-0.9": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling", **FREEZE},
 }
 
 
