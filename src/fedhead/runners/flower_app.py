@@ -50,45 +50,16 @@ from fedhead.federated.payload import decode_state, encode_state
 from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.state import State
 from fedhead.federated.validation import receive_update
-from fedhead.runners.flower_client import payload_of, payload_record
+from fedhead.runners.flower_client import _failure, payload_of, payload_record, send_and_receive
 from fedhead.runners.local import Received, Simulation, drive_rounds, finish_round
 from fedhead.runners.run_dir import RunDir
 
 log = logging.getLogger("flwr")  # shown by `flwr run --stream` and in the SuperLink's log
 
-PULL_INTERVAL = 0.5  # seconds between two pulls of replies
-
 server_app = ServerApp()
 
 
 # ----------------------------------------------------------------------------------------------- server side
-
-
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message]:
-    """Push `messages`, pull replies until all are in or `timeout` seconds passed: {destination node: reply}."""
-    if not messages:
-        return {}
-    ids = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages, strict=True)}
-    replies: dict[int, Message] = {}
-    deadline = time.monotonic() + timeout
-    while ids and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(ids)):
-            node = ids.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                replies[node] = reply
-        if ids:
-            time.sleep(PULL_INTERVAL)
-    return replies
-
-
-def _failure(reply: Message | None) -> str | None:
-    """Why a reply does not count (None when it carries content)."""
-    if reply is None:
-        return "timeout"
-    if reply.has_error():
-        lines = (reply.error.reason or "").strip().splitlines()
-        return f"error {reply.error.code}: {lines[-1][:300] if lines else 'no reason given'}"
-    return None
 
 
 def select_among(available: list[int], sim: Simulation, round_: int, rng: np.random.Generator, stats: ClientStats,

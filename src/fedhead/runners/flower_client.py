@@ -1,14 +1,17 @@
 """fedhead's ClientApp: each node runs `client_update` on its partition and answers with the serialised update
-(the message contract is in `fedhead.runners.flower_app`'s docstring). Also the payload helpers both sides use:
-fedhead's safetensors bytes carried unchanged as one `Array` of an `ArrayRecord`.
+(the message contract is in `fedhead.runners.flower_app`'s docstring). Also the message plumbing both sides use:
+fedhead's safetensors bytes carried unchanged as one `Array` of an `ArrayRecord`, pushing messages and pulling
+their replies, and why a reply does not count.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
 
 from fedhead.config import Config
 from fedhead.federated.client import client_update, evaluate
@@ -18,6 +21,7 @@ from fedhead.runners.local import Simulation
 
 PAYLOAD = "payload"
 STYPE = "safetensors"  # the Array holds fedhead's safetensors bytes as they are
+PULL_INTERVAL = 0.5  # seconds between two pulls of replies
 
 client_app = ClientApp()
 
@@ -91,3 +95,30 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     sample = data.select(range(min(sim.cfg.heads.samples, len(data))))
     loss = evaluate(sim.lm.model, sample, sim.lm.tokenizer, sim.cfg.federated.eval_batch_size)["eval_loss"]
     return Message(RecordDict({"loss": MetricRecord({"eval_loss": loss})}), reply_to=msg)
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message]:
+    """Push `messages`, pull replies until all are in or `timeout` seconds passed: {destination node: reply}."""
+    if not messages:
+        return {}
+    ids = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages, strict=True)}
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout
+    while ids and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(ids)):
+            node = ids.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                replies[node] = reply
+        if ids:
+            time.sleep(PULL_INTERVAL)
+    return replies
+
+
+def _failure(reply: Message | None) -> str | None:
+    """Why a reply does not count (None when it carries content)."""
+    if reply is None:
+        return "timeout"
+    if reply.has_error():
+        lines = (reply.error.reason or "").strip().splitlines()
+        return f"error {reply.error.code}: {lines[-1][:300] if lines else 'no reason given'}"
+    return None
