@@ -105,3 +105,21 @@ def write_tiny_toml(path: Path, model_dir: str, **sections: dict) -> Path:
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]  # JSON scalars are TOML
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_bert_dir, tmp_path_factory):
+    """The tiny BERT with LoRA on q, k, v and o (B drawn at random, so every adapter acts) and a 2-pair batch."""
+    from fedhead.models import build_model
+
+    cfg = tiny_config(tiny_bert_dir, tmp_path_factory.mktemp("lora"),
+                      lora={"target_modules": ["query", "key", "value", "output"]})
+    lm = build_model(cfg, 3)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = dict(lm.tokenizer(["the cat sat on the mat", "hi"], ["a dog", "yes it is"], padding=True,
+                              return_tensors="pt"))
+    batch["labels"] = torch.tensor([0, 2])
+    return lm, batch

@@ -6,10 +6,9 @@ import torch
 from fedhead.heads import head_confidence, kept_heads_mask, score_heads
 from fedhead.heads.importance import real_token_mask
 from fedhead.heads.pruning import heads_to_keep, sampled_scores
-from fedhead.models import build_model, head_map_for
+from fedhead.models import head_map_for
 from fedhead.models.head_map import UnsupportedModelError
 from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_, scatter_kept
-from tests.conftest import tiny_config
 
 
 def test_confidence_on_hand_built_attention():
@@ -73,21 +72,6 @@ def test_sampled_selection_spreads_over_heads_in_score_order():
         sampled_scores(scores, 1.0, torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="temperature"):
         sampled_scores(scores, 0.0, gen)
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_bert_dir, tmp_path_factory):
-    cfg = tiny_config(tiny_bert_dir, tmp_path_factory.mktemp("h"),
-                      lora={"target_modules": ["query", "key", "value", "output"]})
-    lm = build_model(cfg, 3)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    batch = dict(lm.tokenizer(["the cat sat on the mat", "hi"], ["a dog", "yes it is"], padding=True,
-                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([0, 2])
-    return lm, batch
 
 
 KEPT = torch.tensor([[True, False, True, False], [False, False, False, False]])  # block 1 loses every head

@@ -15,27 +15,11 @@ from fedhead.federated.client import client_update
 from fedhead.federated.server_optimizer import ServerOptimizer, server_step
 from fedhead.federated.state import trainable_state
 from fedhead.heads.pruning import rolling_heads_mask
-from fedhead.models import build_model
 from fedhead.models.slicing import attach_frozen_heads, prune_heads_, scale_kept_context
 from fedhead.runners.local import Simulation
 from tests.conftest import tiny_config
 
 KEPT = torch.tensor([[True, False, True, False], [False, True, False, False]])
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny_bert_dir, tmp_path_factory):
-    cfg = tiny_config(tiny_bert_dir, tmp_path_factory.mktemp("m"),
-                      lora={"target_modules": ["query", "key", "value", "output"]})
-    lm = build_model(cfg, 3)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    batch = dict(lm.tokenizer(["the cat sat on the mat", "hi"], ["a dog", "yes it is"], padding=True,
-                              return_tensors="pt"))
-    batch["labels"] = torch.tensor([0, 2])
-    return lm, batch
 
 
 def _grads(model):

@@ -194,12 +194,13 @@ def test_run_name_cannot_leave_the_output_folder(name, tmp_path):
 
 def test_temporary_files_of_a_killed_write_are_removed(tmp_path):
     """Defect 9: a kill just before the checkpoint rename left a .checkpoint.safetensors.* file forever."""
+    from fedhead.config import Config
+
     rd = RunDir(tmp_path)
-    rd.create("{}")
+    rd.create(Config().model_dump_json())
     stale = tmp_path / ".checkpoint.safetensors.abc123"
     stale.write_bytes(b"torn")
-    rd.accept_config.__func__  # noqa: B018 - the resume path
-    rd.remove_temporary_files()
+    rd.accept_config(Config())  # the resume path
     assert not stale.exists() and (tmp_path / "config.json").exists()
 
 

@@ -32,7 +32,7 @@ from fedhead.federated.privacy import dp_aggregate, epsilon_spent
 from fedhead.federated.selection import ClientStats, Selection
 from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks
 from fedhead.federated.state import State
-from fedhead.federated.validation import Rejection, check_update, clip_update, update_norm
+from fedhead.federated.validation import Rejection, screen_indexed
 from fedhead.models.head_map import HeadLayout
 
 # What a client may report about its own work (stats and timings): anything else is dropped.
@@ -100,46 +100,21 @@ def screen(
     known_sizes: dict[int, int] | None = None,
 ) -> tuple[list[int], list[ClientUpdate], list[Rejection]]:
     """The positions in `replies` of the accepted updates, those updates (clipped where the options say), and
-    the rejections with their reasons."""
-    positions: list[int] = []
-    accepted: list[ClientUpdate] = []
-    norms: list[float] = []
-    rejected: list[Rejection] = []
-    for i, reply in enumerate(replies):
-        update = reply.update
-        try:
-            problem = check_update(update, state, layout, max_examples=opts.max_examples)
-            if problem is None and update.client_id != reply.client:
-                problem = f"update claims client {update.client_id!r}, sent to client {reply.client}"
-            if problem is None and known_sizes and reply.client in known_sizes \
-                    and update.num_examples != known_sizes[reply.client]:
-                problem = f"data size {update.num_examples} differs from the {known_sizes[reply.client]} the " \
-                          "server knows for this client"
-            norm = update_norm(update, state, layout) if problem is None else 0.0
-            if problem is None and not math.isfinite(norm):
-                problem = "update norm is not finite"
-        except Exception as err:  # noqa: BLE001 - a malformed update must never stop the server
-            problem = f"malformed update: {type(err).__name__}: {err}"
-        if problem is None and opts.max_norm is not None and norm > opts.max_norm:
-            if opts.norm_action == "reject":
-                problem = f"update norm {norm:.4g} exceeds {opts.max_norm:.4g}"
-            else:
-                update, norm = clip_update(update, state, layout, opts.max_norm), opts.max_norm
-        if problem is not None:
-            rejected.append(Rejection(reply.client, problem))
-            continue
-        positions.append(i)
-        accepted.append(update)
-        norms.append(norm)
-    if opts.outlier_factor is not None and len(accepted) >= 3:
-        median = float(np.median(norms))
-        keep = [j for j, n in enumerate(norms) if n <= opts.outlier_factor * median]
-        for j, n in enumerate(norms):
-            if j not in keep:
-                rejected.append(Rejection(replies[positions[j]].client, f"update norm {n:.4g} is over "
-                                          f"{opts.outlier_factor}x the round's median {median:.4g}"))
-        positions, accepted = [positions[j] for j in keep], [accepted[j] for j in keep]
-    return positions, accepted, rejected
+    the rejections with their reasons (`validation.screen_indexed`, plus what the server knows of each client:
+    the id it sent to and, in simulation, its data size)."""
+    def knows(i: int, update: ClientUpdate) -> str | None:
+        client = replies[i].client
+        if update.client_id != client:
+            return f"update claims client {update.client_id!r}, sent to client {client}"
+        if known_sizes and client in known_sizes and update.num_examples != known_sizes[client]:
+            return (f"data size {update.num_examples} differs from the {known_sizes[client]} the server knows "
+                    "for this client")
+        return None
+
+    positions, accepted, rejected = screen_indexed(
+        [r.update for r in replies], state, layout, max_norm=opts.max_norm, norm_action=opts.norm_action,
+        outlier_factor=opts.outlier_factor, max_examples=opts.max_examples, extra_check=knows)
+    return positions, accepted, [Rejection(replies[i].client, reason) for i, reason in rejected]
 
 
 def client_line(reply: Reply, update: ClientUpdate) -> dict[str, Any]:

@@ -9,6 +9,7 @@ the run goes on.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,54 @@ def clip_update(update: ClientUpdate, global_state: State, layout: HeadLayout, b
                         update.loss_before, update.loss_after, update.train_loss, update.stats, update.timings)
 
 
+def screen_indexed(
+    updates: list[ClientUpdate],
+    global_state: State,
+    layout: HeadLayout,
+    *,
+    max_norm: float | None = None,
+    norm_action: str = "reject",
+    outlier_factor: float | None = None,
+    max_examples: int = 10**9,
+    extra_check: Callable[[int, ClientUpdate], str | None] | None = None,
+) -> tuple[list[int], list[ClientUpdate], list[tuple[int, str]]]:
+    """The positions in `updates` of the accepted ones, those updates (clipped where asked: a clipped update is a
+    new object, so callers keep clients by position), and (position, reason) for each rejected one.
+    `extra_check(position, update)` adds the caller's own checks (e.g. what the server knows of the client)."""
+    positions: list[int] = []
+    accepted: list[ClientUpdate] = []
+    norms: list[float] = []
+    rejected: list[tuple[int, str]] = []
+    for i, update in enumerate(updates):
+        try:
+            problem = check_update(update, global_state, layout, max_examples=max_examples)
+            if problem is None and extra_check is not None:
+                problem = extra_check(i, update)
+            norm = update_norm(update, global_state, layout) if problem is None else 0.0
+            if problem is None and not math.isfinite(norm):
+                problem = "update norm is not finite"
+        except Exception as err:  # noqa: BLE001 - a malformed update must never stop the server
+            problem = f"malformed update: {type(err).__name__}: {err}"
+        if problem is None and max_norm is not None and norm > max_norm:
+            if norm_action == "reject":
+                problem = f"update norm {norm:.4g} exceeds {max_norm:.4g}"
+            else:
+                update, norm = clip_update(update, global_state, layout, max_norm), max_norm
+        if problem is not None:
+            rejected.append((i, problem))
+            continue
+        positions.append(i)
+        accepted.append(update)
+        norms.append(norm)
+    if outlier_factor is not None and len(accepted) >= 3:
+        median = float(torch.tensor(norms).median())
+        keep = [j for j, n in enumerate(norms) if n <= outlier_factor * median]
+        rejected += [(positions[j], f"update norm {n:.4g} is over {outlier_factor}x the round's median {median:.4g}")
+                     for j, n in enumerate(norms) if j not in keep]
+        positions, accepted = [positions[j] for j in keep], [accepted[j] for j in keep]
+    return positions, accepted, rejected
+
+
 def screen_updates(
     updates: list[ClientUpdate],
     global_state: State,
@@ -100,37 +149,9 @@ def screen_updates(
     outlier_factor: float | None = None,
 ) -> tuple[list[ClientUpdate], list[Rejection]]:
     """Split updates into accepted (clipped where asked) and rejected ones with their reasons."""
-    accepted: list[ClientUpdate] = []
-    rejected: list[Rejection] = []
-    norms: dict[int, float] = {}
-    for update in updates:
-        try:
-            problem = check_update(update, global_state, layout)
-        except Exception as err:  # noqa: BLE001 - a malformed update must never stop the server
-            problem = f"malformed update: {type(err).__name__}: {err}"
-        if problem is not None:
-            rejected.append(Rejection(update.client_id, problem))
-            continue
-        norm = update_norm(update, global_state, layout)
-        if max_norm is not None and norm > max_norm:
-            if norm_action == "reject":
-                rejected.append(Rejection(update.client_id, f"update norm {norm:.4g} exceeds {max_norm:.4g}"))
-                continue
-            update = clip_update(update, global_state, layout, max_norm)
-            norm = max_norm
-        norms[id(update)] = norm
-        accepted.append(update)
-    if outlier_factor is not None and len(accepted) >= 3:
-        median = float(torch.tensor([norms[id(u)] for u in accepted]).median())
-        kept = []
-        for u in accepted:
-            if norms[id(u)] > outlier_factor * median:
-                rejected.append(Rejection(u.client_id, f"update norm {norms[id(u)]:.4g} is over {outlier_factor}x "
-                                                       f"the round's median {median:.4g}"))
-            else:
-                kept.append(u)
-        accepted = kept
-    return accepted, rejected
+    _, accepted, rejected = screen_indexed(updates, global_state, layout, max_norm=max_norm,
+                                           norm_action=norm_action, outlier_factor=outlier_factor)
+    return accepted, [Rejection(updates[i].client_id, reason) for i, reason in rejected]
 
 
 def receive_update(blob: bytes) -> tuple[ClientUpdate | None, str | None]:
