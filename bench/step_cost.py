@@ -1,5 +1,6 @@
 """Cost of one local training step of MiniLM + LoRA at head sparsity 0, 0.5, 0.7 and 0.9 for each pruning mode
-(remove, train_sparse, sparse_backward), at 128 and 512 tokens, in one run.
+(remove, train_sparse, sparse_backward; mixed with frozen_autograd = false on request), at 128 and 512 tokens,
+in one run.
 
 For each mode and sparsity it builds the model a client trains (fedhead's `prune_heads_`, plus the no-grad side
 heads of sparse_backward) and measures the forward+backward FLOPs counted by `torch.utils.flop_counter` under
@@ -81,14 +82,22 @@ def memory(model, batch) -> int:
     return saved[0] + 3 * trainable
 
 
-def working_model(lm, mode: str, kept: torch.Tensor):
-    """The model a client trains in `mode` with `kept` heads (as fedhead.federated.client.client_update builds it)."""
+def working_model(lm, mode: str, kept: torch.Tensor, scores: torch.Tensor):
+    """The model a client trains in `mode` with `kept` heads (as fedhead.federated.client.client_update builds it).
+
+    `mixed_no_grad@c`: heads.mode = "mixed" with frozen_autograd = false and compute_sparsity = c: the
+    lowest-scored fraction c of each block's heads removed, the other pruned heads computed without autograd.
+    """
     model = copy.deepcopy(lm.model)
-    if mode in ("remove", "sparse_backward") and not bool(kept.all()):
-        prune_heads_(model, lm.head_map, kept, lm.prefix)
-        if mode == "sparse_backward":
-            attach_frozen_heads(model, copy.deepcopy(lm.model), lm.head_map, kept, lm.prefix)
-    return model  # train_sparse: every head computed, the pruned heads' LoRA gradients masked after the step
+    if bool(kept.all()) or mode == "train_sparse":
+        return model  # train_sparse: every head computed, the pruned heads' LoRA gradients masked after the step
+    prune_heads_(model, lm.head_map, kept, lm.prefix)
+    if mode == "sparse_backward":
+        attach_frozen_heads(model, copy.deepcopy(lm.model), lm.head_map, kept, lm.prefix)
+    elif mode.startswith("mixed_no_grad@"):
+        computed = kept_heads_mask(scores, float(mode.split("@")[1]), "per_block") | kept
+        attach_frozen_heads(model, copy.deepcopy(lm.model), lm.head_map, kept, lm.prefix, computed & ~kept)
+    return model
 
 
 def main() -> None:
@@ -97,7 +106,8 @@ def main() -> None:
                         "else 8).")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
-    parser.add_argument("--modes", nargs="+", default=["remove", "train_sparse", "sparse_backward"])
+    parser.add_argument("--modes", nargs="+", default=["remove", "train_sparse", "sparse_backward"],
+                        help="remove, train_sparse, sparse_backward, mixed_no_grad@C (C: compute_sparsity)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps (0: FLOPs and memory only).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -118,7 +128,7 @@ def main() -> None:
                 if s == 0 and mode != args.modes[0]:
                     continue  # dense is the same model in every mode
                 kept = kept_heads_mask(scores, s, "per_block")
-                model = working_model(lm, mode if s > 0 else "dense", kept)
+                model = working_model(lm, mode if s > 0 else "dense", kept, scores)
                 flops, attn_flops = count(model, batch)
                 row = {"length": length, "batch": batch_size, "mode": mode if s > 0 else "dense", "sparsity": s,
                        "kept_heads": int(kept.sum()), "flops": flops, "attention_flops": attn_flops,

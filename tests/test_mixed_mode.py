@@ -56,3 +56,38 @@ def test_mixed_trains_kept_heads_only_at_intermediate_cost(sim):
     assert remove.stats["train_flops"] < mixed.stats["train_flops"] < sparse.stats["train_flops"]
     # the kept heads saw a different forward (two heads per block computed, one frozen), so they learned differently
     assert any(not torch.equal(mixed.tensors[n], remove.tensors[n]) for n in mixed.tensors)
+
+
+def test_mixed_without_autograd_reduces_to_sparse_backward_and_keeps_the_mixed_forward(sim):
+    """`heads.frozen_autograd = false`: the frozen heads are computed without autograd. Rules out a no-grad mixed
+    mode that drops its frozen heads (its first loss would be remove's), that keeps the removed ones (it would
+    be sparse_backward's), or that still runs autograd through the frozen heads (its FLOPs and saved bytes would
+    be mixed's)."""
+    sb, _ = _update(sim, mode="sparse_backward")
+    _same(_update(sim, mode="mixed", compute_sparsity=0.0, frozen_autograd=False)[0], sb)
+    _same(_update(sim, mode="mixed", compute_sparsity=0.75, frozen_autograd=False)[0], _update(sim, mode="remove")[0])
+    one_step = {"compute_sparsity": 0.5, "mode": "mixed"}
+    sim.cfg.federated.local_steps = 1  # the loss of the only step is the forward's before any update
+    try:
+        mixed, _ = _update(sim, **one_step)
+        no_grad, _ = _update(sim, **one_step, frozen_autograd=False)
+        remove, _ = _update(sim, mode="remove")
+    finally:
+        sim.cfg.federated.local_steps = 3
+    # the same forward up to dropout, whose masks the side computation draws in another order
+    assert abs(no_grad.train_loss - mixed.train_loss) < abs(no_grad.train_loss - remove.train_loss) / 10, (
+        no_grad.train_loss, mixed.train_loss, remove.train_loss)
+    assert remove.stats["train_flops"] < no_grad.stats["train_flops"] < mixed.stats["train_flops"]
+    assert no_grad.stats["peak_memory_bytes"] < mixed.stats["peak_memory_bytes"]
+    assert no_grad.tensors.keys() == mixed.tensors.keys()
+    for name in no_grad.tensors:
+        assert no_grad.tensors[name].shape == mixed.tensors[name].shape, name  # only the kept heads travel
+
+
+def test_frozen_autograd_applies_to_mixed_only():
+    from fedhead.config import HeadsSection
+
+    for bad in ({"mode": "sparse_backward"}, {"mode": "mixed", "scale_kept": True},
+                {"mode": "mixed", "compensate": "mean"}):
+        with pytest.raises(ValueError, match="frozen_autograd"):
+            HeadsSection(frozen_autograd=False, sparsity=0.9, **bad)

@@ -240,9 +240,9 @@ class HeadsSection(_Section):
         description="'remove': pruned heads are sliced out of the client's forward and backward; "
         "'train_sparse': they stay in the forward with global weights, only kept heads' LoRA is trained; "
         "'mixed': the lowest-scored compute_sparsity of the heads are removed, the other pruned heads stay in "
-        "the forward, frozen; 'sparse_backward': every head is in the forward (as train_sparse), but the pruned "
-        "heads are computed without autograd, so the backward and its saved activations hold only the kept "
-        "heads (BERT and LLaMA families).",
+        "the forward, frozen (with or without autograd, see frozen_autograd); 'sparse_backward': every head is in "
+        "the forward (as train_sparse), but the pruned heads are computed without autograd, so the backward and "
+        "its saved activations hold only the kept heads (BERT and LLaMA families).",
     )
     schedule: Literal["importance", "rolling"] = Field(
         "importance",
@@ -262,6 +262,12 @@ class HeadsSection(_Section):
         0.5, ge=0, lt=1,
         description="mixed: fraction of heads removed from the client's compute (at most the client's sparsity; "
         "a larger value is capped at it).",
+    )
+    frozen_autograd: bool = Field(
+        True,
+        description="mixed: the computed but untrained heads stay in autograd (true: the gradient reaching "
+        "earlier blocks flows through them, as in train_sparse) or are computed without autograd (false: as in "
+        "sparse_backward, so the backward and its saved activations hold only the trained heads).",
     )
 
     @model_validator(mode="after")
@@ -284,6 +290,15 @@ class HeadsSection(_Section):
         if self.compensate != "none" and self.mode not in ("remove", "mixed"):
             raise ValueError(f"heads.compensate stands in for removed heads: mode = '{self.mode}' removes none "
                              "from the forward")
+        if not self.frozen_autograd and self.mode != "mixed":
+            raise ValueError(f"heads.frozen_autograd = false chooses how mixed mode computes its frozen heads: it "
+                             f"does not apply to mode = '{self.mode}' (sparse_backward is always without autograd)")
+        if self.compensate != "none" and not self.frozen_autograd:
+            raise ValueError("heads.compensate does not apply with heads.frozen_autograd = false (the no-grad heads "
+                             "would be counted twice)")
+        if self.scale_kept and not self.frozen_autograd:
+            raise ValueError("heads.scale_kept does not apply with heads.frozen_autograd = false (the no-grad "
+                             "heads are added after the output projection, unscaled)")
         if self.scale_kept and self.mode not in ("remove", "mixed"):
             raise ValueError(f"heads.scale_kept scales what remains of a block with removed heads: it does not "
                              f"apply to mode = '{self.mode}'")

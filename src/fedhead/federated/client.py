@@ -167,13 +167,21 @@ def client_update(
     # in the client's autograd graph: the kept heads and, in mixed mode, the best-scored of the others
     computed = kept if removed >= sparsity else kept_heads_mask(ranking, removed, scope, floor) | kept
 
+    # heads computed without autograd: every pruned head (sparse_backward), the frozen ones (mixed, no autograd)
+    if cfg.heads.mode == "sparse_backward":
+        side = ~computed
+    elif cfg.heads.mode == "mixed" and not cfg.heads.frozen_autograd:
+        side, computed = computed & ~kept, kept
+    else:
+        side = torch.zeros_like(kept)
+
     work = copy.deepcopy(lm.model)
     handles: list = []
-    if removing:
+    if not bool(computed.all()):
         head_means = means.means() if cfg.heads.compensate == "mean" else None
         prune_heads_(work, lm.head_map, computed, lm.prefix, head_means)
-        if cfg.heads.mode == "sparse_backward":  # the removed heads come back as no-grad side computations
-            handles += attach_frozen_heads(work, copy.deepcopy(lm.model), lm.head_map, computed, lm.prefix)
+        if bool(side.any()):  # the side heads come back as no-grad side computations
+            handles += attach_frozen_heads(work, copy.deepcopy(lm.model), lm.head_map, computed, lm.prefix, side)
         if cfg.heads.scale_kept:
             handles += scale_kept_context(work, lm.head_map, computed, lm.prefix)
     on_device = {n: p.detach() for n, p in work.named_parameters() if p.requires_grad}

@@ -205,14 +205,16 @@ def scatter_kept(
 
 
 def attach_frozen_heads(
-    model: nn.Module, side: nn.Module, head_map: HeadMap, computed: torch.Tensor, prefix: str
+    model: nn.Module, side: nn.Module, head_map: HeadMap, computed: torch.Tensor, prefix: str,
+    side_heads: torch.Tensor | None = None,
 ) -> list:
     """Add back to `model` (already pruned to the `computed` heads) the heads it lacks, computed without autograd.
 
-    `side` is an unpruned copy of the model before pruning; it is pruned here to the other heads (~computed)
-    and frozen. In every block, the side attention runs on the block's input under `torch.no_grad()` and its
-    projected context W_o[:, pruned] ctx_pruned (LoRA of o included, the bias not twice) is added to the output
-    projection's output. The forward is the whole model's (every head, global weights for the side heads); the
+    `side` is an unpruned copy of the model before pruning; it is pruned here to `side_heads` (default: all the
+    heads `model` lacks, ~computed; a subset of them leaves the others removed, as mixed mode does) and frozen.
+    In every block, the side attention runs on the block's input under `torch.no_grad()` and its projected
+    context W_o[:, side] ctx_side (LoRA of o included, the bias not twice) is added to the output projection's
+    output. The forward is the whole model's (every head, global weights for the side heads); the
     backward and the tensors saved for it hold only the computed heads: the pruned heads' contribution is a
     constant to autograd, so the gradient reaching earlier blocks ignores the path through them. The side heads
     keep the values they had when attached: a shared LoRA tensor that trains (A of q/k/v, B of o) changes the
@@ -223,11 +225,14 @@ def attach_frozen_heads(
     if head_map.architecture not in ("bert", "llama"):
         raise UnsupportedModelError(
             f"heads.mode = 'sparse_backward' supports BERT- and LLaMA-family models, not {head_map.architecture}")
+    side_heads = ~computed if side_heads is None else side_heads
+    if bool((side_heads & computed).any()):
+        raise ValueError("a head cannot be both in the model and in its no-grad side copy")
     side.requires_grad_(False)
-    prune_heads_(side, head_map, ~computed, prefix)
+    prune_heads_(side, head_map, side_heads, prefix)
     handles = []
     for b, block in enumerate(head_map.blocks):
-        if bool(computed[b].all()):
+        if not bool(side_heads[b].any()):
             continue
         side_attention = side.get_submodule(prefix + block.attention)
         side_output = side.get_submodule(prefix + block.projections["output"])
