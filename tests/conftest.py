@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny randomly initialised BERT with MiniLM's real tokenizer, and the shared data."""
+"""Shared fixtures: tiny randomly initialised BERT, T5 and LLaMA models with real tokenizers (MiniLM's, t5-small's),
+and the shared data."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from fedhead.config import Config, config_from_dict
 from fedhead.models.loading import resolve_model_path
@@ -16,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MNLI_TRAIN = SHARED / "data/mnli/train.jsonl"
 MNLI_EVAL = SHARED / "data/mnli/validation_matched.jsonl"
+T5_TOKENIZER = SHARED / "models/t5-small-tokenizer"
 
 torch.set_num_threads(2)
 
@@ -34,6 +44,36 @@ def tiny_bert_dir(tmp_path_factory, minilm_path) -> str:
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer():
+    return AutoTokenizer.from_pretrained(T5_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, t5_tokenizer) -> str:
+    """A 2+2-layer, 4-head T5 (d_model 64) with random weights, saved beside the real t5-small tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_t5")
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32128, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
+                   num_decoder_layers=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    T5ForConditionalGeneration(cfg).save_pretrained(path)
+    t5_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, t5_tokenizer) -> str:
+    """A 2-layer LLaMA with grouped-query attention (8 query heads, 2 KV heads), random weights."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    t5_tokenizer.save_pretrained(path)
     return str(path)
 
 

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from fedhead.config import DataSection, config_from_dict
 from fedhead.data.generation import IGNORE, collate_generation, load_generation_data, prompts_batch
@@ -17,43 +16,12 @@ from fedhead.report import write_report
 from fedhead.runners.local import run_simulation
 from tests.conftest import MNLI_EVAL, MNLI_TRAIN, SHARED, read_metrics
 
-T5_TOKENIZER = SHARED / "models/t5-small-tokenizer"
 E2E = {"train": str(SHARED / "data/e2e_nlg/validation.jsonl"), "eval": str(SHARED / "data/e2e_nlg/test.jsonl"),
        "text_fields": ["meaning_representation"], "target_field": "human_reference"}
 XSUM = {"train": str(SHARED / "data/xsum/test_1000.jsonl"), "eval": None, "text_fields": ["document"],
         "target_field": "summary", "prompt": "Summarize: {document}"}
 MNLI_T2T = {"train": str(MNLI_TRAIN), "eval": str(MNLI_EVAL), "prompt": "mnli premise: {premise} hypothesis: "
             "{hypothesis}", "label_words": {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}}
-
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return AutoTokenizer.from_pretrained(T5_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def tiny_t5_dir(tmp_path_factory, t5_tokenizer) -> str:
-    """A 2+2-layer, 4-head T5 (d_model 64) with random weights, saved beside the real t5-small tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_t5")
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=32128, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
-                   num_decoder_layers=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    T5ForConditionalGeneration(cfg).save_pretrained(path)
-    t5_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, t5_tokenizer) -> str:
-    """A 2-layer LLaMA with grouped-query attention (8 query heads, 2 KV heads), random weights."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    t5_tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _config(model_dir: str, task: str, data: dict, tmp_path, **sections):

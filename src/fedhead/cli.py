@@ -180,6 +180,37 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
 
 
 @app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (its last checkpoint is the model scored).")],
+    data: Annotated[str, typer.Option(help="Data file (.jsonl/.json/.csv) or Hub dataset id, in the run's data "
+                                           "format (text fields, label field from its config).")],
+    label_map: Annotated[str | None, typer.Option(
+        help="FILE_LABEL=MODEL_LABEL[|MODEL_LABEL...],... for a file whose label names differ, e.g. "
+             "'not_entailment=neutral|contradiction' (a prediction in the set counts as that label).")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON file of the scores (default RUN_DIR/evaluate.STEM.json, "
+                                                  "STEM the data file's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Evaluation batch size (default: the run's "
+                                                               "federated.eval_batch_size).")] = None,
+    device: Annotated[str | None, typer.Option(help="Device to evaluate on (default: the run's device).")] = None,
+) -> None:
+    """Score a run's trained global model on a dataset: one line per metric, and a JSON file."""
+    from fedhead.evaluation import evaluate_run, parse_label_map
+
+    try:
+        mapping = parse_label_map(label_map)
+        result = evaluate_run(run_dir, data, mapping, batch_size, device)
+        target = out or run_dir / f"evaluate.{Path(data).stem}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2) + "\n")
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
+        _fail(err)
+    for name, value in result["metrics"].items():
+        typer.echo(f"{name} {value:.4f}")
+    typer.echo(f"examples {result['examples']}")
+    console.print(f"round {result['round']} of {run_dir} on {data}; scores in {target}", highlight=False)
+
+
+@app.command()
 def heads(
     config: Annotated[Path | None, typer.Argument(help="TOML config file (defaults when omitted).")] = None,
     out: Annotated[Path, typer.Option(help="Heat map PNG; the scores go beside it as JSON.")] = Path("heads.png"),

@@ -66,7 +66,7 @@ def _targets(records: datasets.Dataset, cfg: DataSection, words: dict[str, str] 
     return [words[str(v)] for v in records[cfg.label_field]]
 
 
-def _check_fields(records: datasets.Dataset, cfg: DataSection, source: str) -> None:
+def check_fields(records: datasets.Dataset, cfg: DataSection, source: str) -> None:
     wanted = [*([] if cfg.prompt else cfg.text_fields), cfg.target_field or cfg.label_field]
     for name in wanted:
         if name not in records.column_names:
@@ -104,7 +104,7 @@ def load_generation_data(
     seed: int = 0,
 ) -> GenerationData:
     """Load, check and tokenise the train and evaluation sets of a seq2seq or causal-LM task."""
-    train_raw, eval_raw = load_split_records(cfg, seed, check=lambda ds, src: _check_fields(ds, cfg, src))
+    train_raw, eval_raw = load_split_records(cfg, seed, check=lambda ds, src: check_fields(ds, cfg, src))
     words, label_names = None, []
     if cfg.target_field is None:  # classification, text-to-text
         values = label_names_of(list(train_raw[cfg.label_field]))
@@ -119,15 +119,24 @@ def load_generation_data(
         index = {v: i for i, v in enumerate(words)}
         columns["class_ids"] = [index[str(v)] for v in train_raw[cfg.label_field]]
     train = datasets.Dataset.from_dict(columns)
-    # evaluation: one row per distinct input, with every reference of that input (first occurrence order)
-    inputs, targets = render_inputs(eval_raw, cfg), _targets(eval_raw, cfg, words)
+    held_out = encode_evaluation(render_inputs(eval_raw, cfg), [[t] for t in _targets(eval_raw, cfg, words)],
+                                 tokenizer, task, max_length, max_target_length)
+    return GenerationData(train=train, eval=held_out, label_names=label_names)
+
+
+def encode_evaluation(
+    inputs: list[str], references: list[list[str]], tokenizer: PreTrainedTokenizerBase, task: str,
+    max_length: int, max_target_length: int,
+) -> datasets.Dataset:
+    """Evaluation rows: one per distinct input (first occurrence order) with every reference of every record that
+    has this input; the first reference is the target of the loss."""
     grouped: dict[str, list[str]] = {}
-    for x, y in zip(inputs, targets, strict=True):
-        grouped.setdefault(x, []).append(y)
+    for x, refs in zip(inputs, references, strict=True):
+        grouped.setdefault(x, []).extend(refs)
     firsts = [refs[0] for refs in grouped.values()]
     held_out = encode_pairs(list(grouped), firsts, tokenizer, task, max_length, max_target_length)
     held_out["references"] = list(grouped.values())
-    return GenerationData(train=train, eval=datasets.Dataset.from_dict(held_out), label_names=label_names)
+    return datasets.Dataset.from_dict(held_out)
 
 
 def collate_generation(rows: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:

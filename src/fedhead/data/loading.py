@@ -59,7 +59,7 @@ def load_records(source: str, split: str) -> datasets.Dataset:
         raise DataError(f"could not load dataset '{source}' (split '{split}'): {err}") from None
 
 
-def _check_fields(ds: datasets.Dataset, cfg: DataSection, source: str) -> None:
+def check_fields(ds: datasets.Dataset, cfg: DataSection, source: str) -> None:
     for field in [*cfg.text_fields, cfg.label_field]:
         if field not in ds.column_names:
             raise DataError(f"{source}: field '{field}' not found (fields: {', '.join(ds.column_names)})")
@@ -135,7 +135,7 @@ def load_classification_data(
     cfg: DataSection, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int = 0
 ) -> ClassificationData:
     """Load, check and tokenise the train and held-out sets of a classification task."""
-    train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, source: _check_fields(ds, cfg, source))
+    train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, source: check_fields(ds, cfg, source))
     names = label_names_of(list(train_raw[cfg.label_field]))
     index = {n: i for i, n in enumerate(names)}
     train = tokenize_split(train_raw, cfg, tokenizer, max_length, index, cfg.train)

@@ -1,0 +1,88 @@
+"""A run's trained global model, loaded back from its run directory (what `fedhead evaluate` and `fedhead export`
+start from).
+
+The model is the run's config (config.json) rebuilt with `build_model`, then its last checkpoint's trainable
+state loaded into it: the state that resuming continues from, written after every round, so an unfinished run
+has a model too. The frozen parts (the base weights, and LoRA A with `lora.freeze_a`) come from the model
+files and the seed exactly as in training. Label names come from partition.json, written when the run started.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedhead.config import Config, ConfigError, config_from_dict
+from fedhead.federated.state import load_state_
+from fedhead.models import LoadedModel, build_model
+from fedhead.models.loading import load_tokenizer
+from fedhead.runners.local import MOMENTS
+from fedhead.runners.run_dir import RunDir
+
+
+@dataclass
+class TrainedRun:
+    """The global model of a run directory after its last checkpointed round.
+
+    cfg: the run's config (its `device` possibly replaced); lm: the LoRA model holding the trained state, in eval
+    mode; label_names: the classes in the order of the classifier's outputs (classification) or the label words
+    (text-to-text classification; empty for free-text generation); round: the checkpoint's round.
+    """
+
+    cfg: Config
+    lm: LoadedModel
+    label_names: list[str]
+    round: int
+    path: Path
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The config.json of a run directory; ConfigError with one line when it is missing or damaged."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such run directory")
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{path} is not a run directory (no config.json)")
+    try:
+        return config_from_dict(json.loads(file.read_text()))
+    except (ValueError, UnicodeError) as err:
+        raise ConfigError(f"{file} is damaged ({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
+def load_trained(run_dir: str | Path, device: str | None = None) -> TrainedRun:
+    """Rebuild the global model of `run_dir` from its config and last checkpoint (see the module docstring).
+
+    Args:
+        run_dir: a run directory (config.json, partition.json, checkpoint.safetensors).
+        device: where to put the model ('cpu', 'cuda', ...; default: the run's `device`).
+
+    Raises:
+        ConfigError: no run directory, a damaged config.json or partition.json, or no checkpoint yet.
+    """
+    path = Path(run_dir)
+    cfg = read_run_config(path)
+    if device is not None:
+        cfg = cfg.model_copy(update={"device": device})
+    rd = RunDir(path)
+    try:
+        label_names = [str(n) for n in rd.read_json("partition.json")["label_names"]]
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no partition.json: the run never started") from None
+    except (ValueError, UnicodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path / 'partition.json'} is damaged ({type(err).__name__}: {err})") from None
+    checkpoint = rd.load_checkpoint()
+    if checkpoint is None:
+        raise ConfigError(f"{path} has no readable checkpoint (checkpoint.safetensors): the run has not finished "
+                          "a round")
+    saved, meta = checkpoint
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tokenizer = load_tokenizer(cfg)
+    lm = build_model(cfg, len(label_names), tokenizer)
+    load_state_(lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
+    lm.model.eval()
+    return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)

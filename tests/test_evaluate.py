@@ -1,0 +1,149 @@
+"""`fedhead evaluate`: a run's last checkpoint scored on a data file, with label maps, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedhead.cli import app
+from fedhead.config import ConfigError, config_from_dict
+from fedhead.evaluation import parse_label_map
+from fedhead.runners.local import run_simulation
+from fedhead.trained import load_trained
+from tests.conftest import MNLI_EVAL, MNLI_TRAIN, read_metrics, tiny_config
+
+EVAL_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def mnli_run(tiny_bert_dir, tmp_path_factory):
+    """A one-round run on the tiny BERT, and its evaluation set as a file: the first EVAL_SIZE pairs of
+    MNLI dev (three labels) and the same pairs with two labels (entailment / not_entailment)."""
+    out = tmp_path_factory.mktemp("evaluate")
+    cfg = tiny_config(tiny_bert_dir, out, data={"eval_size": EVAL_SIZE}, federated={"rounds": 1, "local_steps": 1})
+    run_simulation(cfg, out / "run")
+    rows = [json.loads(line) for line in MNLI_EVAL.read_text().splitlines()[:EVAL_SIZE]]
+    (out / "three.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    two = [{**r, "label": "entailment" if r["label"] == "entailment" else "not_entailment"} for r in rows]
+    (out / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in two))
+    return out
+
+
+def test_the_runs_own_evaluation_set_gives_its_last_scores(mnli_run):
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(mnli_run / "run"), "--data", str(mnli_run / "three.jsonl"),
+                                      "--batch-size", "5"])
+    # Assert
+    assert result.exit_code == 0, result.output
+    last = read_metrics(mnli_run / "run")[-1]
+    saved = json.loads((mnli_run / "run" / "evaluate.three.json").read_text())
+    assert saved["round"] == 1 and saved["examples"] == EVAL_SIZE
+    assert saved["metrics"]["accuracy"] == last["accuracy"]
+    assert saved["metrics"]["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)  # logsumexp vs cross_entropy
+    assert f"accuracy {last['accuracy']:.4f}" in result.stdout.splitlines()
+    confusion = saved["confusion"]
+    assert sum(confusion[y][y] for y in confusion) == round(last["accuracy"] * EVAL_SIZE)
+
+
+def test_two_way_file_scored_with_the_three_way_model(mnli_run):
+    """not_entailment=neutral|contradiction: a prediction of either counts, its probability is their sum."""
+    # Prepare
+    out = mnli_run / "two-way.json"
+    run = load_trained(mnli_run / "run", device="cpu")
+    rows = [json.loads(line) for line in (mnli_run / "two.jsonl").read_text().splitlines()]
+    batch = run.lm.tokenizer([r["premise"] for r in rows], [r["hypothesis"] for r in rows], padding=True,
+                             truncation=True, max_length=run.cfg.model.max_length, return_tensors="pt")
+    with torch.no_grad():
+        p = run.lm.model(**batch).logits.softmax(-1)  # (N, 3)
+    e = run.label_names.index("entailment")
+    is_e = torch.tensor([r["label"] == "entailment" for r in rows])
+    p_gold = torch.where(is_e, p[:, e], 1 - p[:, e])
+    predicted_e = p.argmax(-1) == e
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(mnli_run / "run"), "--data", str(mnli_run / "two.jsonl"),
+                                      "--label-map", "not_entailment = neutral|contradiction", "--out", str(out)])
+    # Assert
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["label_map"] == {"not_entailment": ["neutral", "contradiction"]}
+    assert saved["metrics"]["accuracy"] == float((predicted_e == is_e).float().mean())
+    assert saved["metrics"]["eval_loss"] == pytest.approx(float(-p_gold.log().mean()), abs=1e-5)
+    assert set(saved["confusion"]) == {"entailment", "not_entailment"}
+
+
+def test_label_map_syntax():
+    assert parse_label_map("a=x, b = y|z,") == {"a": ["x"], "b": ["y", "z"]}
+    assert parse_label_map(None) == {}
+    for bad in ["a", "=x", "a=", "a=x|", "a=x=y", "a=x,a=y"]:
+        with pytest.raises(ConfigError, match="label-map"):
+            parse_label_map(bad)
+
+
+@pytest.mark.parametrize("case", ["no run", "not a run", "no checkpoint", "unknown labels", "bad map",
+                                  "map to unknown", "missing field"])
+def test_errors_are_one_line(mnli_run, tmp_path, case):
+    # Prepare
+    run, data, extra = mnli_run / "run", mnli_run / "two.jsonl", []
+    if case == "no run":
+        run = tmp_path / "missing"
+    elif case == "not a run":
+        run = tmp_path
+    elif case == "no checkpoint":
+        run = tmp_path / "fresh"
+        run.mkdir()
+        for name in ("config.json", "partition.json"):
+            shutil.copy(mnli_run / "run" / name, run / name)
+    elif case == "bad map":
+        extra = ["--label-map", "not_entailment"]
+    elif case == "map to unknown":
+        extra = ["--label-map", "not_entailment=maybe"]
+    elif case == "missing field":
+        data = tmp_path / "nolabel.jsonl"
+        data.write_text('{"premise": "a", "hypothesis": "b"}\n')
+    expected = {"no run": "no such run directory", "not a run": "no config.json", "no checkpoint": "no readable "
+                "checkpoint", "unknown labels": "labels the model does not know: ['not_entailment'] (the model's "
+                "labels: contradiction, entailment, neutral)", "bad map": "FILE_LABEL=MODEL_LABEL",
+                "map to unknown": "['maybe'] not among the model's labels", "missing field": "field 'label' not found"}
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(data), *extra])
+    # Assert
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and expected[case] in error[0], result.output
+
+
+def test_text_to_text_run_uses_the_run_loops_evaluation(tiny_t5_dir, tmp_path):
+    """A T5 run generating label words: its evaluation set gives the run's last scores; with the two-way map a
+    generated 'maybe' or 'no' matches not_entailment, so no example scores lower than with three labels."""
+    # Prepare
+    words = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
+    cfg = config_from_dict({
+        "model": {"name": tiny_t5_dir, "task": "seq2seq", "max_length": 32, "max_target_length": 4},
+        "data": {"train": str(MNLI_TRAIN), "eval": str(MNLI_EVAL), "prompt": "mnli premise: {premise} hypothesis: "
+                 "{hypothesis}", "label_words": words, "train_size": 16, "eval_size": 12},
+        "generation": {"metrics": ["accuracy"], "max_new_tokens": 3},
+        "partition": {"method": "iid", "num_clients": 1},
+        "federated": {"rounds": 1, "clients_per_round": 1, "local_steps": 1, "batch_size": 8},
+        "heads": {"samples": 4}, "out": str(tmp_path), "run_name": "t5",
+    })
+    run_simulation(cfg, tmp_path / "t5")
+    rows = [json.loads(line) for line in MNLI_EVAL.read_text().splitlines()[:12]]
+    (tmp_path / "three.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    two = [{**r, "label": "entailment" if r["label"] == "entailment" else "not_entailment"} for r in rows]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in two))
+    # Execute
+    three_way = CliRunner().invoke(app, ["evaluate", str(tmp_path / "t5"), "--data", str(tmp_path / "three.jsonl")])
+    two_way = CliRunner().invoke(app, ["evaluate", str(tmp_path / "t5"), "--data", str(tmp_path / "two.jsonl"),
+                                       "--label-map", "not_entailment=neutral|no"])  # a label value or its word
+    # Assert
+    assert three_way.exit_code == 0 and two_way.exit_code == 0, three_way.output + two_way.output
+    last = read_metrics(tmp_path / "t5")[-1]
+    scores = json.loads((tmp_path / "t5" / "evaluate.three.json").read_text())["metrics"]
+    assert scores["accuracy"] == last["accuracy"]
+    assert scores["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)
+    two_scores = json.loads((tmp_path / "t5" / "evaluate.two.json").read_text())["metrics"]
+    assert two_scores["accuracy"] >= scores["accuracy"]
