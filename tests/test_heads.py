@@ -5,7 +5,7 @@ import torch
 
 from fedhead.heads import head_confidence, kept_heads_mask, score_heads
 from fedhead.heads.importance import real_token_mask
-from fedhead.heads.pruning import heads_to_keep, sampled_scores
+from fedhead.heads.pruning import consensus_heads_mask, heads_to_keep, sampled_scores
 from fedhead.models import head_map_for
 from fedhead.models.head_map import UnsupportedModelError
 from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_, scatter_kept
@@ -51,6 +51,20 @@ def test_heads_to_keep_and_masks():
     assert floor.tolist() == [[True, False, False, False], [False, False, False, True]]
     per_block = kept_heads_mask(scores, 0.5, scope="per_block")
     assert per_block.tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+def test_consensus_keeps_the_most_often_kept_heads_ties_by_mean_score():
+    """Rules out a consensus from the scores alone (head 3 has the highest mean score but is kept least often)
+    or from the last mask only, and a tie-break that overturns a frequency."""
+    kept = torch.tensor([[[1, 1, 0, 0]], [[1, 0, 1, 0]], [[1, 0, 1, 0]], [[0, 1, 0, 1]]], dtype=torch.bool)
+    scores = torch.tensor([[[0.1, 0.2, 0.3, 0.9]]] * 4)
+    # frequencies 3/4, 2/4, 2/4, 1/4; heads 1 and 2 tie and head 2 has the higher mean score
+    assert consensus_heads_mask(kept, scores, 0.5).tolist() == [[True, False, True, False]]
+    assert consensus_heads_mask(kept, scores, 0.75).tolist() == [[True, False, False, False]]
+    rolling = torch.ones(2, 1, 4, dtype=torch.bool)  # every head kept equally often: the scores decide
+    assert consensus_heads_mask(rolling, scores[:2], 0.5).tolist() == [[False, False, True, True]]
+    with pytest.raises(ValueError, match="N, blocks, heads"):
+        consensus_heads_mask(kept[0], scores[0], 0.5)
 
 
 def test_sampled_selection_spreads_over_heads_in_score_order():

@@ -72,3 +72,22 @@ def rolling_heads_mask(blocks: int, heads: int, sparsity: float, round_: int, cl
     kept = torch.zeros(blocks, heads, dtype=torch.bool)
     kept[:, window] = True
     return kept
+
+
+def consensus_heads_mask(kept: torch.Tensor, scores: torch.Tensor, sparsity: float,
+                         scope: str = "per_block") -> torch.Tensor:
+    """The heads a pruned global model keeps: those the clients kept most often.
+
+    kept: bool [N, blocks, heads], the kept-head masks of N client updates (e.g. every update of the last rounds);
+    scores: [N, blocks, heads], their head scores in [0, 1]. Head h is ranked by its keep frequency
+    f_h = (1/N) sum_n kept[n, h], ties broken by its mean score (s_h / (N + 1) < 1/N, so a tie-break never
+    overturns a frequency; with a rolling schedule every head is kept equally often and the mean score
+    decides); the top ceil((1 - sparsity) * ...) are kept as `kept_heads_mask` keeps them.
+    """
+    if kept.dim() != 3 or kept.shape != scores.shape:
+        raise ValueError(f"kept and scores must both be [N, blocks, heads], got {tuple(kept.shape)} and "
+                         f"{tuple(scores.shape)}")
+    n = kept.shape[0]
+    frequency = kept.double().mean(0)
+    ranking = frequency + scores.double().clamp(0, 1).mean(0) / (n + 1)
+    return kept_heads_mask(ranking, sparsity, scope)

@@ -1,0 +1,127 @@
+"""Pruned deployment: a finished run's global model with the heads its clients kept least often removed, scored
+beside the whole model, with the inference FLOPs and latency each needs.
+
+The mask is the consensus of the client updates of the last `--window` rounds
+(`fedhead.heads.pruning.consensus_heads_mask`: heads ranked by how often a client kept them, ties by mean
+confidence), at each of `--sparsities` (per block). The pruned model is the global model physically sliced to
+those heads (`prune_heads_`, LoRA included). Inference FLOPs are counted by `torch.utils.flop_counter` on one
+evaluation batch (eager attention); latency is the median forward time of that batch at `--threads`, the
+whole and the pruned model timed in the same process (compare the ratio, not the milliseconds).
+
+    python bench/pruned_deployment.py bench/results/frontier/seed0/remove-0.9 --sparsities 0.5 0.7 0.9
+    python bench/pruned_deployment.py RUN_DIR --pairs 2000     # fewer evaluation pairs: screening only
+
+Writes docs/results/pruned_deployment/<run name>.seed<S>.json (the run's folder name and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import ROOT
+
+from fedhead.config import Config
+from fedhead.data.batching import collate
+from fedhead.federated.accounting import count_flops
+from fedhead.federated.client import evaluate
+from fedhead.federated.state import load_state_
+from fedhead.heads.pruning import consensus_heads_mask
+from fedhead.models.slicing import prune_heads_
+from fedhead.runners.local import MOMENTS, Simulation
+from fedhead.runners.run_dir import RunDir
+
+RESULTS = ROOT / "docs" / "results" / "pruned_deployment"
+
+
+def client_masks(metrics: list[dict[str, Any]], window: int, blocks: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(kept [N, blocks, heads] bool, scores [N, blocks, heads]) of every client update in the last `window`
+    rounds of `metrics`."""
+    rounds = [m for m in metrics if m.get("round", 0) > 0][-window:]
+    kept, scores = [], []
+    for m in rounds:
+        for c in m["clients"]:
+            mask = torch.zeros(blocks * heads, dtype=torch.bool)
+            mask[c["kept_heads"]] = True
+            kept.append(mask.view(blocks, heads))
+            scores.append(torch.tensor(c["head_scores"], dtype=torch.float64))
+    if not kept:
+        raise ValueError("the run has no client update in its metrics")
+    return torch.stack(kept), torch.stack(scores)
+
+
+def inference_cost(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> tuple[int, float]:
+    """(forward FLOPs, median forward seconds) of `model` on `batch`, eval mode, no gradient."""
+    model.eval()
+    with torch.no_grad():
+        with count_flops() as flops:
+            model(**batch)
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - start)
+    return flops[0], statistics.median(times[1:])
+
+
+def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | None, repeats: int) -> dict[str, Any]:
+    rd = RunDir(run_dir)
+    cfg = Config.model_validate(rd.read_json("config.json"))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_size": pairs})})
+    sim = Simulation.setup(cfg)
+    saved, meta = rd.load_checkpoint()
+    load_state_(sim.lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
+    hm = sim.lm.head_map
+    kept, scores = client_masks(rd.metrics(), window, hm.num_blocks, hm.num_heads)
+    rows = sim.data.eval[: cfg.federated.eval_batch_size]
+    rows.pop("references", None)
+    batch = collate(rows, sim.lm.tokenizer)
+    out: dict[str, Any] = {"run": run_dir.name, "seed": cfg.seed, "round": meta["round"], "window": window,
+                           "updates": int(kept.shape[0]), "pairs": len(sim.data.eval), "models": []}
+    for s in [0.0, *sparsities]:
+        model = copy.deepcopy(sim.lm.model)
+        mask = consensus_heads_mask(kept, scores, s) if s > 0 else torch.ones(hm.num_blocks, hm.num_heads, dtype=bool)
+        if s > 0:
+            prune_heads_(model, hm, mask, sim.lm.prefix)
+        flops, seconds = inference_cost(model, batch, repeats)
+        result = evaluate(model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
+        out["models"].append({"sparsity": s, "kept_heads": int(mask.sum()), "accuracy": result["accuracy"],
+                              "eval_loss": result["eval_loss"], "inference_flops": flops,
+                              "inference_seconds": seconds, "mask": mask.int().tolist()})
+        print(f"{run_dir.name}: sparsity {s:.1f} ({int(mask.sum())} heads) accuracy {result['accuracy']:.4f}, "
+              f"{flops / 1e9:.1f} GFLOPs, {1000 * seconds:.0f} ms a batch", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="Finished run folders.")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    parser.add_argument("--window", type=int, default=5, help="Rounds whose client masks form the consensus.")
+    parser.add_argument("--pairs", type=int, default=None, help="Evaluation pairs (default: the whole file).")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for run_dir in args.runs:
+        result = measure(run_dir, args.sparsities, args.window, args.pairs, args.repeats)
+        whole = result["models"][0]
+        for m in result["models"]:
+            m["accuracy_drop_points"] = 100 * (whole["accuracy"] - m["accuracy"])
+            m["inference_flops_saved"] = whole["inference_flops"] / m["inference_flops"]
+            m["latency_saved"] = whole["inference_seconds"] / m["inference_seconds"]
+        suffix = "" if args.pairs is None else f".pairs{args.pairs}"
+        path = RESULTS / f"{result['run']}.seed{result['seed']}{suffix}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
