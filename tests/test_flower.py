@@ -1,6 +1,8 @@
-"""fedhead on Flower: the app's pieces, equivalence with the in-process engine on Flower's simulation engine, a
-real loopback deployment (flower-superlink + two flower-supernode processes + `flwr run`), and a SuperNode killed
-mid-round. Every process listens on 127.0.0.1 only and is stopped by its pid (its session) in a finally.
+"""fedhead on Flower: the app's pieces (node identities, the node table, device data checks, the strategy and
+the ClientApp over an in-process loop of messages), equivalence with the in-process engine on Flower's simulation
+engine, a real loopback deployment whose SuperNodes each train on their own file (flower-superlink + two
+flower-supernode processes + `flwr run`), and a SuperNode killed mid-round. Every process listens on 127.0.0.1
+only and is stopped by its pid (its session) in a finally.
 """
 
 from __future__ import annotations
@@ -18,14 +20,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
 
+from fedhead.config import ConfigError
+from fedhead.data.loading import DataError
+from fedhead.data.tasks import load_device_data
 from fedhead.federated.payload import decode_state
 from fedhead.federated.selection import ClientStats
+from fedhead.federated.state import trainable_state
+from fedhead.models.loading import load_tokenizer
 from fedhead.runners import flower_engine as fe
-from fedhead.runners.flower_app import select_among
-from fedhead.runners.flower_client import node_partition, payload_of, payload_record
-from fedhead.runners.local import run_simulation
-from tests.conftest import tiny_config
+from fedhead.runners.flower_app import nodes_config
+from fedhead.runners.flower_client import NodeIdentity, client_app, node_identity, payload_of, payload_record
+from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
+from fedhead.runners.flower_strategy import FedHeadStrategy, select_among
+from fedhead.runners.local import Simulation, run_simulation
+from tests.conftest import MNLI_TRAIN, tiny_config
+
+LABELS = ["contradiction", "entailment", "neutral"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -43,16 +57,155 @@ def test_payload_travels_unchanged():
     assert record.count_bytes() == len(blob) + len("payload")  # the Array's data is the payload itself
 
 
-def test_node_partition_from_node_config():
-    assert node_partition({"partition-id": 1, "num-partitions": 3}, 3) == (1, 3)
-    for bad in ({}, {"partition-id": 3, "num-partitions": 3}, {"partition-id": 0, "num-partitions": 2}):
-        with pytest.raises(ValueError):
-            node_partition(bad, 3)
+def test_node_identity_from_node_config():
+    assert node_identity({"partition-id": 1, "num-partitions": 3}) == NodeIdentity(1, 3)
+    assert node_identity({"data": "/d/local.jsonl", "client-id": 4}) == NodeIdentity(4, None, "/d/local.jsonl")
+    assert node_identity({"data": "/d/local.jsonl"}) == NodeIdentity(None, None, "/d/local.jsonl")
+    for bad, message in [({}, "serves no data"), ({"partition-id": 3, "num-partitions": 3}, r"not in \[0, 3\)"),
+                         ({"partition-id": 0}, "needs num-partitions"), ({"data": " "}, "data= is empty"),
+                         ({"data": "/d/x.jsonl", "client-id": -1}, "non-negative integer"),
+                         ({"data": "/d/x.jsonl", "client-id": "a"}, "non-negative integer")]:
+        with pytest.raises(ValueError, match=message):
+            node_identity(bad)
 
 
-class _Sim:  # the fields select_among reads
-    def __init__(self, cfg):
-        self.cfg = cfg
+@pytest.fixture
+def task_identity():
+    """Flower messages can be built outside a Flower process once the task's identity is set."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def _answer(node: int, record: dict | None = None, error: Error | None = None) -> Message:
+    query = Message(RecordDict(), node, "query")
+    if error is not None:
+        return Message(error, reply_to=query)
+    return Message(RecordDict({"node": ConfigRecord(record or {})}), reply_to=query)
+
+
+def test_node_table_gives_each_node_one_client_id(task_identity):
+    # Prepare
+    table = NodeTable(num_clients=3)
+    # Execute: explicit ids, numbered nodes, and nodes that cannot serve the run
+    table.update({10, 11, 12, 13, 14, 15, 16})
+    assigned = {
+        10: table.assign(10, _answer(10, {"client-id": 1})),  # device with client-id=1
+        11: table.assign(11, _answer(11)),  # device without client-id: the lowest free id
+        12: table.assign(12, _answer(12, {"client-id": 1})),  # id 1 is taken
+        13: table.assign(13, _answer(13, {"client-id": 2, "num-clients": 4})),  # partition of another split
+        14: table.assign(14, _answer(14, error=Error(NODE_CONFIG_ERROR, "serves no data"))),
+        15: table.assign(15, _answer(15, error=Error(2, "No query function registered"))),  # a user's app
+        16: table.assign(16, None),  # no answer
+    }
+    # Assert
+    assert assigned == {10: 1, 11: 0, 12: None, 13: None, 14: None, 15: 2, 16: None}
+    assert table.clients() == {0: 11, 1: 10, 2: 15}
+    # a node that left frees its id; a new node takes it; a partition node of the right split is known as one
+    assert table.update({10, 15, 20, 21}) == [20, 21]
+    assert table.assign(20, _answer(20)) == 0
+    assert table.assign(21, _answer(21, {"client-id": 0, "num-clients": 3})) is None  # 0 is held by node 20
+    table.exclude(20, "error 4001: data: labels not in data.labels")
+    assert table.clients() == {1: 10, 2: 15}
+    table.update({10, 15, 22})
+    assert table.assign(22, _answer(22, {"client-id": 0, "num-clients": 3})) == 0 and table.partition_nodes == {22}
+
+
+def test_config_without_training_data_needs_labels(tiny_bert_dir, tmp_path):
+    with pytest.raises(ConfigError, match="data.labels is required without data.train"):
+        tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "eval": ""})
+    with pytest.raises(ConfigError, match="repeats a value"):
+        tiny_config(tiny_bert_dir, tmp_path, data={"labels": ["a", "a"]})
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "eval": "", "labels": [0, 1]})
+    assert cfg.data.train is None and cfg.data.labels == ["0", "1"]
+
+
+def _write_records(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _mnli(count: int, labels: set[str] | None = None) -> list[dict]:
+    """The first `count` MultiNLI training pairs (with one of `labels`)."""
+    rows = [json.loads(line) for line in MNLI_TRAIN.read_text().splitlines()[:400]]
+    return [r for r in rows if labels is None or r["label"] in labels][:count]
+
+
+def test_device_data_is_checked_against_the_run_config(tiny_bert_dir, tmp_path):
+    # Prepare
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS})
+    tokenizer = load_tokenizer(cfg)
+    good = _write_records(tmp_path / "good.jsonl", _mnli(7))
+    no_field = _write_records(tmp_path / "no_field.jsonl", [{"premise": "a", "label": "neutral"}])
+    odd_label = _write_records(tmp_path / "odd.jsonl", [{"premise": "a", "hypothesis": "b", "label": "maybe"}])
+    # Execute, Assert
+    rows = load_device_data(cfg, str(good), tokenizer)
+    assert len(rows) == 7 and rows["labels"] == [LABELS.index(r["label"]) for r in _mnli(7)]
+    with pytest.raises(DataError, match="field 'hypothesis' not found"):
+        load_device_data(cfg, str(no_field), tokenizer)
+    with pytest.raises(DataError, match=r"odd.jsonl: labels not in data.labels: \['maybe'\]"):
+        load_device_data(cfg, str(odd_label), tokenizer)
+    with pytest.raises(DataError, match="data file not found"):
+        load_device_data(cfg, str(tmp_path / "elsewhere.jsonl"), tokenizer)
+    with pytest.raises(DataError, match="has no data.labels"):
+        load_device_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": None})}), str(good),
+                         tokenizer)
+
+
+class LoopGrid:
+    """The part of Flower's Grid a strategy uses, delivering each message to a ClientApp in this process with
+    the node config of its node (as a SuperNode would)."""
+
+    def __init__(self, app: ClientApp, node_configs: dict[int, dict]) -> None:
+        self.app, self.node_configs, self.replies = app, node_configs, {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_configs)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.replies)}-{i}"  # set by the SuperLink in Flower
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                              run_config={})
+            self.replies[msg.metadata.message_id] = self.app(msg, context)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def test_device_local_nodes_train_their_own_files_and_a_misfit_is_recorded(tiny_bert_dir, tmp_path, task_identity):
+    # Prepare: a server without training data; two devices with files of different sizes and label mixes, and one
+    # whose file has a label the run does not know
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
+                      partition={"num_clients": 3}, federated={"clients_per_round": 3, "selection": "loss_gap"})
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12, {"entailment", "neutral"}))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(20, {"contradiction"}))
+    bad = _write_records(tmp_path / "c" / "local.jsonl", [{"premise": "x", "hypothesis": "y", "label": "maybe"}])
+    sim = Simulation.setup(cfg, training_data=False)
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+    grid = LoopGrid(client_app, {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1},
+                                 9: {"data": str(bad)}})
+    # Execute: one round through the strategy's contract
+    messages = strategy.configure_train(1, ArrayRecord(trainable_state(sim.lm.model)), ConfigRecord(), grid)
+    arrays, scalars = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    # Assert
+    assert sim.parts == [] and sim.data.train is None and sim.data.label_names == LABELS
+    line = strategy.history[-1]
+    assert line["selected"] == [0, 1, 2]
+    assert {c["client"]: c["num_examples"] for c in line["clients"]} == {0: 12, 1: 20}
+    assert [(f["client"], f["node"]) for f in line["failed"]] == [(2, 9)]
+    assert line["failed"][0]["reason"] == f"error {DATA_ERROR}: data: {bad}: labels not in data.labels: ['maybe']"
+    assert strategy.nodes.clients() == {0: 7, 1: 8}  # the misfit is not selected again while it stays connected
+    assert scalars["clients"] == 2 and set(arrays.to_torch_state_dict()) == set(trainable_state(sim.lm.model))
 
 
 def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
@@ -61,16 +214,16 @@ def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
     for c, gap in [(1, 0.5), (2, 0.1), (4, 0.9), (5, 2.0)]:
         stats.record(c, 1, 1.0 + gap, 1.0, [0])
     # partitions 0 and 3 are not connected: only 1, 2, 4, 5 compete; 5 and 4 have the largest loss gaps
-    s = select_among([1, 2, 4, 5], _Sim(cfg), 2, np.random.default_rng(0), stats, lambda cs: {})
+    s = select_among([1, 2, 4, 5], cfg.federated, 2, np.random.default_rng(0), stats, lambda cs: {})
     assert s.clients == [4, 5] and set(s.priorities) == {4, 5}
     # every partition connected: exactly the in-process engine's draw
     from fedhead.federated.selection import select_clients
 
     cfg.federated.selection = "random"
-    s = select_among(list(range(6)), _Sim(cfg), 1, np.random.default_rng(3), stats, lambda cs: {})
+    s = select_among(list(range(6)), cfg.federated, 1, np.random.default_rng(3), stats, lambda cs: {})
     assert s.clients == select_clients("random", 6, 2, 1, np.random.default_rng(3), stats).clients
     # fewer partitions connected than clients_per_round: all of them
-    s = select_among([2], _Sim(cfg), 1, np.random.default_rng(3), stats, lambda cs: {})
+    s = select_among([2], cfg.federated, 1, np.random.default_rng(3), stats, lambda cs: {})
     assert s.clients == [2]
 
 
@@ -125,11 +278,10 @@ class Deployment:
         self.procs.append(link)
         fe.wait_for_port(self.port, 60, link, self.home / "superlink.log")
 
-    def start_supernode(self, partition: int, partitions: int) -> subprocess.Popen:
+    def start_supernode(self, node_config: str) -> subprocess.Popen:
         node = fe.start([fe.executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                         "--host", "127.0.0.1", "--port", str(fe.free_port()),
-                         "--node-config", f"partition-id={partition} num-partitions={partitions}"],
-                        self.env, self.home / f"supernode{partition}.log")
+                         "--host", "127.0.0.1", "--port", str(fe.free_port()), "--node-config", node_config],
+                        self.env, self.home / f"supernode{len(self.nodes)}.log")
         self.procs.append(node)
         self.nodes.append(node)
         return node
@@ -150,13 +302,14 @@ class Deployment:
 
 
 @contextmanager
-def deployment(partitions: int):
+def deployment(node_configs: list[str]):
+    """A SuperLink and one SuperNode per node config (`--node-config`), all stopped at the end."""
     home = Path(tempfile.mkdtemp(prefix="fedhead-deploy-"))
     d = Deployment(home)
     try:
         d.start_superlink()
-        for i in range(partitions):
-            d.start_supernode(i, partitions)
+        for node_config in node_configs:
+            d.start_supernode(node_config)
         yield d
     finally:
         d.stop_all()
@@ -175,22 +328,41 @@ def _deploy_config(tiny_bert_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_deployment_on_loopback_runs_two_rounds(tiny_bert_dir, tmp_path):
-    cfg, config_path = _deploy_config(tiny_bert_dir, tmp_path)
+def test_deployment_on_loopback_devices_train_on_their_own_files(tiny_bert_dir, tmp_path):
+    # Prepare: each device's file in a temporary directory of its own, of a different size and label mix; the
+    # server's config names no training file (it never learns where the devices' data is)
+    rows = [_mnli(30, {"entailment", "neutral"}), _mnli(50, {"contradiction", "neutral"})]
+    files = [_write_records(Path(tempfile.mkdtemp(prefix=f"fedhead-device{i}-")) / "local.jsonl", r)
+             for i, r in enumerate(rows)]
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS}, partition={"num_clients": 2},
+                      heads={"sparsity": 0.5}, federated={"clients_per_round": 2, "selection": "loss_gap"})
+    config_path = tmp_path / "server.json"
+    config_path.write_text(cfg.model_dump_json())
     run_dir = tmp_path / "deployed"
-    with deployment(2) as d:
-        run = d.flwr_run({"config": str(config_path), "run-dir": str(run_dir), "round-timeout": 240.0,
-                          "node-wait": 120.0})
-        run.wait(timeout=420)
-        assert run.returncode == 0, d.logs()
-        assert (run_dir / "summary.json").exists(), d.logs()
+    # Execute: the commands of docs/deployment.md
+    try:
+        with deployment([f'data="{f}" client-id={i}' for i, f in enumerate(files)]) as d:
+            run = d.flwr_run({"config": str(config_path), "run-dir": str(run_dir), "round-timeout": 240.0,
+                              "node-wait": 120.0})
+            run.wait(timeout=420)
+            assert run.returncode == 0, d.logs()
+            assert (run_dir / "summary.json").exists(), d.logs()
+    finally:
+        for f in files:
+            f.unlink()
+            f.parent.rmdir()
+    # Assert: both rounds complete, each client trained on exactly its own file's records
     metrics = _metrics(run_dir)
     assert [m["round"] for m in metrics] == [0, 1, 2]
     for m in metrics[1:]:
-        assert m["selected"] == [0, 1] and m["failed"] == [] and "accuracy" in m
-        assert [c["client"] for c in m["clients"]] == [0, 1]
+        assert m["selected"] == [0, 1] and m["failed"] == [] and m["rejected"] == [] and "accuracy" in m
+        assert {c["client"]: c["num_examples"] for c in m["clients"]} == {0: 30, 1: 50}
         assert all(len(c["kept_heads"]) == 4 and c["bytes_up"] > 0 for c in m["clients"])  # half of 2 x 4 heads
         assert m["bytes_down"] == 2 * m["clients"][0]["bytes_down"]
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["label_names"] == LABELS and partition["sizes"] == []  # the server holds no training data
+    assert not any(str(f.parent) in (run_dir / name).read_text() for f in files
+                   for name in ("config.json", "metrics.jsonl"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["bytes_up"] == sum(m["bytes_up"] for m in metrics[1:])
 
@@ -206,7 +378,7 @@ def _children(pid: int) -> list[int]:
 def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tiny_bert_dir, tmp_path):
     cfg, config_path = _deploy_config(tiny_bert_dir, tmp_path)
     run_dir = tmp_path / "fault"
-    with deployment(2) as d:
+    with deployment([f"partition-id={i} num-partitions=2" for i in range(2)]) as d:
         # round-timeout bounds the wait for the dead node (the SuperLink itself notices it ~60 s later)
         run = d.flwr_run({"config": str(config_path), "run-dir": str(run_dir), "round-timeout": 45.0,
                           "node-wait": 120.0})
@@ -229,7 +401,7 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_finishes(tiny_bert_di
     assert metrics[:2] == before  # nothing of the earlier rounds is lost or rewritten
     last = metrics[2]
     assert last["selected"] == [0, 1]
-    assert [f["client"] for f in last["failed"]] == [1] and last["failed"][0]["reason"]
+    assert [f["client"] for f in last["failed"]] == [1] and last["failed"][0]["reason"], last["failed"]
     assert [c["client"] for c in last["clients"]] == [0] and "skipped" not in last
     assert math.isfinite(last["eval_loss"])
     state = decode_state((run_dir / "checkpoint.safetensors").read_bytes())

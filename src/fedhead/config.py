@@ -70,10 +70,11 @@ class LoraSection(_Section):
 
 
 class DataSection(_Section):
-    train: str = Field(
+    train: str | None = Field(
         "../shared/data/mnli/train.jsonl",
         description="Training data: a .jsonl/.json/.csv file (relative paths from the working directory) or a "
-        "Hugging Face Hub dataset id.",
+        "Hugging Face Hub dataset id; None (\"\" in TOML) on a Flower server whose devices bring their own data "
+        "(`--node-config data=PATH`).",
     )
     eval: str | None = Field(
         "../shared/data/mnli/validation_matched.jsonl",
@@ -89,6 +90,10 @@ class DataSection(_Section):
         description="One field (single text) or two fields (text pair) holding the input text.",
     )
     label_field: str = Field("label", description="Field holding the label (strings or integers).")
+    labels: list[str] | None = Field(
+        None, min_length=1, description="The label values in class-index order (classification, also run "
+        "text-to-text). Default: those of the training file (numbers first, then strings sorted), else of "
+        "data.eval. Needed without data.train and data.eval; devices of a deployment are sent the run's labels.")
     target_field: str | None = Field(
         None, description="Generation tasks: field holding the target text (None: the label word of label_field, "
         "i.e. classification run text-to-text).")
@@ -107,10 +112,24 @@ class DataSection(_Section):
         "(use 'random' for files sorted by label, such as 20 Newsgroups).")
 
 
-    @field_validator("eval", mode="before")
+    @field_validator("train", "eval", mode="before")
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, value: object) -> object:
+        if isinstance(value, list):  # TOML `labels = [0, 1, 2]`: the values as the data files' labels compare
+            return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) < len(value):
+            raise ValueError(f"data.labels repeats a value: {value}")
+        return value
 
 
 class GenerationSection(_Section):
@@ -359,6 +378,12 @@ class Config(_Section):
                 f"partition.num_clients ({self.partition.num_clients})"
             )
         generating_text = self.model.task != "classification" and self.data.target_field is not None
+        if generating_text and self.data.labels is not None:
+            raise ValueError("data.labels applies to classification; a generation task with data.target_field "
+                             "has no labels")
+        if not generating_text and self.data.train is None and self.data.eval is None and not self.data.labels:
+            raise ValueError("data.labels is required without data.train: no training file (and no data.eval) "
+                             "gives the labels")
         if generating_text and self.partition.method == "dirichlet":
             raise ValueError("partition.method 'dirichlet' needs class labels; a generation task with "
                              "data.target_field has none: use 'iid'")

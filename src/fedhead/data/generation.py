@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import DataSection
-from fedhead.data.loading import DataError, label_names_of, load_split_records, strip_headers
+from fedhead.data.loading import DataError, check_labels, load_split_records, run_labels, strip_headers
 
 IGNORE = -100  # label id the loss skips
 
@@ -26,9 +26,10 @@ IGNORE = -100  # label id the loss skips
 class GenerationData:
     """Tokenised text-to-text train and evaluation sets (see the module docstring for the columns)."""
 
-    train: datasets.Dataset
-    eval: datasets.Dataset
+    train: datasets.Dataset | None  # None: no training file here (a Flower server of device-local nodes)
+    eval: datasets.Dataset | None  # None: nothing to evaluate on here
     label_names: list[str] = field(default_factory=list)  # text-to-text classification: the label words
+    label_values: list[str] = field(default_factory=list)  # ... and the label values they stand for (data.labels)
 
     @property
     def num_labels(self) -> int:
@@ -37,7 +38,9 @@ class GenerationData:
     @property
     def class_ids(self) -> list[int] | None:
         """Class index of each training row (text-to-text classification), else None."""
-        return list(self.train["class_ids"]) if "class_ids" in self.train.column_names else None
+        if self.train is None or "class_ids" not in self.train.column_names:
+            return None
+        return list(self.train["class_ids"])
 
 
 def render_inputs(records: datasets.Dataset, cfg: DataSection) -> list[str]:
@@ -105,23 +108,40 @@ def load_generation_data(
 ) -> GenerationData:
     """Load, check and tokenise the train and evaluation sets of a seq2seq or causal-LM task."""
     train_raw, eval_raw = load_split_records(cfg, seed, check=lambda ds, src: check_fields(ds, cfg, src))
-    words, label_names = None, []
+    words, values = None, []
     if cfg.target_field is None:  # classification, text-to-text
-        values = label_names_of(list(train_raw[cfg.label_field]))
-        words = {v: (cfg.label_words or {}).get(v, v) for v in values}
-        missing = sorted(set(map(str, eval_raw[cfg.label_field])) - set(words))
-        if missing:
-            raise DataError(f"{cfg.eval or cfg.train}: labels not in the training data: {missing[:5]}")
-        label_names = [words[v] for v in values]
-    columns = encode_pairs(render_inputs(train_raw, cfg), _targets(train_raw, cfg, words), tokenizer, task,
-                           max_length, max_target_length)
+        values = run_labels(cfg, train_raw, eval_raw)
+        words = label_words(cfg, values)
+        if eval_raw is not None:
+            check_labels(list(eval_raw[cfg.label_field]), values, cfg, str(cfg.eval or cfg.train))
+    train = None if train_raw is None else encode_training(train_raw, str(cfg.train), cfg, words, tokenizer, task,
+                                                           max_length, max_target_length)
+    held_out = None if eval_raw is None else encode_evaluation(
+        render_inputs(eval_raw, cfg), [[t] for t in _targets(eval_raw, cfg, words)], tokenizer, task, max_length,
+        max_target_length)
+    return GenerationData(train=train, eval=held_out, label_names=[words[v] for v in values] if words else [],
+                          label_values=values)
+
+
+def label_words(cfg: DataSection, values: list[str]) -> dict[str, str]:
+    """Label value -> the word the model generates for it (`data.label_words`, default the value itself)."""
+    return {v: (cfg.label_words or {}).get(v, v) for v in values}
+
+
+def encode_training(
+    raw: datasets.Dataset, source: str, cfg: DataSection, words: dict[str, str] | None,
+    tokenizer: PreTrainedTokenizerBase, task: str, max_length: int, max_target_length: int,
+) -> datasets.Dataset:
+    """Training rows of `raw` (read from `source`); text-to-text classification (`words` given) adds each row's
+    `class_ids`, and a label value without a word is an error."""
+    if words is not None:
+        check_labels(list(raw[cfg.label_field]), list(words), cfg, source)
+    columns = encode_pairs(render_inputs(raw, cfg), _targets(raw, cfg, words), tokenizer, task, max_length,
+                           max_target_length)
     if words is not None:
         index = {v: i for i, v in enumerate(words)}
-        columns["class_ids"] = [index[str(v)] for v in train_raw[cfg.label_field]]
-    train = datasets.Dataset.from_dict(columns)
-    held_out = encode_evaluation(render_inputs(eval_raw, cfg), [[t] for t in _targets(eval_raw, cfg, words)],
-                                 tokenizer, task, max_length, max_target_length)
-    return GenerationData(train=train, eval=held_out, label_names=label_names)
+        columns["class_ids"] = [index[str(v)] for v in raw[cfg.label_field]]
+    return datasets.Dataset.from_dict(columns)
 
 
 def encode_evaluation(

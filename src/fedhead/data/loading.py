@@ -27,9 +27,14 @@ class ClassificationData:
     `token_type_ids`) plus `labels`; sequences are unpadded (batches are padded to their own longest).
     """
 
-    train: datasets.Dataset
-    eval: datasets.Dataset
+    train: datasets.Dataset | None  # None: no training file here (a Flower server of device-local nodes)
+    eval: datasets.Dataset | None  # None: nothing to evaluate on here
     label_names: list[str]
+
+    @property
+    def label_values(self) -> list[str]:
+        """The label values in class-index order (what `data.labels` holds)."""
+        return self.label_names
 
     @property
     def num_labels(self) -> int:
@@ -76,6 +81,25 @@ def strip_headers(text: str) -> str:
     return body.strip() if sep and body.strip() else text
 
 
+def run_labels(cfg: DataSection, train_raw: datasets.Dataset | None, eval_raw: datasets.Dataset | None) -> list[str]:
+    """The run's label values in class-index order: `data.labels`, else those of the training records, else
+    those of the evaluation records (a server without training data); DataError when there are none."""
+    if cfg.labels is not None:
+        return list(cfg.labels)
+    source = train_raw if train_raw is not None else eval_raw
+    if source is None:
+        raise DataError("data.labels is required: no training or evaluation data here gives the labels")
+    return label_names_of(list(source[cfg.label_field]))
+
+
+def check_labels(values: list, labels: list[str], cfg: DataSection, source: str) -> None:
+    """DataError naming the label values in `source` that are not among the run's `labels`."""
+    unknown = sorted(set(map(str, values)) - set(labels))
+    if unknown:
+        known = "data.labels" if cfg.labels is not None else "the training data"
+        raise DataError(f"{source}: labels not in {known}: {unknown[:5]}")
+
+
 def tokenize_split(
     ds: datasets.Dataset,
     cfg: DataSection,
@@ -86,9 +110,7 @@ def tokenize_split(
 ) -> datasets.Dataset:
     """Tokenise text (single or pair) and map labels to integers; unknown labels are an error."""
     labels = [str(v) for v in ds[cfg.label_field]]
-    unknown = sorted(set(labels) - set(label_index))
-    if unknown:
-        raise DataError(f"{source}: labels not in the training data: {unknown[:5]}")
+    check_labels(labels, list(label_index), cfg, source)
     texts = [list(ds[f]) for f in cfg.text_fields]
     if any(t is None for col in texts for t in col):
         raise DataError(f"{source}: empty text in fields {cfg.text_fields}")
@@ -104,9 +126,16 @@ def tokenize_split(
 
 def load_split_records(
     cfg: DataSection, seed: int, check: Callable[[datasets.Dataset, str], None]
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
     """Raw train and held-out records, `check`ed, cut to train_size / eval_size; with no `eval` source,
-    eval_size training records (seeded) are held out."""
+    eval_size training records (seeded) are held out. Without `train` (a server of device-local nodes): no
+    training records, and the `eval` records if there is a source."""
+    if cfg.train is None:
+        if cfg.eval is None:
+            return None, None
+        eval_raw = load_records(cfg.eval, cfg.eval_split)
+        check(eval_raw, cfg.eval)
+        return None, _cut(eval_raw, cfg.eval_size, cfg, seed)
     train_raw = load_records(cfg.train, cfg.train_split)
     check(train_raw, cfg.train)
     if cfg.eval is not None:
@@ -118,17 +147,19 @@ def load_split_records(
                             "leaves nothing to train on (no data.eval file is set)")
         split = train_raw.train_test_split(test_size=cfg.eval_size or 0.1, seed=seed)
         train_raw, eval_raw = split["train"], split["test"]
-    def cut(ds: datasets.Dataset, size: int | None) -> datasets.Dataset:
-        if size is None or size >= len(ds):
-            return ds
-        if cfg.subset == "random":  # sorted by index: the sample keeps the file's order
-            return ds.select(sorted(np.random.default_rng(seed).permutation(len(ds))[:size].tolist()))
-        return ds.select(range(size))
-
-    train_raw, eval_raw = cut(train_raw, cfg.train_size), cut(eval_raw, cfg.eval_size)
+    train_raw, eval_raw = _cut(train_raw, cfg.train_size, cfg, seed), _cut(eval_raw, cfg.eval_size, cfg, seed)
     if len(train_raw) == 0:
         raise DataError(f"{cfg.train}: no training examples")
     return train_raw, eval_raw
+
+
+def _cut(ds: datasets.Dataset, size: int | None, cfg: DataSection, seed: int) -> datasets.Dataset:
+    """`size` records of `ds`: the first ones, or (subset = random) drawn with the seed, in the file's order."""
+    if size is None or size >= len(ds):
+        return ds
+    if cfg.subset == "random":  # sorted by index: the sample keeps the file's order
+        return ds.select(sorted(np.random.default_rng(seed).permutation(len(ds))[:size].tolist()))
+    return ds.select(range(size))
 
 
 def load_classification_data(
@@ -136,8 +167,11 @@ def load_classification_data(
 ) -> ClassificationData:
     """Load, check and tokenise the train and held-out sets of a classification task."""
     train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, source: check_fields(ds, cfg, source))
-    names = label_names_of(list(train_raw[cfg.label_field]))
+    names = run_labels(cfg, train_raw, eval_raw)
     index = {n: i for i, n in enumerate(names)}
-    train = tokenize_split(train_raw, cfg, tokenizer, max_length, index, cfg.train)
-    held_out = tokenize_split(eval_raw, cfg, tokenizer, max_length, index, cfg.eval or cfg.train)
-    return ClassificationData(train=train, eval=held_out, label_names=names)
+
+    def tokenized(raw: datasets.Dataset | None, source: str | None) -> datasets.Dataset | None:
+        return None if raw is None else tokenize_split(raw, cfg, tokenizer, max_length, index, str(source))
+
+    return ClassificationData(train=tokenized(train_raw, cfg.train), eval=tokenized(eval_raw, cfg.eval or cfg.train),
+                              label_names=names)

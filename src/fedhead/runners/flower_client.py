@@ -1,22 +1,37 @@
-"""fedhead's ClientApp: each node runs `client_update` on its partition and answers with the serialised update
-(the message contract is in `fedhead.runners.flower_app`'s docstring). Also the message plumbing both sides use:
-fedhead's safetensors bytes carried unchanged as one `Array` of an `ArrayRecord`, pushing messages and pulling
-their replies, and why a reply does not count.
+"""fedhead's ClientApp, the client-side helpers a Flower user calls in their own ClientApp, and the message
+plumbing both sides use (the message contract is in `fedhead.runners.flower_app`'s docstring).
+
+A node serves one client, chosen by its node config (`flower-supernode --node-config '...'`; values are TOML,
+so a path is quoted):
+
+    data="/path/local.jsonl" [client-id=I]   device-local: trains on that file only (any format data.train
+                                               accepts), checked against the run's config (fields, data.labels)
+    partition-id=I num-partitions=N          partition I of the run's data.train (simulations and demos)
+
+fedhead's safetensors bytes travel unchanged as one `Array` of an `ArrayRecord`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import datasets
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedhead.config import Config
+from fedhead.data.loading import DataError
+from fedhead.data.tasks import load_device_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import decode_state, encode_update
-from fedhead.federated.state import State, load_state_
+from fedhead.federated.state import load_state_
+from fedhead.models import LoadedModel, build_model
+from fedhead.models.loading import load_tokenizer
+from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR
 from fedhead.runners.local import Simulation
 
 PAYLOAD = "payload"
@@ -36,65 +51,156 @@ def payload_of(record: ArrayRecord) -> bytes:
     return bytes(record[PAYLOAD].data)
 
 
-_LOADED: dict[str, Simulation] = {}  # config JSON -> model, tokenizer, data, partitions: built once per process
+# ------------------------------------------------------------------------ helpers for any ClientApp
 
 
-def _loaded(config_json: str) -> Simulation:
-    if config_json not in _LOADED:
+def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Config | None = None) -> Message:
+    """fedhead's client round for a train message of `FedHeadStrategy`, on `data` (tokenised training rows, e.g.
+    from `fedhead.data.tasks.load_device_data`): score the heads of the received global model, prune, train the
+    kept heads' LoRA slices, and answer with the serialised update.
+
+    Args:
+        msg: the train message (its "arrays" hold the global state, its "config" the round and client id).
+        lm: the LoRA model of the run (`fedhead.models.build_model`), as the server built it.
+        data: this client's training rows.
+        cfg: the run's options; None: the config the message carries (the server's).
+    Returns:
+        The reply: "update" (ArrayRecord, the update's payload) and "metrics" (num-examples and timings).
+    """
+    conf = msg.content["config"]
+    cfg = cfg or Config.model_validate_json(str(conf["fedhead-config"]))
+    state = decode_state(payload_of(msg.content["arrays"]))
+    update = client_update(lm, state, data, cfg, int(conf["client-id"]), int(conf["server-round"]))
+    metrics = MetricRecord({**update.timings, "num-examples": update.num_examples})
+    return Message(RecordDict({"update": payload_record(encode_update(update)), "metrics": metrics}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Config | None = None) -> Message:
+    """The loss of the received global model on the first `heads.samples` rows of `data` (what power-of-choice
+    selection ranks candidates by), answered as MetricRecord "metrics": eval_loss, num-examples."""
+    cfg = cfg or Config.model_validate_json(str(msg.content["config"]["fedhead-config"]))
+    load_state_(lm.model, decode_state(payload_of(msg.content["arrays"])))
+    sample = data.select(range(min(cfg.heads.samples, len(data))))
+    loss = evaluate(lm.model, sample, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task)["eval_loss"]
+    return Message(RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": len(sample)})}),
+                   reply_to=msg)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What a node's config says it serves (see the module docstring)."""
+
+    client_id: int | None  # None: the server numbers the node
+    num_clients: int | None = None  # partition form: num-partitions
+    data: str | None = None  # device-local form: the node's own training file
+
+
+def node_identity(node_config: dict[str, Any]) -> NodeIdentity:
+    """This node's identity from its node config; ValueError (one line) when it serves no client."""
+    def integer(key: str) -> int:
+        value = node_config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"node config {key}={value!r} is not a non-negative integer")
+        return value
+
+    if "data" in node_config:
+        path = str(node_config["data"]).strip()
+        if not path:
+            raise ValueError("node config data= is empty: give the path of this device's training file")
+        return NodeIdentity(integer("client-id") if "client-id" in node_config else None, None, path)
+    if "partition-id" in node_config:
+        if "num-partitions" not in node_config:
+            raise ValueError("node config partition-id needs num-partitions (partition.num_clients)")
+        pid, n = integer("partition-id"), integer("num-partitions")
+        if pid >= n:
+            raise ValueError(f"node config partition-id {pid} is not in [0, {n})")
+        return NodeIdentity(pid, n)
+    raise ValueError("this node serves no data: start the SuperNode with --node-config 'data=\"/path/local.jsonl\"' "
+                     "(or 'partition-id=I num-partitions=N' for a demo)")
+
+
+def query_reply(msg: Message, context: Context) -> Message:
+    """Answer the server's query with this node's client id and, in partition form, the number of partitions
+    (`flower_nodes.NodeTable` turns it into the node's client id); an error when the node config is unusable."""
+    try:
+        identity = node_identity(dict(context.node_config))
+    except ValueError as err:
+        return Message(Error(NODE_CONFIG_ERROR, str(err)), reply_to=msg)
+    record = ConfigRecord()
+    if identity.client_id is not None:
+        record["client-id"] = identity.client_id
+    if identity.num_clients is not None:
+        record["num-clients"] = identity.num_clients
+    return Message(RecordDict({"node": record}), reply_to=msg)
+
+
+# ------------------------------------------------------------------------------- fedhead's ClientApp
+
+
+@dataclass
+class NodeData:
+    """What this node trains: the run's config and model, and its client's rows."""
+
+    cfg: Config
+    lm: LoadedModel
+    data: datasets.Dataset
+
+
+_LOADED: dict[tuple[str, NodeIdentity], NodeData] = {}  # built once per process (a node runs one client)
+
+
+def node_data(config_json: str, identity: NodeIdentity) -> NodeData:
+    """The run's model and this node's data: its own file (device-local form, with the run's labels) or its
+    partition of data.train. DataError when the data does not fit the run's config."""
+    key = (config_json, identity)
+    if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[config_json] = Simulation.setup(Config.model_validate_json(config_json))
-    return _LOADED[config_json]
+        cfg = Config.model_validate_json(config_json)
+        if identity.data is None:
+            sim = Simulation.setup(cfg)
+            _LOADED[key] = NodeData(cfg, sim.lm, sim.client_data(int(identity.client_id or 0)))
+        else:
+            torch.set_num_threads(cfg.threads or torch.get_num_threads())
+            tokenizer = load_tokenizer(cfg)
+            rows = load_device_data(cfg, identity.data, tokenizer)
+            _LOADED[key] = NodeData(cfg, build_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
+    return _LOADED[key]
 
 
-def node_partition(node_config: dict[str, Any], num_clients: int | None = None) -> tuple[int, int]:
-    """(partition id, number of partitions) from a node's config; ValueError when missing or inconsistent."""
-    if "partition-id" not in node_config:
-        raise ValueError("this node has no partition-id: start the SuperNode with "
-                         "--node-config 'partition-id=I num-partitions=N'")
-    pid = int(node_config["partition-id"])
-    n = int(node_config.get("num-partitions", num_clients or pid + 1))
-    if num_clients is not None and n != num_clients:
-        raise ValueError(f"node has num-partitions={n} but the run has partition.num_clients={num_clients}")
-    if not 0 <= pid < n:
-        raise ValueError(f"partition-id {pid} is not in [0, {n})")
-    return pid, n
-
-
-def _job(msg: Message, context: Context) -> tuple[Simulation, int, int, State]:
-    """The loaded run, this node's partition, the round and the received global state of a train/evaluate."""
-    conf = msg.content["fedhead"]
-    sim = _loaded(str(conf["config"]))
-    pid, _ = node_partition(dict(context.node_config), sim.cfg.partition.num_clients)
-    if int(conf["partition-id"]) != pid:
-        raise ValueError(f"message for partition {conf['partition-id']} reached the node of partition {pid}")
-    return sim, pid, int(conf["round"]), decode_state(payload_of(msg.content["state"]))
+def _serve(msg: Message, context: Context, reply: Any) -> Message:
+    """`reply(msg, lm, data, cfg)` on this node's data, or an error reply naming what does not fit."""
+    try:
+        identity = node_identity(dict(context.node_config))
+        conf = msg.content["config"]
+        if identity.client_id is not None and int(conf["client-id"]) != identity.client_id:
+            raise ValueError(f"message for client {conf['client-id']} reached the node of client {identity.client_id}")
+        node = node_data(str(conf["fedhead-config"]), identity)
+    except DataError as err:
+        return Message(Error(DATA_ERROR, f"data: {err}"), reply_to=msg)
+    except ValueError as err:
+        return Message(Error(NODE_CONFIG_ERROR, str(err)), reply_to=msg)
+    return reply(msg, node.lm, node.data, node.cfg)
 
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds."""
-    pid, n = node_partition(dict(context.node_config))
-    return Message(RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)
+    """Tell the server which client this node serves."""
+    return query_reply(msg, context)
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """fedhead's client update on this node's partition; answers with the serialised update."""
-    sim, pid, round_, state = _job(msg, context)
-    update = client_update(sim.lm, state, sim.client_data(pid), sim.cfg, pid, round_)
-    content = RecordDict({"update": payload_record(encode_update(update)), "timings": MetricRecord(update.timings)})
-    return Message(content, reply_to=msg)
+    """fedhead's client update on this node's data; answers with the serialised update."""
+    return _serve(msg, context, train_reply)
 
 
 @client_app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Loss of the received global model on this node's scoring sample (power_of_choice candidates)."""
-    sim, pid, _, state = _job(msg, context)
-    load_state_(sim.lm.model, state)
-    data = sim.client_data(pid)
-    sample = data.select(range(min(sim.cfg.heads.samples, len(data))))
-    loss = evaluate(sim.lm.model, sample, sim.lm.tokenizer, sim.cfg.federated.eval_batch_size)["eval_loss"]
-    return Message(RecordDict({"loss": MetricRecord({"eval_loss": loss})}), reply_to=msg)
+    return _serve(msg, context, evaluate_reply)
+
+
+# ------------------------------------------------------------------------------------ message plumbing
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> dict[int, Message]:
@@ -114,7 +220,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> dic
     return replies
 
 
-def _failure(reply: Message | None) -> str | None:
+def failure(reply: Message | None) -> str | None:
     """Why a reply does not count (None when it carries content)."""
     if reply is None:
         return "timeout"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhead.config import Config
+from fedhead.data.loading import DataError
 from fedhead.run_metrics import read_metrics
 from fedhead.runners.run_dir import RunDir
 
@@ -182,6 +183,9 @@ def run_flower(
 ) -> dict[str, Any]:
     """Run (or resume) `cfg` on Flower's simulation engine, writing `run_dir`; returns the summary (as
     `fedhead.runners.local.run_simulation` does). On failure the Flower home with the logs is kept and named."""
+    if cfg.data.train is None:
+        raise DataError("data.train is not set: Flower's simulation engine gives each simulated node a partition of "
+                        "it (devices that bring their own data run on the deployment engine, docs/deployment.md)")
     run_dir = Path(run_dir).resolve()
     rd = RunDir(run_dir)
     if resume:

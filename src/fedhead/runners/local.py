@@ -22,6 +22,7 @@ import torch
 
 from fedhead.config import Config
 from fedhead.data import label_histograms, partition_indices
+from fedhead.data.loading import DataError
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
@@ -49,17 +50,25 @@ class Simulation:
     server_moments: State = field(default_factory=dict)  # the server optimiser's state, checkpointed
 
     @classmethod
-    def setup(cls, cfg: Config) -> Simulation:
+    def setup(cls, cfg: Config, *, training_data: bool = True) -> Simulation:
+        """Model, data and partitions of `cfg`. training_data=False (a Flower server whose devices bring their
+        own data): data.train is not read, no partitions; the labels come from data.labels or data.eval."""
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
         tokenizer = load_tokenizer(cfg)
-        data = load_task_data(cfg, tokenizer)
+        read = cfg if training_data else cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})})
+        data = load_task_data(read, tokenizer)
         lm = build_model(cfg, data.num_labels, tokenizer)
+        if data.train is None:
+            return cls(cfg, lm, data, [])
         labels = class_labels(data)
         parts = partition_indices(labels if labels is not None else [0] * len(data.train), cfg.partition, cfg.seed)
         return cls(cfg, lm, data, parts)
 
     def evaluate_global(self) -> dict[str, float]:
-        """Loss and the task's metrics of the model as loaded (the global model) on the evaluation set."""
+        """Loss and the task's metrics of the model as loaded (the global model) on the evaluation set (nothing
+        when there is none: a Flower server without data.eval or training data only aggregates)."""
+        if self.data.eval is None:
+            return {}
         return evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
                         task=self.lm.task, generation=self.cfg.generation)
 
@@ -72,7 +81,7 @@ class Simulation:
         sample = self.cfg.heads.samples
         return {
             c: evaluate(self.lm.model, self.client_data(c).select(range(min(sample, len(self.parts[c])))),
-                        self.lm.tokenizer, self.cfg.federated.eval_batch_size)["eval_loss"]
+                        self.lm.tokenizer, self.cfg.federated.eval_batch_size, task=self.lm.task)["eval_loss"]
             for c in clients
         }
 
@@ -121,9 +130,9 @@ def server_options(cfg: Config) -> ServerOptions:
 def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats, selection: Selection,
                  received: list[Received], bytes_down: int, t0: float,
                  failed: list[dict[str, Any]] | None = None) -> tuple[State, dict[str, Any]]:
-    """The server's side of a round once the updates are in (every engine): `federated.server.server_round`,
-    timed. `received` is in the order of `selection.clients` minus the failed ones; `t0`: when the round
-    started (perf_counter); `failed`: clients that did not answer, with the reason."""
+    """The server's side of a round once the updates are in: `federated.server.server_round`, timed (the Flower
+    strategy calls it the same way). `received` is in the order of `selection.clients` minus the failed ones;
+    `t0`: when the round started (perf_counter); `failed`: clients that did not answer, with the reason."""
     answered = [c for c in selection.clients if c not in {f["client"] for f in failed or []}]
     replies = [Reply(client, update, down, up, timings)
                for client, (update, timings, down, up) in zip(answered, received, strict=True)]
@@ -157,6 +166,9 @@ def run_simulation(
     overwrite: a fresh run may replace another run's files in `run_dir` (otherwise ConfigError).
     """
     start = time.perf_counter()
+    if cfg.data.train is None:
+        raise DataError("data.train is not set: the in-process engine partitions it among its clients (devices "
+                        "that bring their own data run on Flower's deployment engine, docs/deployment.md)")
     rd = RunDir(run_dir)
     if not resume and rd.holds_a_run() and not overwrite:
         rd.create("", overwrite=False)  # raises the ConfigError before the model is loaded

@@ -1,0 +1,252 @@
+"""fedhead's server as a Flower `Strategy`: client selection among the connected nodes, screening, head-weighted
+aggregation, server optimisers and DP by `fedhead.federated.server.server_round`, over Flower messages.
+
+Use it as flwr's `FedAvg` is used, from `strategy.start(grid=..., initial_arrays=..., num_rounds=...,
+evaluate_fn=...)` in a ServerApp, with `fedhead.runners.flower_client.train_reply` in the ClientApp (README,
+"Your own Flower app"); fedhead's run loop (`fedhead run --engine flower`, deployments) drives the same
+`configure_train` / `aggregate_train` with checkpoints and a run directory (`flower_app.run_round`).
+
+Arrays in and out are the global trainable state as an `ArrayRecord` of named tensors (LoRA adapters and the task
+head: `ArrayRecord(trainable_state(model))`, `result.arrays.to_torch_state_dict()`). What travels to and from the
+nodes is fedhead's own safetensors payload (`flower_client.payload_record`), so the bytes recorded are those of
+the real messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedhead.config import Config, FederatedSection
+from fedhead.federated import server as fedhead_server
+from fedhead.federated.client import evaluate
+from fedhead.federated.payload import encode_state
+from fedhead.federated.selection import ClientStats, Selection, select_clients
+from fedhead.federated.server import Reply
+from fedhead.federated.state import State, load_state_
+from fedhead.federated.validation import receive_update
+from fedhead.models import HeadLayout, LoadedModel
+from fedhead.runners.flower_client import failure, payload_of, payload_record, send_and_receive
+from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
+from fedhead.runners.local import server_options
+from fedhead.seeds import SERVER, Stream, derived_seed
+
+log = logging.getLogger("flwr")
+
+
+@dataclass
+class _Round:
+    """What configure_train sent, for aggregate_train."""
+
+    state: State
+    selection: Selection
+    sent: dict[int, int]  # node id -> client id
+    down: int  # bytes of the state payload each node was sent
+    t0: float
+
+
+class FedHeadStrategy(Strategy):
+    """fedhead's server round behind Flower's strategy contract.
+
+    Args:
+        cfg: the run's options (`federated`, `robust`, `privacy`, `seed`; `partition.num_clients` = N, the client
+            ids selected among); sent to the nodes, so that fedhead's ClientApp can build the run's model.
+        layout: the head layout of the model the clients train (`LoadedModel.layout`).
+        known_sizes: client id -> data size, for nodes that serve a partition of a data.train the server also
+            has (an update claiming another size is rejected); default none known.
+        round_timeout: seconds a round waits for replies (also the messages' time to live), default 3600.
+        node_wait: seconds configure_train waits for clients_per_round (first round) or min_clients usable
+            nodes, default 600.
+
+    Server-side state: `stats` (client statistics), `rng` (selection), `moments` (server optimiser), `nodes`
+    (node id -> client id, `flower_nodes.NodeTable`) and `history` (fedhead's full metrics line of each round).
+    """
+
+    def __init__(self, cfg: Config, layout: HeadLayout, *, known_sizes: dict[int, int] | None = None,
+                 round_timeout: float = 3600.0, node_wait: float = 600.0) -> None:
+        self.cfg, self.layout = cfg, layout
+        self.options = server_options(cfg)
+        self.known_sizes = dict(known_sizes or {})
+        self.round_timeout, self.node_wait = round_timeout, node_wait
+        self.config_json = cfg.model_dump_json()
+        self.nodes = NodeTable(cfg.partition.num_clients)
+        self.stats, self.rng, self.moments = ClientStats(), np.random.default_rng(cfg.seed), {}
+        self.history: list[dict[str, Any]] = []
+        self._waited = False
+        self._round: _Round | None = None
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        fed = self.cfg.federated
+        log.info("\t├── fedhead: selection %s, aggregation %s, %d of %d clients a round (min %d), sparsity %s",
+                 fed.selection, fed.aggregation, fed.clients_per_round, self.cfg.partition.num_clients,
+                 fed.min_clients, self.cfg.heads.tiers or self.cfg.heads.sparsity)
+
+    # --- Strategy
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Select among the connected nodes (`federated.selection`) and send each the global state (fedhead's
+        payload bytes), its client id and the round."""
+        t0 = time.perf_counter()
+        state = arrays.to_torch_state_dict()
+        down = encode_state(state)
+        clients = self._wait_for_nodes(grid)
+        selection = select_among(sorted(clients), self.cfg.federated, server_round, self.rng, self.stats,
+                                 self._global_losses(grid, down, server_round, clients, config))
+        sent = {clients[c]: c for c in selection.clients}
+        self._round = _Round(state, selection, sent, len(down), t0)
+        return [self._message(down, n, c, server_round, "train", config) for n, c in sent.items()]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode the updates, record the failed nodes, and run `server_round` (screen, record, aggregate);
+        fedhead's full metrics line is appended to `history`."""
+        assert self._round is not None, "configure_train first"
+        r, self._round = self._round, None
+        partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        answered: list[Reply] = []
+        failed: list[dict[str, Any]] = []
+        for node, client in r.sent.items():
+            reply, why = self._decode(by_node.get(node), node, client, r.down)
+            if reply is not None:
+                answered.append(reply)
+            else:
+                log.warning("round %d: client %d (node %d) dropped: %s", server_round, client, node, why)
+                failed.append({"client": client, "node": node, "reason": why})
+        t_train = time.perf_counter()
+        known = {a.client: self.known_sizes[a.client] for a in answered
+                 if a.client in partition_clients and a.client in self.known_sizes}
+        noise = torch.Generator().manual_seed(derived_seed(self.cfg.seed, server_round, SERVER, Stream.DP_NOISE))
+        result = fedhead_server.server_round(
+            r.state, server_round, answered, r.selection, self.stats, self.moments, self.layout, self.options,
+            noise=noise, known_sizes=known, failed=failed, bytes_down=r.down * len(r.sent))
+        self.moments = result.moments
+        metrics = result.metrics
+        metrics["seconds_clients"] = t_train - r.t0
+        metrics["seconds_aggregate"] = time.perf_counter() - t_train
+        self.history.append(metrics)
+        scalars = {k: metrics[k] for k in ("bytes_down", "bytes_up", "train_flops", "scoring_flops")}
+        scalars["clients"] = len(metrics["clients"])
+        if metrics["train_loss"] is not None:
+            scalars["train_loss"] = metrics["train_loss"]
+        return ArrayRecord(result.state), MetricRecord(scalars)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates the global model (`evaluate_fn` of `start`, or
+        fedhead's run loop on data.eval)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see configure_evaluate)."""
+        return None
+
+    # --- nodes and messages
+
+    def _wait_for_nodes(self, grid: Grid) -> dict[int, int]:
+        """{client id: node id} of the usable connected nodes, after waiting up to node_wait s for
+        clients_per_round of them (the first round) or min_clients (later rounds); new nodes are queried."""
+        fed = self.cfg.federated
+        want = fed.min_clients if self._waited else fed.clients_per_round
+        deadline = time.monotonic() + self.node_wait
+        while True:
+            new = self.nodes.update(set(grid.get_node_ids()))
+            if new:
+                queries = [Message(RecordDict(), n, "query", ttl=self.round_timeout) for n in new]
+                answers = send_and_receive(grid, queries, min(self.round_timeout, 300.0))
+                for n in new:
+                    self.nodes.assign(n, answers.get(n))
+            clients = self.nodes.clients()
+            if len(clients) >= want or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        self._waited = True
+        if not clients:
+            raise RuntimeError(f"no usable node connected after {self.node_wait:.0f} s; once nodes are up, the run "
+                               "continues after its last checkpoint with run config resume=true")
+        return clients
+
+    def _message(self, down: bytes, node: int, client: int, round_: int, kind: str, config: ConfigRecord) -> Message:
+        conf = ConfigRecord({**dict(config.items()), "fedhead-config": self.config_json, "server-round": round_,
+                             "client-id": client})
+        content = RecordDict({"arrays": payload_record(down), "config": conf})
+        return Message(content, node, kind, group_id=str(round_), ttl=self.round_timeout)
+
+    def _global_losses(self, grid: Grid, down: bytes, round_: int, clients: dict[int, int],
+                       config: ConfigRecord) -> Callable[[list[int]], dict[int, float]]:
+        """The loss of the global model on each candidate's data (evaluate messages; power_of_choice)."""
+        def losses(candidates: list[int]) -> dict[int, float]:
+            messages = [self._message(down, clients[c], c, round_, "evaluate", config) for c in candidates]
+            replies = send_and_receive(grid, messages, self.round_timeout)
+            out = {}
+            for c in candidates:
+                reply = replies.get(clients[c])
+                if failure(reply) is None:
+                    try:
+                        out[c] = float(reply.content["metrics"]["eval_loss"])
+                    except Exception:  # noqa: BLE001, S112 - a bad answer counts as no answer
+                        continue
+            return out
+        return losses
+
+    def _decode(self, reply: Message | None, node: int, client: int, down: int) -> tuple[Reply | None, str]:
+        """The decoded reply of `node` (sent to `client`), or None and why it does not count."""
+        why = failure(reply)
+        if why is not None:
+            if reply is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
+                self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
+            return None, why
+        try:
+            blob = payload_of(reply.content["update"])
+        except Exception as err:  # noqa: BLE001 - whatever a node sends, the server goes on
+            return None, f"bad payload: {type(err).__name__}: {err}"
+        update, problem = receive_update(blob)
+        if update is None:
+            return None, problem if problem.startswith("bad payload") else f"bad payload: {problem}"
+        try:  # reported, not trusted: the server round keeps known keys with sane values only
+            reported = dict(reply.content["metrics"].items())
+        except Exception:  # noqa: BLE001 - a reply without metrics still counts
+            reported = {}
+        return Reply(client, update, down, len(blob), reported), ""
+
+
+def select_among(available: list[int], fed: FederatedSection, round_: int, rng: np.random.Generator,
+                 stats: ClientStats, global_loss_of: Callable[[list[int]], dict[int, float]]) -> Selection:
+    """`select_clients` over the client ids in `available` (sorted): positions in, client ids out.
+
+    With every client connected this is `select_clients` over all clients, draw for draw, so the Flower engine
+    picks what the in-process engine picks."""
+    pos = {c: i for i, c in enumerate(available)}
+    view = ClientStats(**{name: {pos[c]: v for c, v in getattr(stats, name).items() if c in pos}
+                          for name in ("last_round", "loss_global", "loss_local", "kept_heads")})
+
+    def losses(positions: list[int]) -> dict[int, float]:
+        by_client = global_loss_of([available[p] for p in positions])
+        return {p: by_client.get(available[p], -math.inf) for p in positions}
+
+    s = select_clients(fed.selection, len(available), min(fed.clients_per_round, len(available)), round_, rng, view,
+                       exploration=fed.exploration, candidates_d=fed.power_of_choice_d, global_loss_of=losses)
+    return Selection([available[p] for p in s.clients], {available[p]: v for p, v in s.priorities.items()}, s.reason)
+
+
+def central_evaluation(lm: LoadedModel, data: datasets.Dataset, cfg: Config
+                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """An `evaluate_fn` for `Strategy.start`: loss and the task's metrics of the global model on `data`."""
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_state_(lm.model, arrays.to_torch_state_dict())
+        return MetricRecord(evaluate(lm.model, data, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task,
+                                     generation=cfg.generation))
+    return evaluate_fn
