@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from fedhead.cli import app
+from fedhead.report import Run, curve_bands
 from fedhead.runners.local import run_simulation
 from tests.conftest import tiny_config
 
@@ -17,6 +19,7 @@ def two_runs(tiny_bert_dir, tmp_path_factory):
     pruned = tiny_config(tiny_bert_dir, out, run_name="pruned", heads={"sparsity": 0.5})
     run_simulation(dense, out / "dense")
     run_simulation(pruned, out / "pruned")
+    run_simulation(pruned.model_copy(update={"seed": 1, "run_name": "pruned-seed1"}), out / "pruned-seed1")
     return out
 
 
@@ -44,3 +47,15 @@ def test_report_table_and_plots(two_runs, tmp_path):
 def test_report_rejects_a_non_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_runs_that_differ_by_seed_share_one_band(two_runs):
+    """Rules out a band drawn per run (three lines for two configurations) or a band whose mean or edges are
+    not those of the seeds' curves."""
+    runs = [Run.load(two_runs / name) for name in ("dense", "pruned", "pruned-seed1")]
+    dense, pruned = curve_bands(runs, "round")
+    assert (dense.label, dense.runs, pruned.label, pruned.runs) == ("dense", 1, "pruned", 2)
+    (_, a), (_, b) = runs[1].curve("round"), runs[2].curve("round")
+    assert not np.array_equal(a, b)  # the seed changed the curve
+    assert np.allclose(pruned.mean, (a + b) / 2) and np.array_equal(pruned.low, np.minimum(a, b))
+    assert np.array_equal(pruned.high, np.maximum(a, b)) and np.array_equal(dense.mean, runs[0].curve("round")[1])

@@ -9,6 +9,7 @@ swings by several points); the target accuracy defaults to the baseline's mean m
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,48 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
     return "\n".join(lines) + note
 
 
+SEED_ONLY = ("seed", "run_name", "out", "threads", "device")  # config keys that do not make another configuration
+
+
+@dataclass
+class Band:
+    """The curve of one configuration over its runs (seeds): mean, min and max at each evaluation."""
+
+    label: str
+    runs: int
+    x: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped by configuration: configs equal up to the seed (and run name, output folder, threads,
+    device), in the order of their first run."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        key = json.dumps({k: v for k, v in run.config.items() if k not in SEED_ONLY}, sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def curve_bands(runs: list[Run], x: str) -> list[Band]:
+    """One `Band` per configuration: at the i-th evaluation, x and the metric averaged over the group's runs
+    (the evaluations a run lacks are left out: the curves are cut at the shortest), with their min and max."""
+    bands = []
+    for group in seed_groups(runs):
+        curves = [run.curve(x) for run in group]
+        n = min(len(xs) for xs, _ in curves)
+        xs = np.stack([c[0][:n] for c in curves])
+        ys = np.stack([c[1][:n] for c in curves])
+        label = group[0].name if len(group) == 1 else re.sub(r"[-_.]?seed\d+$", "", group[0].name)
+        bands.append(Band(label, len(group), xs.mean(0), ys.mean(0), ys.min(0), ys.max(0)))
+    return bands
+
+
 def plot_curves(runs: list[Run], out: Path) -> list[Path]:
-    """Accuracy vs round, vs cumulative bytes up, vs cumulative training FLOPs; one line per run."""
+    """Accuracy vs round, vs cumulative bytes up, vs cumulative training FLOPs; one line per configuration,
+    with a min-max band over its seeds when several runs differ only by the seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,9 +237,11 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
     for x, label, scale in [("round", "round", 1.0), ("bytes_up", "cumulative bytes up (MB)", 1e6),
                             ("train_flops", "cumulative training FLOPs (TFLOP)", 1e12)]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for run in runs:
-            xs, ys = run.curve(x)
-            ax.plot(xs / scale, ys, marker="o", markersize=3, label=f"{run.name}")
+        for band in curve_bands(runs, x):
+            name = band.label if band.runs == 1 else f"{band.label} (mean of {band.runs} seeds, min-max)"
+            line = ax.plot(band.x / scale, band.mean, marker="o", markersize=3, label=name)[0]
+            if band.runs > 1:
+                ax.fill_between(band.x / scale, band.low, band.high, color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel(runs[0].metric_key() if runs else "accuracy")
         ax.grid(alpha=0.3)
