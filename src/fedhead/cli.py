@@ -211,6 +211,23 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (its last checkpoint is the model exported).")],
+    out: Annotated[Path, typer.Argument(help="New directory for the model (must not exist, or be empty).")],
+) -> None:
+    """Write a run's trained global model, LoRA merged, as a directory plain transformers loads."""
+    from fedhead.export import export_run
+
+    try:
+        result = export_run(run_dir, out)
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
+        _fail(err)
+    trust = ", trust_remote_code=True" if result.remote_code else ""
+    console.print(f"{result.architecture} in {out}: transformers.{result.auto_class}.from_pretrained('{out}'{trust})",
+                  highlight=False)
+
+
+@app.command()
 def heads(
     config: Annotated[Path | None, typer.Argument(help="TOML config file (defaults when omitted).")] = None,
     out: Annotated[Path, typer.Option(help="Heat map PNG; the scores go beside it as JSON.")] = Path("heads.png"),
