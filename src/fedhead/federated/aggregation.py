@@ -12,7 +12,8 @@ dense FedAvg baseline exactly. Under grouped-query attention a key/value unit (s
 gets, per client, the mean of its query heads' weights (0 for the heads the client pruned), so every client
 that kept any of them counts.
 
-Robust options for faulty or malicious clients: 'median' (coordinate-wise median) and 'trimmed_mean'
+Robust options for faulty or malicious clients: 'median' (coordinate-wise median; of an even count of values
+the lower middle one, torch.nanmedian's convention, where Flower's FedMedian averages the two) and 'trimmed_mean'
 (coordinate-wise mean after cutting c = max(1, floor(n * trim_fraction)) of the lowest and of the highest
 values; Yin et al. 2018), each over the n clients that kept the head, unweighted. Head pruning leaves some heads
 with few values, where a plain median of 2 is one client's choice and a 20% trim of 4 cuts nothing; so a
