@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedhead.config import Config, ConfigError, config_from_dict, config_reference, load_config
@@ -48,8 +50,8 @@ def _fail(err: Exception) -> None:
     user = isinstance(err, USER_ERRORS)
     kind = "" if isinstance(err, ConfigError | DataError | UnsupportedModelError) else f"{type(err).__name__}: "
     message = " ".join(str(err).split()) or type(err).__name__
-    console.print(f"[bold red]{'error' if user else 'internal error'}:[/] {kind}{message}", markup=True,
-                  highlight=False)
+    console.print(f"[bold red]{'error' if user else 'internal error'}:[/] {escape(kind + message)}", markup=True,
+                  highlight=False)  # escaped: a message may hold brackets, e.g. fedhead[tensorboard]
     raise typer.Exit(code=2 if user else 1)
 
 
@@ -106,6 +108,8 @@ def run(
         Engine, typer.Option(help="local: in-process simulation; flower: Flower's simulation engine (Ray), "
                              "one simulated SuperNode per client.")
     ] = Engine.local,
+    tensorboard: Annotated[bool, typer.Option(
+        help="Also write each round's scalars to RUN_DIR/tensorboard (needs fedhead[tensorboard]).")] = False,
 ) -> None:
     """Run a federated experiment; results go to OUT/RUN_NAME/."""
     if engine == Engine.flower:
@@ -137,7 +141,7 @@ def run(
                 clients_per_round=clients_per_round)}
             cfg = load_config(config, overrides)
             run_dir = Path(cfg.out) / (cfg.run_name or "run")
-        summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation, overwrite)
+        summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation, overwrite, tensorboard)
     except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)
     console.print(f"[green]done[/]: final {summary.get('metric')} {summary.get('final_score')}, results in {run_dir}")
@@ -145,8 +149,25 @@ def run(
 
 
 def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, run_simulation,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, tensorboard: bool = False) -> dict:
+    """Run with a progress bar on a terminal, else one log line a round; with `tensorboard`, each round's
+    scalars also go to RUN_DIR/tensorboard (the same per-round callback)."""
     log = logging.getLogger("fedhead")
+    tracker = None
+    if tensorboard:
+        from fedhead.tracking import TensorBoardTracker
+
+        tracker = TensorBoardTracker(run_dir, cfg)  # a missing package fails here, before the run starts
+
+    def tracked(show: Callable[[dict], None]) -> Callable[[dict], None]:
+        if tracker is None:
+            return show
+
+        def both(m: dict) -> None:
+            show(m)
+            tracker(m)
+
+        return both
 
     started, first_round = time.monotonic(), [None]
 
@@ -165,18 +186,22 @@ def _run_with_progress(cfg: Config, run_dir: Path, resume: bool, quiet: bool, ru
             eta = f" (about {(time.monotonic() - started) / done * left / 60:.1f} min left)" if left else ""
         return f"round {m['round']}/{cfg.federated.rounds}{loss}{acc}{up}{took}{eta}"
 
-    if quiet or not console.is_terminal:  # a file, a pipe, a batch job: one log line a round
-        return run_simulation(cfg, run_dir, resume=resume, on_round=lambda m: log.info(line(m)),
-                              overwrite=overwrite)
-    columns = (TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("", total=cfg.federated.rounds)
+    try:
+        if quiet or not console.is_terminal:  # a file, a pipe, a batch job: one log line a round
+            return run_simulation(cfg, run_dir, resume=resume, on_round=tracked(lambda m: log.info(line(m))),
+                                  overwrite=overwrite)
+        columns = (TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"))
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("", total=cfg.federated.rounds)
 
-        def update(m: dict) -> None:
-            progress.update(task, completed=m["round"], description=line(m))
+            def update(m: dict) -> None:
+                progress.update(task, completed=m["round"], description=line(m))
 
-        return run_simulation(cfg, run_dir, resume=resume, on_round=update, overwrite=overwrite)
+            return run_simulation(cfg, run_dir, resume=resume, on_round=tracked(update), overwrite=overwrite)
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 @app.command()
