@@ -35,9 +35,9 @@ from fedhead.runners import flower_engine as fe
 from fedhead.runners.flower_app import nodes_config
 from fedhead.runners.flower_client import NodeIdentity, client_app, node_identity, payload_of, payload_record
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
-from fedhead.runners.flower_strategy import FedHeadStrategy, select_among
+from fedhead.runners.flower_strategy import FedHeadStrategy, central_evaluation, select_among
 from fedhead.runners.local import Simulation, run_simulation
-from tests.conftest import MNLI_TRAIN, tiny_config
+from tests.conftest import MNLI_TRAIN, ROOT, tiny_config, write_tiny_toml
 
 LABELS = ["contradiction", "entailment", "neutral"]
 
@@ -182,7 +182,8 @@ class LoopGrid:
         return self.pull_messages(self.push_messages(messages))
 
 
-def test_device_local_nodes_train_their_own_files_and_a_misfit_is_recorded(tiny_bert_dir, tmp_path, task_identity):
+def test_strategy_start_device_local_nodes_train_their_own_files_and_a_misfit_is_recorded(
+        tiny_bert_dir, tmp_path, task_identity):
     # Prepare: a server without training data; two devices with files of different sizes and label mixes, and one
     # whose file has a label the run does not know
     cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
@@ -194,18 +195,23 @@ def test_device_local_nodes_train_their_own_files_and_a_misfit_is_recorded(tiny_
     strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
     grid = LoopGrid(client_app, {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1},
                                  9: {"data": str(bad)}})
-    # Execute: one round through the strategy's contract
-    messages = strategy.configure_train(1, ArrayRecord(trainable_state(sim.lm.model)), ConfigRecord(), grid)
-    arrays, scalars = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    initial = trainable_state(sim.lm.model)
+    # Execute: Flower's own run loop over the strategy's contract, with central evaluation
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=2,
+                            evaluate_fn=central_evaluation(sim.lm, sim.data.eval, cfg))
     # Assert
     assert sim.parts == [] and sim.data.train is None and sim.data.label_names == LABELS
-    line = strategy.history[-1]
-    assert line["selected"] == [0, 1, 2]
-    assert {c["client"]: c["num_examples"] for c in line["clients"]} == {0: 12, 1: 20}
-    assert [(f["client"], f["node"]) for f in line["failed"]] == [(2, 9)]
-    assert line["failed"][0]["reason"] == f"error {DATA_ERROR}: data: {bad}: labels not in data.labels: ['maybe']"
-    assert strategy.nodes.clients() == {0: 7, 1: 8}  # the misfit is not selected again while it stays connected
-    assert scalars["clients"] == 2 and set(arrays.to_torch_state_dict()) == set(trainable_state(sim.lm.model))
+    first, second = strategy.history
+    assert first["selected"] == [0, 1, 2] and second["selected"] == [0, 1]  # the misfit is not selected again
+    for line in (first, second):
+        assert {c["client"]: c["num_examples"] for c in line["clients"]} == {0: 12, 1: 20}
+    assert [(f["client"], f["node"]) for f in first["failed"]] == [(2, 9)] and second["failed"] == []
+    assert first["failed"][0]["reason"] == f"error {DATA_ERROR}: data: {bad}: labels not in data.labels: ['maybe']"
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2] and result.evaluate_metrics_clientapp == {}
+    assert all(set(m) == {"eval_loss", "accuracy"} for m in result.evaluate_metrics_serverapp.values())
+    assert [m["clients"] for m in result.train_metrics_clientapp.values()] == [2, 2]
+    final = result.arrays.to_torch_state_dict()
+    assert final.keys() == initial.keys() and not all(torch.equal(final[k], initial[k]) for k in initial)
 
 
 def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
@@ -257,6 +263,88 @@ def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_pa
     la = decode_state((tmp_path / "local" / "checkpoint.safetensors").read_bytes())
     lb = decode_state((tmp_path / "flower" / "checkpoint.safetensors").read_bytes())
     assert all(torch.allclose(la[k], lb[k], rtol=1e-4, atol=1e-6) for k in la)
+
+
+# ------------------------------------------------- slow: the README's own Flower app, through Strategy.start
+
+USER_APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "my-fedhead-app"
+version = "1.0.0"
+dependencies = ["flwr>=1.42,<2"]
+
+[tool.flwr.app]
+publisher = "someone"
+
+[tool.flwr.app.components]
+serverapp = "my_app:server_app"
+clientapp = "my_app:client_app"
+
+[tool.flwr.app.config]
+config = ""
+data-dir = ""
+out = ""
+"""
+
+
+def readme_flower_app() -> str:
+    """The Python block of the README's section "Your own Flower app"."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n# my_app.py") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.slow
+def test_readme_flower_app_runs_through_strategy_start_on_the_simulation_engine(tiny_bert_dir, tmp_path):
+    # Prepare: the README's app file and a pyproject naming its apps; a config without data.train; one file per
+    # partition, of different sizes
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "my_app.py").write_text(readme_flower_app())
+    (app / "pyproject.toml").write_text(USER_APP_PYPROJECT)
+    data_dir = tmp_path / "data"
+    for i, count in enumerate((20, 30)):
+        _write_records(data_dir / f"{i}.jsonl", _mnli(count))
+    config = write_tiny_toml(tmp_path / "user.toml", tiny_bert_dir, data={"train": "", "labels": LABELS},
+                             partition={"num_clients": 2}, heads={"sparsity": 0.5},
+                             federated={"clients_per_round": 2, "selection": "loss_gap",
+                                        "aggregation": "head_weighted"})
+    home, port = tmp_path / "flower-home", fe.free_port()
+    fe.write_connection(home, "sim", port)
+    env = fe.flower_env(home)
+    link = fe.start([fe.executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                     "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
+                    env, home / "superlink.log")
+    out = tmp_path / "adapter"
+    try:
+        fe.wait_for_port(port, 60, link, home / "superlink.log")
+        run_config = fe.write_run_config(tmp_path / "run_config.toml", {
+            "config": str(config), "data-dir": str(data_dir), "out": str(out)})
+        cpus = fe.simulation_cpus()
+        # Execute: `flwr run` of the user's app on Flower's simulation engine, two simulated SuperNodes
+        run = fe.start([fe.executable("flwr"), "run", str(app), "sim", "--run-config", str(run_config),
+                        "--federation-config", f"num-supernodes=2 client-resources-num-cpus={cpus} "
+                        f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}", "--stream"],
+                       env, home / "flwr-run.log")
+        try:
+            run.wait(timeout=420)
+        finally:
+            fe.stop(run)
+    finally:
+        fe.stop(link)
+    # Assert: Strategy.start ran both rounds with fedhead's strategy and the central evaluation of evaluate_fn,
+    # and the app saved a trained adapter
+    log = (home / "flwr-run.log").read_text(errors="replace")
+    assert (out / "adapter_model.safetensors").exists(), log[-6000:]
+    assert "Starting FedHeadStrategy strategy" in log and "fedhead: selection loss_gap" in log
+    assert "[ROUND 2/2]" in log and "ServerApp-side Evaluate Metrics" in log and "'accuracy'" in log
+    assert "dropped" not in log and "is not used" not in log  # both nodes trained in both rounds
+    trained = decode_state((out / "adapter_model.safetensors").read_bytes())
+    assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in trained.items())  # B starts at zero
 
 
 # ------------------------------------------------------------------------------ slow: a loopback deployment

@@ -146,25 +146,30 @@ class NodeData:
     data: datasets.Dataset
 
 
-_LOADED: dict[tuple[str, NodeIdentity], NodeData] = {}  # built once per process (a node runs one client)
+CACHED = 4  # runs (config, data file) a process keeps loaded: one in a SuperNode's ClientApp process
+_LOADED: dict[tuple[str, str | None], tuple[Config, LoadedModel, Simulation | datasets.Dataset]] = {}
 
 
 def node_data(config_json: str, identity: NodeIdentity) -> NodeData:
     """The run's model and this node's data: its own file (device-local form, with the run's labels) or its
-    partition of data.train. DataError when the data does not fit the run's config."""
-    key = (config_json, identity)
+    partition of data.train (one loaded simulation serves every partition a process is asked for). DataError
+    when the data does not fit the run's config."""
+    key = (config_json, identity.data)
     if key not in _LOADED:
-        _LOADED.clear()
+        while len(_LOADED) >= CACHED:
+            _LOADED.pop(next(iter(_LOADED)))
         cfg = Config.model_validate_json(config_json)
         if identity.data is None:
             sim = Simulation.setup(cfg)
-            _LOADED[key] = NodeData(cfg, sim.lm, sim.client_data(int(identity.client_id or 0)))
+            _LOADED[key] = (cfg, sim.lm, sim)
         else:
             torch.set_num_threads(cfg.threads or torch.get_num_threads())
             tokenizer = load_tokenizer(cfg)
             rows = load_device_data(cfg, identity.data, tokenizer)
-            _LOADED[key] = NodeData(cfg, build_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
-    return _LOADED[key]
+            _LOADED[key] = (cfg, build_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
+    cfg, lm, source = _LOADED[key]
+    data = source.client_data(int(identity.client_id or 0)) if isinstance(source, Simulation) else source
+    return NodeData(cfg, lm, data)
 
 
 def _serve(msg: Message, context: Context, reply: Any) -> Message:

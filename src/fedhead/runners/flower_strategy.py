@@ -97,8 +97,18 @@ class FedHeadStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Select among the connected nodes (`federated.selection`) and send each the global state (fedhead's
-        payload bytes), its client id and the round."""
+        """Select among the connected nodes (`federated.selection`; new nodes are asked which client they serve)
+        and send each the global state.
+
+        Args:
+            server_round: the round, from 1.
+            arrays: the global trainable state (named tensors).
+            config: entries added to every train message's "config" (with fedhead-config, server-round,
+                client-id).
+            grid: the Grid of the ServerApp.
+        Returns:
+            One train message per selected node: "arrays" (fedhead's payload of the state), "config".
+        """
         t0 = time.perf_counter()
         state = arrays.to_torch_state_dict()
         down = encode_state(state)
@@ -111,8 +121,14 @@ class FedHeadStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode the updates, record the failed nodes, and run `server_round` (screen, record, aggregate);
-        fedhead's full metrics line is appended to `history`."""
+        """Decode the updates, record the nodes that failed, and run `federated.server.server_round` (screen,
+        record client statistics, aggregate, server optimiser or DP).
+
+        Returns:
+            The next global state (named tensors; the current one kept below `federated.min_clients` good
+            updates) and the round's totals (bytes_down, bytes_up, train_flops, scoring_flops, clients,
+            train_loss). fedhead's full metrics line (per client, rejected, failed) is appended to `history`.
+        """
         assert self._round is not None, "configure_train first"
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
