@@ -74,7 +74,7 @@ class DataSection(_Section):
         "../shared/data/mnli/train.jsonl",
         description="Training data: a .jsonl/.json/.csv file (relative paths from the working directory) or a "
         "Hugging Face Hub dataset id; None (\"\" in TOML) on a Flower server whose devices bring their own data "
-        "(`--node-config data=PATH`).",
+        "(`--node-config 'data=\"PATH\"'`).",
     )
     eval: str | None = Field(
         "../shared/data/mnli/validation_matched.jsonl",
