@@ -1,4 +1,4 @@
-"""The client update: global state + local data + config in, a ClientUpdate out.
+"""The client update: global state + local data + the options of its round (`ClientOptions`) in, a ClientUpdate out.
 
 One round on client c: (1) score the heads of the received global model on up to `heads.samples` local
 examples (this forward also gives the global model's loss on the client's data); (2) keep the top heads at the
@@ -20,7 +20,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedhead.config import Config, GenerationSection
+from fedhead.config import Config, FederatedSection, GenerationSection, HeadsSection
 from fedhead.data.batching import batches_of, collate, to_device
 from fedhead.data.generation import IGNORE, prompts_batch
 from fedhead.federated.accounting import count_flops, saved_activation_bytes
@@ -41,6 +41,42 @@ from fedhead.models.slicing import (
 from fedhead.seeds import Stream, derived_seed
 
 
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains: AdamW (learning_rate, weight_decay) on batches of `batch_size` of its data, for
+    `local_steps` steps, or `local_epochs` passes over the data when local_steps is None."""
+
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.0
+    local_steps: int | None = None
+    local_epochs: int = 1
+
+    @classmethod
+    def from_config(cls, fed: FederatedSection) -> LocalTraining:
+        return cls(fed.batch_size, fed.learning_rate, fed.weight_decay, fed.local_steps, fed.local_epochs)
+
+    def steps(self, examples: int) -> int:
+        """Optimizer steps on `examples` local examples: local_steps, else local_epochs * ceil(n / batch_size)."""
+        return self.local_steps or self.local_epochs * -(-examples // self.batch_size)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """What a client's round depends on, and nothing else of the run's config."""
+
+    heads: HeadsSection  # how the client scores, picks and prunes its heads
+    training: LocalTraining  # how it trains the kept heads
+    seed: int  # every random draw of the round derives from (seed, round, client)
+    always_score: bool = False  # the server weighs heads by their scores even when nothing is pruned
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ClientOptions:
+        fed = cfg.federated
+        always = fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size"
+        return cls(cfg.heads, LocalTraining.from_config(fed), cfg.seed, always)
+
+
 @dataclass
 class TrainResult:
     mean_loss: float
@@ -53,7 +89,7 @@ class TrainResult:
 def train_local(
     model: torch.nn.Module,
     data: datasets.Dataset,
-    cfg: Config,
+    training: LocalTraining,
     tokenizer: PreTrainedTokenizerBase,
     generator: torch.Generator,
     frozen_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -63,20 +99,19 @@ def train_local(
     frozen_rows: parameter name -> (mask of trainable entries, original values); other entries get no
     gradient and are restored after every step (train_sparse mode).
     """
-    fed = cfg.federated
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     device = device_of(model)
-    optim = torch.optim.AdamW(params.values(), lr=fed.learning_rate, weight_decay=fed.weight_decay)
-    n = len(data)
-    steps = fed.local_steps or fed.local_epochs * -(-n // fed.batch_size)
+    optim = torch.optim.AdamW(params.values(), lr=training.learning_rate, weight_decay=training.weight_decay)
+    n, batch_size = len(data), training.batch_size
+    steps = training.steps(n)
     model.train()
     losses, flops, start, order, pos, activations = [], 0, time.perf_counter(), [], 0, 0
     flops_by_shape: dict[tuple[int, ...], int] = {}  # FLOPs depend only on the batch shape: count each once
     for _ in range(steps):
         if pos >= len(order):  # a new pass over the local data in a fresh seeded order
             order, pos = torch.randperm(n, generator=generator).tolist(), 0
-        batch = to_device(collate(data[order[pos : pos + fed.batch_size]], tokenizer), device)
-        pos += fed.batch_size
+        batch = to_device(collate(data[order[pos : pos + batch_size]], tokenizer), device)
+        pos += batch_size
         shape = tuple(batch["input_ids"].shape)
         with count_flops(shape not in flops_by_shape) as counted, saved_activation_bytes(model) as saved:
             loss = model(**batch).loss
@@ -116,13 +151,13 @@ def _frozen_rows(work_state: dict[str, torch.Tensor], trained: torch.Tensor, com
     return frozen
 
 
-def removed_fraction(cfg: Config, sparsity: float) -> float:
+def removed_fraction(heads: HeadsSection, sparsity: float) -> float:
     """Fraction of heads a client with `sparsity` removes from its autograd graph, by `heads.mode`
     (sparse_backward computes them in the forward, without autograd)."""
-    if cfg.heads.mode in ("remove", "sparse_backward"):
+    if heads.mode in ("remove", "sparse_backward"):
         return sparsity
-    if cfg.heads.mode == "mixed":
-        return min(cfg.heads.compute_sparsity, sparsity)
+    if heads.mode == "mixed":
+        return min(heads.compute_sparsity, sparsity)
     return 0.0
 
 
@@ -130,37 +165,40 @@ def client_update(
     lm: LoadedModel,
     global_state: State,
     data: datasets.Dataset,
-    cfg: Config,
+    options: ClientOptions | Config,
     client_id: int,
     round_: int,
 ) -> ClientUpdate:
-    """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`."""
-    sparsity = cfg.heads.sparsity_of(client_id, round_)
+    """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`.
+
+    options: what the round depends on (a run's Config is read through `ClientOptions.from_config`)."""
+    if isinstance(options, Config):
+        options = ClientOptions.from_config(options)
+    heads, training = options.heads, options.training
+    sparsity = heads.sparsity_of(client_id, round_)
     load_state_(lm.model, global_state)
-    gen = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.CLIENT_DATA))
-    sample = torch.randperm(len(data), generator=gen)[: cfg.heads.samples].tolist()
-    fed = cfg.federated
+    gen = torch.Generator().manual_seed(derived_seed(options.seed, round_, client_id, Stream.CLIENT_DATA))
+    sample = torch.randperm(len(data), generator=gen)[: heads.samples].tolist()
     device = device_of(lm.model)
-    sample_batches = [to_device(b, device) for b in batches_of(data, sample, fed.batch_size, lm.tokenizer)]
-    needs_scores = sparsity > 0 or (fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size")
-    method = cfg.heads.importance if needs_scores else "none"
+    sample_batches = [to_device(b, device) for b in batches_of(data, sample, training.batch_size, lm.tokenizer)]
+    method = heads.importance if sparsity > 0 or options.always_score else "none"
     start = time.perf_counter()
-    removed = removed_fraction(cfg, sparsity)
+    removed = removed_fraction(heads, sparsity)
     removing = removed > 0
     means = HeadContextMeans(lm.model, lm.head_map, lm.prefix)
-    with count_flops() as scoring_flops, means if removing and cfg.heads.compensate == "mean" else nullcontext():
+    with count_flops() as scoring_flops, means if removing and heads.compensate == "mean" else nullcontext():
         scores, loss_before = score_heads(
             lm.model, lm.head_map, sample_batches, method,
-            special_ids=lm.tokenizer.all_special_ids if cfg.heads.exclude_special_tokens else [],
+            special_ids=lm.tokenizer.all_special_ids if heads.exclude_special_tokens else [],
             prefix=lm.prefix, generator=gen,
         )
     scoring_seconds = time.perf_counter() - start
-    scope, floor = cfg.heads.scope, cfg.heads.min_heads_per_block
+    scope, floor = heads.scope, heads.min_heads_per_block
     ranking = scores
-    if cfg.heads.selection == "sample" and sparsity > 0:
-        draw = torch.Generator().manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.HEAD_SAMPLING))
-        ranking = sampled_scores(scores, cfg.heads.temperature, draw)
-    if cfg.heads.schedule == "rolling" and sparsity > 0:
+    if heads.selection == "sample" and sparsity > 0:
+        draw = torch.Generator().manual_seed(derived_seed(options.seed, round_, client_id, Stream.HEAD_SAMPLING))
+        ranking = sampled_scores(scores, heads.temperature, draw)
+    if heads.schedule == "rolling" and sparsity > 0:
         kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id)  # trained and uploaded
     else:
         kept = kept_heads_mask(ranking, sparsity, scope, floor)  # trained and uploaded
@@ -168,9 +206,9 @@ def client_update(
     computed = kept if removed >= sparsity else kept_heads_mask(ranking, removed, scope, floor) | kept
 
     # heads computed without autograd: every pruned head (sparse_backward), the frozen ones (mixed, no autograd)
-    if cfg.heads.mode == "sparse_backward":
+    if heads.mode == "sparse_backward":
         side = ~computed
-    elif cfg.heads.mode == "mixed" and not cfg.heads.frozen_autograd:
+    elif heads.mode == "mixed" and not heads.frozen_autograd:
         side, computed = computed & ~kept, kept
     else:
         side = torch.zeros_like(kept)
@@ -178,16 +216,16 @@ def client_update(
     work = copy.deepcopy(lm.model)
     handles: list = []
     if not bool(computed.all()):
-        head_means = means.means() if cfg.heads.compensate == "mean" else None
+        head_means = means.means() if heads.compensate == "mean" else None
         prune_heads_(work, lm.head_map, computed, lm.prefix, head_means)
         if bool(side.any()):  # the side heads come back as no-grad side computations
             handles += attach_frozen_heads(work, copy.deepcopy(lm.model), lm.head_map, computed, lm.prefix, side)
-        if cfg.heads.scale_kept:
+        if heads.scale_kept:
             handles += scale_kept_context(work, lm.head_map, computed, lm.prefix)
     on_device = {n: p.detach() for n, p in work.named_parameters() if p.requires_grad}
     frozen = _frozen_rows(on_device, kept, computed, lm) if bool((computed & ~kept).any()) else None
-    torch.manual_seed(derived_seed(cfg.seed, round_, client_id, Stream.DROPOUT))
-    result = train_local(work, data, cfg, lm.tokenizer, gen, frozen)
+    torch.manual_seed(derived_seed(options.seed, round_, client_id, Stream.DROPOUT))
+    result = train_local(work, data, training, lm.tokenizer, gen, frozen)
     for handle in handles:
         if getattr(handle, "training_only", False):  # the HeteroFL scaler acts during training only
             handle.remove()
