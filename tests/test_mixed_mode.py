@@ -40,7 +40,8 @@ def test_mixed_reduces_to_remove_and_train_sparse(sim):
     sparse, _ = _update(sim, mode="train_sparse")
     _same(_update(sim, mode="mixed", compute_sparsity=0.75)[0], remove)
     _same(_update(sim, mode="mixed", compute_sparsity=0.0)[0], sparse)
-    _same(_update(sim, mode="mixed", compute_sparsity=0.9)[0], remove)  # capped at the sparsity
+    with pytest.raises(ValueError, match="at most the sparsity"):
+        _update(sim, mode="mixed", compute_sparsity=0.9)
 
 
 def test_mixed_trains_kept_heads_only_at_intermediate_cost(sim):
@@ -91,3 +92,14 @@ def test_frozen_autograd_applies_to_mixed_only():
                 {"mode": "mixed", "compensate": "mean"}):
         with pytest.raises(ValueError, match="frozen_autograd"):
             HeadsSection(frozen_autograd=False, sparsity=0.9, **bad)
+
+
+def test_options_that_do_not_apply_are_rejected():
+    from fedhead.config import HeadsSection, ModelSection
+
+    with pytest.raises(ValueError, match="at most the sparsity"):
+        HeadsSection(mode="mixed", sparsity=0.3, compute_sparsity=0.5)
+    HeadsSection(mode="mixed", tiers=[0.3, 0.9], compute_sparsity=0.5)  # per tier, capped at its sparsity
+    with pytest.raises(ValueError, match="pooling = 'mean' does not use it"):
+        ModelSection(train_pooler=True, pooling="mean")
+    ModelSection(train_pooler=True, pooling="cls")

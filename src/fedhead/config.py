@@ -42,6 +42,13 @@ class ModelSection(_Section):
         "'cls_raw' (last hidden state of [CLS]) or 'mean' (attention-masked mean of the last hidden states).",
     )
     train_pooler: bool = Field(False, description="Train the checkpoint's pooler (only with pooling='cls').")
+
+    @model_validator(mode="after")
+    def _pooler_needs_cls(self) -> ModelSection:
+        if self.train_pooler and self.pooling != "cls":
+            raise ValueError(f"model.train_pooler trains the pooler that pooling = 'cls' uses; pooling = "
+                             f"'{self.pooling}' does not use it")
+        return self
     max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per example (longer inputs truncated).")
     max_target_length: int = Field(
         64, ge=1, le=8192, description="Generation tasks: target tokens kept per example (longer truncated).")
@@ -279,8 +286,8 @@ class HeadsSection(_Section):
     )
     compute_sparsity: float = Field(
         0.5, ge=0, lt=1,
-        description="mixed: fraction of heads removed from the client's compute (at most the client's sparsity; "
-        "a larger value is capped at it).",
+        description="mixed: fraction of heads removed from the client's compute (at most the sparsity; with tiers, "
+        "a tier below it is capped at its own sparsity).",
     )
     frozen_autograd: bool = Field(
         True,
@@ -309,6 +316,9 @@ class HeadsSection(_Section):
         if self.compensate != "none" and self.mode not in ("remove", "mixed"):
             raise ValueError(f"heads.compensate stands in for removed heads: mode = '{self.mode}' removes none "
                              "from the forward")
+        if self.mode == "mixed" and not self.tiers and self.compute_sparsity > self.sparsity:
+            raise ValueError(f"heads.compute_sparsity ({self.compute_sparsity}) removes more heads than the client "
+                             f"prunes (sparsity {self.sparsity}): it must be at most the sparsity")
         if not self.frozen_autograd and self.mode != "mixed":
             raise ValueError(f"heads.frozen_autograd = false chooses how mixed mode computes its frozen heads: it "
                              f"does not apply to mode = '{self.mode}' (sparse_backward is always without autograd)")
