@@ -75,3 +75,24 @@ def test_cuda_client_step_matches_cpu(mode, tiny_bert_dir, tmp_path):
     assert all(t.device.type == "cpu" for t in cuda_update.tensors.values())
     for name, tensor in cpu_update.tensors.items():
         assert torch.allclose(tensor, cuda_update.tensors[name], atol=1e-4), name
+
+
+def test_gpu_options_are_refused_where_they_cannot_apply(tiny_bert_dir, tmp_path):
+    """`gpus_per_client` and `model.load_in_4bit` fail in one line before any work where they cannot act (a CPU
+    device, head slicing of 4-bit weights), and 4-bit loading without CUDA names what is missing. Rules out a
+    QLoRA option silently training in float32 on the CPU."""
+    from fedhead.models.loading import quantization_args
+
+    with pytest.raises(ConfigError, match="gpus_per_client"):
+        tiny_config(tiny_bert_dir, tmp_path, device="cpu", gpus_per_client=0.5)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        tiny_config(tiny_bert_dir, tmp_path, device="cpu", model={"load_in_4bit": True})
+    with pytest.raises(ConfigError, match="cannot be sliced by head"):
+        tiny_config(tiny_bert_dir, tmp_path, model={"load_in_4bit": True}, heads={"sparsity": 0.5})
+    cfg = tiny_config(tiny_bert_dir, tmp_path, model={"load_in_4bit": True},
+                      heads={"sparsity": 0.5, "mode": "train_sparse"})
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedModelError, match="needs a CUDA device"):
+            quantization_args(cfg)
+    assert quantization_args(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"load_in_4bit": False})})) == {}

@@ -42,6 +42,10 @@ class ModelSection(_Section):
         "'cls_raw' (last hidden state of [CLS]) or 'mean' (attention-masked mean of the last hidden states).",
     )
     train_pooler: bool = Field(False, description="Train the checkpoint's pooler (only with pooling='cls').")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the frozen base weights in 4-bit NF4 through bitsandbytes (CUDA only; "
+        "needs `pip install bitsandbytes`), so a 1-3B decoder fits a consumer GPU. Quantised weights cannot be "
+        "sliced by head: only with heads.mode = 'train_sparse' (or no pruning).")
 
     @model_validator(mode="after")
     def _pooler_needs_cls(self) -> ModelSection:
@@ -372,6 +376,9 @@ class Config(_Section):
         description="Where clients train, score and evaluate: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', "
         "'cuda:N' or 'mps'. The state that travels stays on the CPU (safetensors bytes); FLOPs are counted the "
         "same on any device.")
+    gpus_per_client: float = Field(
+        0.0, ge=0, description="Flower's simulation engine: the GPUs each simulated client reserves (its client "
+        "resources; 0.5 lets two clients share a GPU). 0: clients run on the CPU resources only.")
 
     @field_validator("run_name")
     @classmethod
@@ -387,6 +394,15 @@ class Config(_Section):
                 f"federated.clients_per_round ({self.federated.clients_per_round}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        if self.gpus_per_client > 0 and self.device in ("cpu", "mps"):
+            raise ValueError(f"gpus_per_client reserves CUDA GPUs for simulated clients; device = '{self.device}' "
+                             "does not use them")
+        if self.model.load_in_4bit:
+            if self.device in ("cpu", "mps"):
+                raise ValueError(f"model.load_in_4bit needs a CUDA device (bitsandbytes), not '{self.device}'")
+            if self.heads.mode != "train_sparse" and (self.heads.sparsity > 0 or self.heads.tiers):
+                raise ValueError("model.load_in_4bit: 4-bit weights cannot be sliced by head; use heads.mode = "
+                                 f"'train_sparse' (got '{self.heads.mode}')")
         generating_text = self.model.task != "classification" and self.data.target_field is not None
         if generating_text and self.data.labels is not None:
             raise ValueError("data.labels applies to classification; a generation task with data.target_field "

@@ -83,7 +83,9 @@ class TrainResult:
     steps: int
     flops: int
     seconds: float
-    peak_memory_bytes: int = 0  # activations saved for the backward (largest step) + LoRA grads + AdamW state
+    # activations saved for the backward (largest step) + LoRA grads + AdamW state; on CUDA the device's peak
+    # allocation above what was held before training (torch.cuda.max_memory_allocated)
+    peak_memory_bytes: int = 0
 
 
 def train_local(
@@ -106,6 +108,10 @@ def train_local(
     steps = training.steps(n)
     model.train()
     losses, flops, start, order, pos, activations = [], 0, time.perf_counter(), [], 0, 0
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # the device's own count: bytes allocated above what the client held before training
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
     flops_by_shape: dict[tuple[int, ...], int] = {}  # FLOPs depend only on the batch shape: count each once
     for _ in range(steps):
         if pos >= len(order):  # a new pass over the local data in a fresh seeded order
@@ -133,6 +139,8 @@ def train_local(
         losses.append(float(loss.detach()))
     trainable = sum(p.numel() * p.element_size() for p in params.values())
     peak = activations + 3 * trainable  # + a gradient and AdamW's two moments per trainable value
+    if on_cuda:
+        peak = torch.cuda.max_memory_allocated(device) - held
     return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start, peak)
 
 

@@ -80,6 +80,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def quantization_args(cfg: Config) -> dict:
+    """from_pretrained arguments of `model.load_in_4bit` (QLoRA, Dettmers et al. 2023): the frozen base weights
+    in 4-bit NF4 with bfloat16 compute, placed on the configured CUDA device by bitsandbytes; {} otherwise. Raises
+    UnsupportedModelError with one line without a CUDA device or without bitsandbytes."""
+    from fedhead.models.head_map import UnsupportedModelError
+
+    if not cfg.model.load_in_4bit:
+        return {}
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        raise UnsupportedModelError(f"model.load_in_4bit needs a CUDA device; device = '{cfg.device}' is {device}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UnsupportedModelError("model.load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": bnb, "device_map": {"": device}}
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of a model's parameters (the device its batches must be on)."""
     return next(model.parameters()).device
@@ -183,7 +204,8 @@ def build_backbone_classifier(cfg: Config, num_labels: int, seed: int | None = N
     """The classifier without adapters, its new head initialised from `seed` (the base peft loads onto)."""
     path = resolve_model_path(cfg.model.name)
     backbone = AutoModel.from_pretrained(
-        path, attn_implementation=cfg.model.attn_implementation, add_pooling_layer=cfg.model.pooling == "cls"
+        path, attn_implementation=cfg.model.attn_implementation, add_pooling_layer=cfg.model.pooling == "cls",
+        **quantization_args(cfg),
     )
     torch.manual_seed(cfg.seed if seed is None else seed)
     return SequenceClassifier(backbone, num_labels, cfg.model.pooling)
@@ -205,7 +227,7 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         path, extra = model_files(cfg)
         auto = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
         base = auto.from_pretrained(path, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32,
-                                    **extra)
+                                    **extra, **quantization_args(cfg))
         head_map = head_map_for(base)
         inner, modules_to_save = "", None
         task_type = "SEQ_2_SEQ_LM" if task == "seq2seq" else "CAUSAL_LM"
@@ -220,6 +242,10 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         bias="none",
         task_type=task_type,
     )
+    if cfg.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: every client rebuilds the same A from the seed
     model = get_peft_model(base, lora)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model.name)
@@ -230,6 +256,7 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     prefix = PEFT_PREFIX + inner
     layout = HeadLayout.from_model(head_map, trainable, prefix=prefix)
-    model.to(resolve_device(cfg.device))
+    if not cfg.model.load_in_4bit:  # a 4-bit model was placed by bitsandbytes and cannot move
+        model.to(resolve_device(cfg.device))
     return LoadedModel(model=model, tokenizer=tokenizer, head_map=head_map, layout=layout, prefix=prefix,
                        task=task)

@@ -165,6 +165,13 @@ def _tail(log: Path | None, lines: int = 30) -> str:
     return "\n--- " + str(log) + " ---\n" + "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
 
 
+def torch_gpus() -> int:
+    """CUDA devices torch sees here (the GPUs the simulation engine may hand out)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def simulation_cpus() -> int:
     """CPUs of this machine as Ray counts them (each simulated client takes them all: one client at a time,
     with all cores, as in the in-process engine)."""
@@ -209,7 +216,9 @@ def run_flower(
         run_config = write_run_config(home / "run_config.toml", {
             "run-dir": str(run_dir), "resume": resume, "round-timeout": float(round_timeout), "node-wait": 0.0})
         fed_config = (f"num-supernodes={cfg.partition.num_clients} client-resources-num-cpus={cpus} "
-                      f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}")
+                      f"client-resources-num-gpus={float(cfg.gpus_per_client)} init-args-num-cpus={cpus}")
+        if cfg.gpus_per_client > 0:  # Ray must see at least one GPU to grant a client its share
+            fed_config += f" init-args-num-gpus={max(1, torch_gpus())}"
         flwr = start([executable("flwr"), "run", str(app), "fedhead", "--run-config", str(run_config),
                       "--federation-config", fed_config, "--stream"], env, home / "flwr-run.log")
         seen = 0
