@@ -47,8 +47,15 @@ def payload_record(blob: bytes) -> ArrayRecord:
 
 
 def payload_of(record: ArrayRecord) -> bytes:
-    """The bytes `payload_record` put into the record."""
-    return bytes(record[PAYLOAD].data)
+    """The bytes `payload_record` put into the record; ValueError for any other record (other or more arrays,
+    an array of numbers rather than fedhead's bytes as they are), whose extra bytes would travel uncounted."""
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [PAYLOAD]:
+        raise ValueError(f"expected an ArrayRecord holding one array {PAYLOAD!r}")
+    array = record[PAYLOAD]
+    if (array.stype, array.dtype, list(array.shape)) != (STYPE, "uint8", [len(array.data)]):
+        raise ValueError(f"array {PAYLOAD!r} is not {STYPE} bytes (stype {array.stype!r}, dtype {array.dtype!r}, "
+                         f"shape {list(array.shape)[:4]})")
+    return bytes(array.data)
 
 
 # ------------------------------------------------------------------------ helpers for any ClientApp

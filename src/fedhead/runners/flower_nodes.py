@@ -16,14 +16,16 @@ its answer to the server's `query` message (fedhead's ClientApp answers from its
   next time the new holder trains).
 
 A node is not used (logged, never selected) when its id is outside [0, N) or held by another connected node,
-when all N ids are held, when it did not answer the query, when fedhead's ClientApp says its node config cannot
-serve the run, and, after a reply saying that its data does not fit the run's config, until it reconnects.
+when its answer is not an integer client-id (and num-clients) in a "node" record, when all N ids are held, when
+it did not answer the query, when fedhead's ClientApp says its node config cannot serve the run, and, after a
+reply saying that its data does not fit the run's config, until it reconnects.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Message
 
@@ -59,8 +61,8 @@ class NodeTable:
         else:
             try:
                 node_record = reply.content["node"]
-                client = int(node_record["client-id"]) if "client-id" in node_record else None
-                count = int(node_record["num-clients"]) if "num-clients" in node_record else None
+                client = _integer(node_record, "client-id")
+                count = _integer(node_record, "num-clients")
             except Exception as err:  # noqa: BLE001 - whatever a node answers, the server goes on
                 why = f"bad answer to the query: {type(err).__name__}: {err}"
             else:
@@ -100,3 +102,13 @@ class NodeTable:
     def clients(self) -> dict[int, int]:
         """{client id: node id} of the connected nodes in use."""
         return {c: n for n, c in sorted(self.client_of.items()) if c is not None}
+
+
+def _integer(record: Any, key: str) -> int | None:
+    """record[key] when it is an integer (not a bool, a float or a string of digits), None when absent."""
+    if key not in record:
+        return None
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} {str(value)[:40]!r} is not an integer")
+    return value

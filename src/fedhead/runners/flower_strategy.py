@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -121,8 +121,10 @@ class FedHeadStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode the updates, record the nodes that failed, and run `federated.server.server_round` (screen,
-        record client statistics, aggregate, server optimiser or DP).
+        """Decode the updates, record the nodes that failed (no reply, several replies, an error, a reply to
+        another round's or another kind of message, a bad payload), and run `federated.server.server_round`
+        (screen, record client statistics, aggregate, server optimiser or DP). Replies from nodes the round sent
+        nothing to are logged and ignored.
 
         Returns:
             The next global state (named tensors; the current one kept below `federated.min_clients` good
@@ -132,16 +134,21 @@ class FedHeadStrategy(Strategy):
         assert self._round is not None, "configure_train first"
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
-        by_node = {m.metadata.src_node_id: m for m in replies}
+        by_node: dict[int, list[Message]] = {}
+        for m in replies:
+            by_node.setdefault(m.metadata.src_node_id, []).append(m)
         answered: list[Reply] = []
         failed: list[dict[str, Any]] = []
         for node, client in r.sent.items():
-            reply, why = self._decode(by_node.get(node), node, client, r.down)
+            reply, why = self._decode(by_node.pop(node, []), node, client, r.down, server_round)
             if reply is not None:
                 answered.append(reply)
             else:
                 log.warning("round %d: client %d (node %d) dropped: %s", server_round, client, node, why)
                 failed.append({"client": client, "node": node, "reason": why})
+        for node, extra in by_node.items():
+            log.warning("round %d: %d reply(ies) from node %d, to which this round sent nothing, ignored", server_round,
+                        len(extra), node)
         t_train = time.perf_counter()
         known = {a.client: self.known_sizes[a.client] for a in answered
                  if a.client in partition_clients and a.client in self.known_sizes}
@@ -218,13 +225,21 @@ class FedHeadStrategy(Strategy):
             return out
         return losses
 
-    def _decode(self, reply: Message | None, node: int, client: int, down: int) -> tuple[Reply | None, str]:
-        """The decoded reply of `node` (sent to `client`), or None and why it does not count."""
+    def _decode(self, received: list[Message], node: int, client: int, down: int,
+                round_: int) -> tuple[Reply | None, str]:
+        """The decoded reply of `node` (sent to `client`) to this round's train message, or None and why it does
+        not count (no reply, several, an error, a reply to another message, a bad payload)."""
+        if len(received) > 1:
+            return None, f"{len(received)} replies to one train message"
+        reply = received[0] if received else None
         why = failure(reply)
         if why is not None:
             if reply is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
                 self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
             return None, why
+        kind, group = reply.metadata.message_type, reply.metadata.group_id
+        if (kind, group) != (MessageType.TRAIN, str(round_)):
+            return None, f"not a reply to this round's train message ({kind[:20]!r} message of round {group[:20]!r})"
         try:
             blob = payload_of(reply.content["update"])
         except Exception as err:  # noqa: BLE001 - whatever a node sends, the server goes on
