@@ -474,3 +474,31 @@ def test_hostile_query_answers_never_confuse_the_node_table(task_identity, answe
 
 def _count_ok(record: dict) -> bool:
     return "num-clients" not in record or (_is_id(record["num-clients"]) and record["num-clients"] == N)
+
+
+class EvalGrid(QueryGrid):
+    """Answers the server's evaluate messages (power_of_choice) with the losses given per client."""
+
+    def __init__(self, losses: dict[int, float]) -> None:
+        super().__init__()
+        self.losses = losses
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = f"e{len(self.replies)}-{msg.metadata.dst_node_id}"
+            msg.metadata.__dict__["_message_id"] = mid
+            loss = self.losses[NODES[msg.metadata.dst_node_id]]
+            self.replies[mid] = Message(RecordDict({"metrics": MetricRecord({"eval_loss": loss})}), reply_to=msg)
+            ids.append(mid)
+        return ids
+
+
+def test_reported_global_losses_cannot_steer_power_of_choice(setup):
+    """power_of_choice ranks candidates by the loss they report for the global model. Rules out taking a NaN,
+    an infinite, a negative or an absurdly large loss at face value (the largest wins a place every round)."""
+    strategy = setup.strategies["fedavg"]
+    losses = {0: 0.7, 1: math.nan, 2: math.inf, 3: 1e300}
+    for bad in (-1.0, 1e5):
+        got = strategy._global_losses(EvalGrid({**losses, 1: bad}), b"", 1, NODE_OF, ConfigRecord())(list(range(N)))
+        assert got == {0: 0.7}, got

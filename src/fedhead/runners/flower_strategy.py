@@ -35,7 +35,7 @@ from fedhead.federated.payload import encode_state
 from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.server import Reply
 from fedhead.federated.state import State, load_state_
-from fedhead.federated.validation import receive_update
+from fedhead.federated.validation import MAX_LOSS, receive_update
 from fedhead.models import HeadLayout, LoadedModel
 from fedhead.runners.flower_client import failure, payload_of, payload_record, send_and_receive
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
@@ -219,9 +219,11 @@ class FedHeadStrategy(Strategy):
                 reply = replies.get(clients[c])
                 if failure(reply) is None:
                     try:
-                        out[c] = float(reply.content["metrics"]["eval_loss"])
+                        loss = reply.content["metrics"]["eval_loss"]
                     except Exception:  # noqa: BLE001, S112 - a bad answer counts as no answer
                         continue
+                    if isinstance(loss, int | float) and not isinstance(loss, bool) and 0 <= loss <= MAX_LOSS:
+                        out[c] = float(loss)  # NaN, inf or a huge loss would steer power_of_choice: no answer
             return out
         return losses
 
