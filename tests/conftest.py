@@ -4,6 +4,7 @@ and the shared data."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,11 @@ MNLI_TRAIN = SHARED / "data/mnli/train.jsonl"
 MNLI_EVAL = SHARED / "data/mnli/validation_matched.jsonl"
 T5_TOKENIZER = SHARED / "models/t5-small-tokenizer"
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 cores: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
