@@ -1,9 +1,9 @@
 """Pruned deployment: a finished run's global model with the heads its clients kept least often removed, scored
 beside the whole model, with the inference FLOPs and latency each needs.
 
-The mask is the consensus of the client updates of the last `--window` rounds
-(`fedhead.heads.pruning.consensus_heads_mask`: heads ranked by how often a client kept them, ties by mean
-confidence), at each of `--sparsities` (per block). The pruned model is the global model physically sliced to
+The mask is the consensus of the client updates of the last `--window` rounds (`fedhead.trained.
+consensus_mask_of_run`, what `fedhead evaluate --pruned` uses: heads ranked by how often a client kept them, ties
+by mean confidence), at each of `--sparsities` (per block). The pruned model is the global model physically sliced to
 those heads (`prune_heads_`, LoRA included). Inference FLOPs are counted by `torch.utils.flop_counter` on one
 evaluation batch (eager attention); latency is the median forward time of that batch at `--threads`, the
 whole and the pruned model timed in the same process (compare the ratio, not the milliseconds).
@@ -32,28 +32,12 @@ from fedhead.data.batching import collate
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import evaluate
 from fedhead.federated.state import load_state_
-from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models.slicing import prune_heads_
 from fedhead.runners.local import MOMENTS, Simulation
 from fedhead.runners.run_dir import RunDir
+from fedhead.trained import client_masks, consensus_mask_of_run
 
 RESULTS = ROOT / "docs" / "results" / "pruned_deployment"
-
-
-def client_masks(metrics: list[dict[str, Any]], window: int, blocks: int, heads: int) -> tuple[torch.Tensor, ...]:
-    """(kept [N, blocks, heads] bool, scores [N, blocks, heads]) of every client update in the last `window`
-    rounds of `metrics`."""
-    rounds = [m for m in metrics if m.get("round", 0) > 0][-window:]
-    kept, scores = [], []
-    for m in rounds:
-        for c in m["clients"]:
-            mask = torch.zeros(blocks * heads, dtype=torch.bool)
-            mask[c["kept_heads"]] = True
-            kept.append(mask.view(blocks, heads))
-            scores.append(torch.tensor(c["head_scores"], dtype=torch.float64))
-    if not kept:
-        raise ValueError("the run has no client update in its metrics")
-    return torch.stack(kept), torch.stack(scores)
 
 
 def inference_cost(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> tuple[int, float]:
@@ -78,7 +62,7 @@ def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | No
     saved, meta = rd.load_checkpoint()
     load_state_(sim.lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
     hm = sim.lm.head_map
-    kept, scores = client_masks(rd.metrics(), window, hm.num_blocks, hm.num_heads)
+    kept, _ = client_masks(rd.metrics(), window)
     rows = sim.data.eval[: cfg.federated.eval_batch_size]
     rows.pop("references", None)
     batch = collate(rows, sim.lm.tokenizer)
@@ -86,7 +70,8 @@ def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | No
                            "updates": int(kept.shape[0]), "pairs": len(sim.data.eval), "models": []}
     for s in [0.0, *sparsities]:
         model = copy.deepcopy(sim.lm.model)
-        mask = consensus_heads_mask(kept, scores, s) if s > 0 else torch.ones(hm.num_blocks, hm.num_heads, dtype=bool)
+        whole = torch.ones(hm.num_blocks, hm.num_heads, dtype=torch.bool)
+        mask = consensus_mask_of_run(run_dir, s, window) if s > 0 else whole
         if s > 0:
             prune_heads_(model, hm, mask, sim.lm.prefix)
         flops, seconds = inference_cost(model, batch, repeats)

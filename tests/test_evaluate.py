@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -12,6 +13,8 @@ from typer.testing import CliRunner
 from fedhead.cli import app
 from fedhead.config import ConfigError, config_from_dict
 from fedhead.evaluation import parse_label_map
+from fedhead.heads.pruning import consensus_heads_mask, kept_heads_mask
+from fedhead.models.slicing import prune_heads_
 from fedhead.runners.local import run_simulation
 from fedhead.trained import load_trained
 from tests.conftest import MNLI_EVAL, MNLI_TRAIN, read_metrics, tiny_config
@@ -147,3 +150,102 @@ def test_text_to_text_run_uses_the_run_loops_evaluation(tiny_t5_dir, tmp_path):
     assert scores["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)
     two_scores = json.loads((tmp_path / "t5" / "evaluate.two.json").read_text())["metrics"]
     assert two_scores["accuracy"] >= scores["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tiny_bert_dir, tmp_path_factory):
+    """Two rounds whose clients train half of the heads, scored on the first EVAL_SIZE pairs of MNLI dev."""
+    out = tmp_path_factory.mktemp("pruned")
+    cfg = tiny_config(tiny_bert_dir, out, data={"eval_size": EVAL_SIZE}, heads={"sparsity": 0.5},
+                      federated={"rounds": 2, "local_steps": 1})
+    run_simulation(cfg, out / "run")
+    rows = MNLI_EVAL.read_text().splitlines()[:EVAL_SIZE]
+    (out / "three.jsonl").write_text("".join(line + "\n" for line in rows))
+    return out
+
+
+def _consensus_by_hand(run_dir, sparsity: float, window: int) -> torch.Tensor:
+    """consensus_heads_mask over every client update of the last `window` rounds, read from metrics.jsonl here."""
+    kept, scores = [], []
+    for m in [m for m in read_metrics(run_dir) if m.get("round", 0) > 0][-window:]:
+        for c in m["clients"]:
+            score = torch.tensor(c["head_scores"], dtype=torch.float64)
+            mask = torch.zeros(score.numel(), dtype=torch.bool)
+            mask[c["kept_heads"]] = True
+            kept.append(mask.view(score.shape))
+            scores.append(score)
+    return consensus_heads_mask(torch.stack(kept), torch.stack(scores), sparsity)
+
+
+def _scores_by_hand(run_dir, data, mask: torch.Tensor) -> tuple[float, float, int]:
+    """(accuracy, cross-entropy, forward FLOPs of the whole batch) of the run's model pruned to `mask`."""
+    run = load_trained(run_dir, device="cpu")
+    prune_heads_(run.lm.model, run.lm.head_map, mask, run.lm.prefix)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    batch = run.lm.tokenizer([r["premise"] for r in rows], [r["hypothesis"] for r in rows], padding=True,
+                             truncation=True, max_length=run.cfg.model.max_length, return_tensors="pt")
+    gold = torch.tensor([run.label_names.index(r["label"]) for r in rows])
+    with torch.no_grad():
+        logits = run.lm.model(**batch).logits
+    accuracy = float((logits.argmax(-1) == gold).float().mean())
+    return accuracy, float(torch.nn.functional.cross_entropy(logits, gold)), int(mask.sum())
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_pruned_evaluation_is_the_model_pruned_by_hand(pruned_run, sparsity):
+    # Prepare
+    run_dir, data = pruned_run / "run", pruned_run / "three.jsonl"
+    mask = _consensus_by_hand(run_dir, sparsity, window=5)
+    accuracy, loss, kept = _scores_by_hand(run_dir, data, mask)
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(data), "--pruned", str(sparsity)])
+    # Assert
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run_dir / f"evaluate.three.pruned-{sparsity:g}.json").read_text())
+    pruned = saved["pruned"]
+    assert torch.equal(torch.tensor(pruned["mask"], dtype=torch.bool), mask)
+    assert pruned["kept_heads"] == kept == mask.shape[0] * math.ceil((1 - sparsity) * mask.shape[1])
+    assert pruned["sparsity"] == sparsity and pruned["window"] == 5
+    assert saved["metrics"]["accuracy"] == accuracy
+    assert saved["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-5)
+    flops = pruned["forward_flops"]
+    assert 0 < flops["pruned"] < flops["whole"]
+    assert f"kept_heads {kept} of {pruned['total_heads']}" in result.stdout.splitlines()
+
+
+def test_pruned_evaluation_of_a_run_whose_clients_kept_every_head(mnli_run):
+    """Every client kept every head (sparsity 0): the consensus is the heads of highest mean score."""
+    # Prepare
+    run_dir, data = mnli_run / "run", mnli_run / "three.jsonl"
+    metrics = [m for m in read_metrics(run_dir) if m.get("round", 0) > 0]
+    scores = torch.tensor([c["head_scores"] for m in metrics for c in m["clients"]], dtype=torch.float64)
+    expected = kept_heads_mask(scores.mean(0), 0.5, "per_block")
+    accuracy, loss, _ = _scores_by_hand(run_dir, data, expected)
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(data), "--pruned", "0.5",
+                                      "--window", "1", "--out", str(mnli_run / "all-kept.json")])
+    # Assert
+    assert result.exit_code == 0, result.output
+    saved = json.loads((mnli_run / "all-kept.json").read_text())
+    assert torch.equal(torch.tensor(saved["pruned"]["mask"], dtype=torch.bool), expected)
+    assert saved["metrics"]["accuracy"] == accuracy
+    assert saved["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["zero", "one", "negative", "no metrics"])
+def test_pruned_errors_are_one_line(mnli_run, tmp_path, case):
+    # Prepare
+    run, sparsity = mnli_run / "run", {"zero": "0", "one": "1", "negative": "-0.5", "no metrics": "0.5"}[case]
+    if case == "no metrics":
+        run = tmp_path / "copy"
+        shutil.copytree(mnli_run / "run", run)
+        (run / "metrics.jsonl").unlink()
+    expected = ("no client update" if case == "no metrics" else
+                f"pruned sparsity must be in (0, 1), got {float(sparsity)}")
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(mnli_run / "three.jsonl"),
+                                      "--pruned", sparsity])
+    # Assert
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and expected in error[0], result.output

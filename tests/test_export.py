@@ -149,3 +149,14 @@ def test_export_refuses_a_used_folder_and_a_run_without_checkpoint(tiny_bert_dir
                                    (tmp_path / "nothing", tmp_path / "new", "no such run directory")]:
         result = CliRunner().invoke(app, ["export", str(run_dir), str(out)])
         assert result.exit_code == 2 and expected in result.output, result.output
+
+
+def test_pruned_export_is_refused_in_one_line(tmp_path):
+    """Plain transformers 5 has no per-layer head counts (and no config.pruned_heads): nothing is written."""
+    # Execute
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "any-run"), str(tmp_path / "out"), "--pruned", "0.5"])
+    # Assert
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "cannot load a model whose blocks lost heads" in error[0], result.output
+    assert not (tmp_path / "out").exists()

@@ -213,18 +213,25 @@ def evaluate(
         help="FILE_LABEL=MODEL_LABEL[|MODEL_LABEL...],... for a file whose label names differ, e.g. "
              "'not_entailment=neutral|contradiction' (a prediction in the set counts as that label).")] = None,
     out: Annotated[Path | None, typer.Option(help="JSON file of the scores (default RUN_DIR/evaluate.STEM.json, "
-                                                  "STEM the data file's).")] = None,
+                                                  "STEM the data file's; RUN_DIR/evaluate.STEM.pruned-S.json with "
+                                                  "--pruned).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Evaluation batch size (default: the run's "
                                                                "federated.eval_batch_size).")] = None,
     device: Annotated[str | None, typer.Option(help="Device to evaluate on (default: the run's device).")] = None,
+    pruned: Annotated[float | None, typer.Option(
+        help="Score the model with a fraction S in (0, 1) of each block's heads physically removed: those the "
+             "clients of the last --window rounds kept least often.")] = None,
+    window: Annotated[int, typer.Option(min=1, help="With --pruned: the last rounds whose client head masks "
+                                                    "vote.")] = 5,
 ) -> None:
     """Score a run's trained global model on a dataset: one line per metric, and a JSON file."""
     from fedhead.evaluation import evaluate_run, parse_label_map
 
     try:
         mapping = parse_label_map(label_map)
-        result = evaluate_run(run_dir, data, mapping, batch_size, device)
-        target = out or run_dir / f"evaluate.{Path(data).stem}.json"
+        result = evaluate_run(run_dir, data, mapping, batch_size, device, pruned, window)
+        suffix = "" if pruned is None else f".pruned-{pruned:g}"
+        target = out or run_dir / f"evaluate.{Path(data).stem}{suffix}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
@@ -232,6 +239,11 @@ def evaluate(
     for name, value in result["metrics"].items():
         typer.echo(f"{name} {value:.4f}")
     typer.echo(f"examples {result['examples']}")
+    if "pruned" in result:
+        p = result["pruned"]
+        typer.echo(f"kept_heads {p['kept_heads']} of {p['total_heads']}")
+        typer.echo(f"forward_flops {p['forward_flops']['pruned']} of {p['forward_flops']['whole']} (one batch of "
+                   f"{p['flops_batch_size']})")
     console.print(f"round {result['round']} of {run_dir} on {data}; scores in {target}", highlight=False)
 
 
@@ -239,12 +251,14 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (its last checkpoint is the model exported).")],
     out: Annotated[Path, typer.Argument(help="New directory for the model (must not exist, or be empty).")],
+    pruned: Annotated[float | None, typer.Option(
+        help="Refused: plain transformers cannot load a model whose blocks lost heads (see docs/usage.md).")] = None,
 ) -> None:
     """Write a run's trained global model, LoRA merged, as a directory plain transformers loads."""
     from fedhead.export import export_run
 
     try:
-        result = export_run(run_dir, out)
+        result = export_run(run_dir, out, pruned)
     except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)
     trust = ", trust_remote_code=True" if result.remote_code else ""

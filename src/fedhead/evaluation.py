@@ -17,10 +17,17 @@ is that of the two-way model whose not_entailment probability is p(neutral) + p(
 labels may map to one model label (a five-way sentiment set scored with a two-way model). Text-to-text tasks:
 the model's labels are its label words (or the label values of `data.label_words`), and G(y) is the set of
 references the generated text is matched against; free-text generation has no labels to map.
+
+Pruned deployment (`--pruned S`). The global model is first physically pruned (`prune_heads_`, LoRA included) to
+`consensus_mask_of_run(run, S, window)`: in every block the ceil((1 - S) * heads) heads the clients of the last
+`window` rounds kept most often, ties by mean head score. The metrics are then the pruned model's; the result's
+"pruned" entry holds the mask and the forward FLOPs of the first evaluation batch for the whole and the pruned
+model (`torch.utils.flop_counter`; attention scores are counted under eager attention only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +39,14 @@ from fedhead.data.batching import collate, to_device
 from fedhead.data.generation import check_fields as check_generation_fields
 from fedhead.data.generation import encode_evaluation, render_inputs
 from fedhead.data.loading import DataError, check_fields, label_names_of, load_records, tokenize_split
+from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import evaluate
 from fedhead.models.loading import device_of
-from fedhead.trained import TrainedRun, load_trained
+from fedhead.models.slicing import prune_heads_
+from fedhead.trained import TrainedRun, consensus_mask_of_run, load_trained
 
 LabelMap = dict[str, list[str]]  # file label -> the model labels it stands for
+Scorer = Callable[[torch.nn.Module], dict[str, Any]]  # a model -> {"metrics": ..., and "confusion" if any}
 
 
 def parse_label_map(text: str | None) -> LabelMap:
@@ -63,6 +73,8 @@ def evaluate_run(
     label_map: LabelMap | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    pruned: float | None = None,
+    window: int = 5,
 ) -> dict[str, Any]:
     """Score the global model of `run_dir` (its last checkpoint, see `fedhead.trained`) on every record of `data`.
 
@@ -72,15 +84,21 @@ def evaluate_run(
         label_map: file label -> model labels (see the module docstring); default: the file's labels are the model's.
         batch_size: evaluation batch size (default: the run's `federated.eval_batch_size`).
         device: where to evaluate (default: the run's `device`).
+        pruned: score the model pruned to the consensus mask at this sparsity, in (0, 1) (module docstring).
+        window: with `pruned`, the last rounds whose client masks form the consensus.
 
     Returns:
         {"run", "round", "data", "examples", "label_map", "metrics": {name: value}} and, for classification,
-        "confusion": {file label: {predicted model label: count}}.
+        "confusion": {file label: {predicted model label: count}}; with `pruned`, "pruned": {"sparsity", "window",
+        "kept_heads", "total_heads", "mask" (0/1 [blocks, heads]), "flops_batch_size", "forward_flops": {"whole",
+        "pruned"}}, the metrics being the pruned model's.
 
     Raises:
         ConfigError: no run or checkpoint, a label map naming labels the model does not have, a label map for
-            free-text generation. DataError: unreadable data, missing fields, file labels the model does not know.
+            free-text generation, a `pruned` sparsity outside (0, 1), a run without client updates.
+        DataError: unreadable data, missing fields, file labels the model does not know.
     """
+    mask = consensus_mask_of_run(run_dir, pruned, window) if pruned is not None else None  # before the model loads
     run = load_trained(run_dir, device)
     records = load_records(data, run.cfg.data.eval_split)
     size = batch_size or run.cfg.federated.eval_batch_size
@@ -88,11 +106,33 @@ def evaluate_run(
                               "label_map": label_map or {}}
     if run.cfg.model.task == "classification":
         check_fields(records, run.cfg.data, data)
-        result.update(_score_classification(run, records, data, label_map or {}, size))
+        rows, score = _classification(run, records, data, label_map or {}, size)
     else:
         check_generation_fields(records, run.cfg.data, data)
-        result["metrics"] = _score_generation(run, records, data, label_map or {}, size)
+        rows, score = _generation(run, records, data, label_map or {}, size)
+    if mask is not None:
+        result["pruned"] = {"sparsity": pruned, "window": window, **_prune_(run, mask, rows[:size])}
+    result.update(score(run.lm.model))
     return result
+
+
+@torch.no_grad()
+def _prune_(run: TrainedRun, mask: torch.Tensor, rows: dict[str, list]) -> dict[str, Any]:
+    """Prune `run`'s model to `mask` (bool [blocks, heads]) in place; the mask and the forward FLOPs of the batch
+    `rows` before and after."""
+    model, blocks, heads = run.lm.model, run.lm.head_map.num_blocks, run.lm.head_map.num_heads
+    rows = {k: v for k, v in rows.items() if k != "references"}
+    batch = collate(rows, run.lm.tokenizer)
+    if run.cfg.model.task == "classification":
+        batch.pop("labels")  # file-label ids, not the model's
+    batch = to_device(batch, device_of(model))
+    with count_flops() as whole:
+        model(**batch)
+    prune_heads_(model, run.lm.head_map, mask, run.lm.prefix)
+    with count_flops() as pruned:
+        model(**batch)
+    return {"kept_heads": int(mask.sum()), "total_heads": blocks * heads, "mask": mask.int().tolist(),
+            "flops_batch_size": len(batch["input_ids"]), "forward_flops": {"whole": whole[0], "pruned": pruned[0]}}
 
 
 def _label_sets(file_labels: list[str], model_labels: list[str], label_map: LabelMap, source: str,
@@ -118,9 +158,9 @@ def _label_sets(file_labels: list[str], model_labels: list[str], label_map: Labe
     return {y: [resolve(t) for t in label_map.get(y, [y])] for y in file_labels}  # type: ignore[misc]
 
 
-@torch.no_grad()
-def _score_classification(run: TrainedRun, records: datasets.Dataset, source: str, label_map: LabelMap,
-                          batch_size: int) -> dict[str, Any]:
+def _classification(run: TrainedRun, records: datasets.Dataset, source: str, label_map: LabelMap,
+                    batch_size: int) -> tuple[datasets.Dataset, Scorer]:
+    """The encoded records and the function scoring a model on them (accuracy, loss and confusion over G(y))."""
     cfg: Config = run.cfg
     file_labels = label_names_of(list(records[cfg.data.label_field]))
     sets = _label_sets(file_labels, run.label_names, label_map, source)
@@ -130,31 +170,36 @@ def _score_classification(run: TrainedRun, records: datasets.Dataset, source: st
     allowed = torch.zeros(len(file_labels), len(run.label_names), dtype=torch.bool)  # (Y_file, C_model): G(y)
     for y, targets in sets.items():
         allowed[index[y], [model_index[t] for t in targets]] = True
-    model = run.lm.model
-    loss_sum, correct = 0.0, 0
-    confusion = torch.zeros(len(file_labels), len(run.label_names), dtype=torch.long)
-    for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], run.lm.tokenizer)
-        gold = batch.pop("labels")  # (B,) file-label ids
-        logits = model(**to_device(batch, device_of(model))).logits.float().cpu()  # (B, C)
-        log_p = logits.log_softmax(-1)
-        ok = allowed[gold]  # (B, C)
-        loss_sum -= float(log_p.masked_fill(~ok, float("-inf")).logsumexp(-1).sum())
-        predicted = logits.argmax(-1)  # (B,)
-        correct += int(ok.gather(1, predicted[:, None]).sum())
-        confusion.index_put_((gold, predicted), torch.ones_like(gold), accumulate=True)
-    n = len(rows)
-    return {
-        "metrics": {"accuracy": correct / n, "eval_loss": loss_sum / n},
-        "confusion": {y: {c: int(confusion[index[y], j]) for j, c in enumerate(run.label_names)}
-                      for y in file_labels},
-    }
+
+    @torch.no_grad()
+    def score(model: torch.nn.Module) -> dict[str, Any]:
+        loss_sum, correct = 0.0, 0
+        confusion = torch.zeros(len(file_labels), len(run.label_names), dtype=torch.long)
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size], run.lm.tokenizer)
+            gold = batch.pop("labels")  # (B,) file-label ids
+            logits = model(**to_device(batch, device_of(model))).logits.float().cpu()  # (B, C)
+            log_p = logits.log_softmax(-1)
+            ok = allowed[gold]  # (B, C)
+            loss_sum -= float(log_p.masked_fill(~ok, float("-inf")).logsumexp(-1).sum())
+            predicted = logits.argmax(-1)  # (B,)
+            correct += int(ok.gather(1, predicted[:, None]).sum())
+            confusion.index_put_((gold, predicted), torch.ones_like(gold), accumulate=True)
+        n = len(rows)
+        return {
+            "metrics": {"accuracy": correct / n, "eval_loss": loss_sum / n},
+            "confusion": {y: {c: int(confusion[index[y], j]) for j, c in enumerate(run.label_names)}
+                          for y in file_labels},
+        }
+
+    return rows, score
 
 
-def _score_generation(run: TrainedRun, records: datasets.Dataset, source: str, label_map: LabelMap,
-                      batch_size: int) -> dict[str, float]:
-    """The run loop's evaluation (`federated.client.evaluate`) of the records, references from the label sets
-    (text-to-text classification) or the target field."""
+def _generation(run: TrainedRun, records: datasets.Dataset, source: str, label_map: LabelMap,
+                batch_size: int) -> tuple[datasets.Dataset, Scorer]:
+    """The encoded records and the function scoring a model on them: the run loop's evaluation
+    (`federated.client.evaluate`), references from the label sets (text-to-text classification) or the target
+    field."""
     cfg = run.cfg
     if cfg.data.target_field is not None:
         if label_map:
@@ -167,5 +212,9 @@ def _score_generation(run: TrainedRun, records: datasets.Dataset, source: str, l
         references = [sets[v] for v in values]
     rows = encode_evaluation(render_inputs(records, cfg.data), references, run.lm.tokenizer, cfg.model.task,
                              cfg.model.max_length, cfg.model.max_target_length)
-    return evaluate(run.lm.model, rows, run.lm.tokenizer, batch_size, task=cfg.model.task,
-                    generation=cfg.generation)
+
+    def score(model: torch.nn.Module) -> dict[str, Any]:
+        return {"metrics": evaluate(model, rows, run.lm.tokenizer, batch_size, task=cfg.model.task,
+                                    generation=cfg.generation)}
+
+    return rows, score

@@ -16,6 +16,12 @@ The model is the run's last checkpoint (`fedhead.trained`), its LoRA merged into
   README.md written beside the weights shows the four lines that compute the same logits from
   `AutoModel.from_config` and the saved tensors.
 
+No pruned export. A model pruned to the consensus head mask (`fedhead evaluate --pruned`) keeps fewer heads per
+block than its config declares, and plain transformers 5 has no way to say so: BERT, T5 and LLaMA configs give one
+head count for every layer (BERT's head size is even hidden_size / num_attention_heads), and `prune_heads` /
+`config.pruned_heads`, which once rebuilt the smaller blocks on load, were removed. So `pruned` is refused rather
+than written in a format only fedhead could load.
+
 Classification configs carry the label names (`id2label`, `label2id`). `fedhead_export.json` records the run,
 the round, the input format (text fields, prompt, label words) and how to load the directory.
 """
@@ -49,16 +55,24 @@ class Export:
     remote_code: bool
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Export:
+NO_PRUNED_EXPORT = ("--pruned: plain transformers 5 cannot load a model whose blocks lost heads (its configs fix one "
+                    "head count for every layer and it removed prune_heads / config.pruned_heads); score the pruned "
+                    "model with `fedhead evaluate --pruned` and export the whole one")
+
+
+def export_run(run_dir: str | Path, out: str | Path, pruned: float | None = None) -> Export:
     """Write the global model of `run_dir` to `out` as a transformers model directory (see the module docstring).
 
     Args:
         run_dir: a run directory with at least one checkpointed round.
         out: the directory to write; it must not exist or be empty.
+        pruned: a pruned export's sparsity; always refused (see the module docstring).
 
     Raises:
-        ConfigError: no run or checkpoint, or `out` is a file or a folder holding files.
+        ConfigError: `pruned` given, no run or checkpoint, or `out` is a file or a folder holding files.
     """
+    if pruned is not None:
+        raise ConfigError(NO_PRUNED_EXPORT)
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} exists and is not an empty directory: export to a new one")

@@ -5,6 +5,10 @@ The model is the run's config (config.json) rebuilt with `build_model`, then its
 state loaded into it: the state that resuming continues from, written after every round, so an unfinished run
 has a model too. The frozen parts (the base weights, and LoRA A with `lora.freeze_a`) come from the model
 files and the seed exactly as in training. Label names come from partition.json, written when the run started.
+
+`consensus_mask_of_run` is the head mask a pruned deployment of that model keeps: the consensus
+(`fedhead.heads.pruning.consensus_heads_mask`) of the kept-head masks its clients uploaded in the last rounds,
+as metrics.jsonl records them.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedhead.config import Config, ConfigError, config_from_dict
 from fedhead.federated.state import load_state_
+from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners.local import MOMENTS
@@ -86,3 +92,50 @@ def load_trained(run_dir: str | Path, device: str | None = None) -> TrainedRun:
     load_state_(lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
     lm.model.eval()
     return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)
+
+
+def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5) -> torch.Tensor:
+    """The heads a pruned deployment of the run's global model keeps: bool [blocks, heads], ceil((1 - sparsity) *
+    heads) of every block, ranked by how often the client updates of the last `window` rounds kept them, ties by
+    their mean head score (`consensus_heads_mask`, per block). A run whose clients kept every head (sparsity 0)
+    gives the heads of highest mean score.
+
+    Args:
+        run_dir: a run directory whose metrics.jsonl holds at least one round of client updates.
+        sparsity: the fraction of heads removed, in (0, 1).
+        window: how many of the last rounds' updates vote (>= 1).
+
+    Raises:
+        ConfigError: a sparsity outside (0, 1), a window < 1, no run directory, or no client update in its metrics.
+    """
+    if not 0 < sparsity < 1:
+        raise ConfigError(f"pruned sparsity must be in (0, 1), got {sparsity}")
+    if window < 1:
+        raise ConfigError(f"the consensus window must be at least one round, got {window}")
+    read_run_config(run_dir)
+    kept, scores = client_masks(RunDir(run_dir).metrics(), window)
+    return consensus_heads_mask(kept, scores, sparsity)
+
+
+def client_masks(metrics: list[dict[str, Any]], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, scores), both [N, blocks, heads] (bool, float64): every client update of the last `window` rounds of
+    `metrics` (a run's metrics.jsonl lines), from its `kept_heads` (flat indices) and `head_scores`.
+
+    Raises:
+        ConfigError: no client update with both fields in those rounds.
+    """
+    rounds = [m for m in metrics if m.get("round", 0) > 0][-window:]
+    kept, scores = [], []
+    for m in rounds:
+        for c in m.get("clients", []):
+            if c.get("kept_heads") is None or not c.get("head_scores"):
+                continue
+            score = torch.tensor(c["head_scores"], dtype=torch.float64)  # (blocks, heads)
+            mask = torch.zeros(score.numel(), dtype=torch.bool)
+            mask[c["kept_heads"]] = True
+            kept.append(mask.view(score.shape))
+            scores.append(score)
+    if not kept:
+        raise ConfigError("the run has no client update (kept_heads, head_scores) in its metrics.jsonl: no round "
+                          "has finished")
+    return torch.stack(kept), torch.stack(scores)
