@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ROOT
+from common import ROOT, load_finished_run
 
-from fedhead.config import Config, load_config
+from fedhead.config import load_config
 from fedhead.federated.client import evaluate
-from fedhead.federated.state import load_state_
-from fedhead.runners.local import MOMENTS, Simulation, run_simulation
+from fedhead.runners.local import run_simulation
 from fedhead.runners.run_dir import RunDir
 
 BASE = ROOT / "configs" / "paper_base.toml"
@@ -89,12 +88,7 @@ def record_path(row: str, seed: int, results: Path = RESULTS) -> Path:
 
 def full_eval(run_dir: Path) -> dict[str, float]:
     """The run's final global model (its last checkpoint) scored on every pair of the evaluation file."""
-    rd = RunDir(run_dir)
-    cfg = Config.model_validate(rd.read_json("config.json"))
-    full_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_size": None})})
-    sim = Simulation.setup(full_cfg)
-    saved, meta = rd.load_checkpoint()
-    load_state_(sim.lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
+    sim, cfg, meta = load_finished_run(run_dir, None)
     start = time.perf_counter()
     result = evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
     return {**result, "pairs": len(sim.data.eval), "round": meta["round"], "seconds": time.perf_counter() - start}

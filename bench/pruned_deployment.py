@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT
+from common import ROOT, load_finished_run
 
-from fedhead.config import Config
 from fedhead.data.batching import collate
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import evaluate
-from fedhead.federated.state import load_state_
 from fedhead.models.slicing import prune_heads_
-from fedhead.runners.local import MOMENTS, Simulation
 from fedhead.runners.run_dir import RunDir
 from fedhead.trained import client_masks, consensus_mask_of_run
 
@@ -56,11 +53,7 @@ def inference_cost(model: torch.nn.Module, batch: dict[str, torch.Tensor], repea
 
 def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | None, repeats: int) -> dict[str, Any]:
     rd = RunDir(run_dir)
-    cfg = Config.model_validate(rd.read_json("config.json"))
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_size": pairs})})
-    sim = Simulation.setup(cfg)
-    saved, meta = rd.load_checkpoint()
-    load_state_(sim.lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
+    sim, cfg, meta = load_finished_run(run_dir, pairs)
     hm = sim.lm.head_map
     kept, _ = client_masks(rd.metrics(), window)
     rows = sim.data.eval[: cfg.federated.eval_batch_size]
