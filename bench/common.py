@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedhead.config import Config, load_config
-from fedhead.federated.state import load_state_
-from fedhead.runners.local import MOMENTS, Simulation, run_simulation
-from fedhead.runners.run_dir import RunDir
+import datasets
+
+from fedhead.config import load_config
+from fedhead.data.tasks import load_task_data
+from fedhead.runners.local import run_simulation
+from fedhead.trained import TrainedRun, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,13 +56,10 @@ def run_rows(base: Path, rows: list[tuple[str, dict[str, Any]]], out: Path,
     return dirs
 
 
-def load_finished_run(run_dir: Path, eval_size: int | None) -> tuple[Simulation, Config, dict[str, Any]]:
-    """A run's simulation with its last checkpoint's global model loaded, evaluating on `eval_size` pairs of its
-    evaluation file (None: all of them); returns (simulation, config, checkpoint metadata)."""
-    rd = RunDir(run_dir)
-    cfg = Config.model_validate(rd.read_json("config.json"))
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval_size": eval_size})})
-    sim = Simulation.setup(cfg)
-    saved, meta = rd.load_checkpoint()
-    load_state_(sim.lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
-    return sim, cfg, meta
+
+def load_finished_run(run_dir: Path, eval_size: int | None) -> tuple[TrainedRun, datasets.Dataset]:
+    """A run's global model after its last checkpoint (`fedhead.trained.load_trained`) and `eval_size` pairs of
+    its evaluation file (None: all of them)."""
+    run = load_trained(run_dir)
+    cfg = run.cfg.model_copy(update={"data": run.cfg.data.model_copy(update={"eval_size": eval_size})})
+    return run, load_task_data(cfg, run.lm.tokenizer).eval

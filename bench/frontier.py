@@ -90,10 +90,10 @@ def record_path(row: str, seed: int, results: Path = RESULTS) -> Path:
 
 def full_eval(run_dir: Path) -> dict[str, float]:
     """The run's final global model (its last checkpoint) scored on every pair of the evaluation file."""
-    sim, cfg, meta = load_finished_run(run_dir, None)
+    run, pairs = load_finished_run(run_dir, None)
     start = time.perf_counter()
-    result = evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
-    return {**result, "pairs": len(sim.data.eval), "round": meta["round"], "seconds": time.perf_counter() - start}
+    result = evaluate(run.lm.model, pairs, run.lm.tokenizer, run.cfg.federated.eval_batch_size)
+    return {**result, "pairs": len(pairs), "round": run.round, "seconds": time.perf_counter() - start}
 
 
 def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_file: str) -> dict[str, Any]:

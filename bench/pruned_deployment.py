@@ -53,22 +53,23 @@ def inference_cost(model: torch.nn.Module, batch: dict[str, torch.Tensor], repea
 
 def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | None, repeats: int) -> dict[str, Any]:
     rd = RunDir(run_dir)
-    sim, cfg, meta = load_finished_run(run_dir, pairs)
-    hm = sim.lm.head_map
+    run, eval_pairs = load_finished_run(run_dir, pairs)
+    lm, cfg = run.lm, run.cfg
+    hm = lm.head_map
     kept, _ = client_masks(rd.metrics(), window)
-    rows = sim.data.eval[: cfg.federated.eval_batch_size]
+    rows = eval_pairs[: cfg.federated.eval_batch_size]
     rows.pop("references", None)
-    batch = collate(rows, sim.lm.tokenizer)
-    out: dict[str, Any] = {"run": run_dir.name, "seed": cfg.seed, "round": meta["round"], "window": window,
-                           "updates": int(kept.shape[0]), "pairs": len(sim.data.eval), "models": []}
+    batch = collate(rows, lm.tokenizer)
+    out: dict[str, Any] = {"run": run_dir.name, "seed": cfg.seed, "round": run.round, "window": window,
+                           "updates": int(kept.shape[0]), "pairs": len(eval_pairs), "models": []}
     for s in [0.0, *sparsities]:
-        model = copy.deepcopy(sim.lm.model)
+        model = copy.deepcopy(lm.model)
         whole = torch.ones(hm.num_blocks, hm.num_heads, dtype=torch.bool)
         mask = consensus_mask_of_run(run_dir, s, window) if s > 0 else whole
         if s > 0:
-            prune_heads_(model, hm, mask, sim.lm.prefix)
+            prune_heads_(model, hm, mask, lm.prefix)
         flops, seconds = inference_cost(model, batch, repeats)
-        result = evaluate(model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
+        result = evaluate(model, eval_pairs, lm.tokenizer, cfg.federated.eval_batch_size)
         out["models"].append({"sparsity": s, "kept_heads": int(mask.sum()), "accuracy": result["accuracy"],
                               "eval_loss": result["eval_loss"], "inference_flops": flops,
                               "inference_seconds": seconds, "mask": mask.int().tolist()})
