@@ -11,6 +11,15 @@ over seeds.
     python bench/frontier.py run --rows dense sparse-0.9 --seeds 0 1 2 --threads 1   # resumable
     python bench/frontier.py table          # docs/results/frontier.md from docs/results/frontier/*.json
     python bench/frontier.py screen --rounds 30 --rows ...   # one seed, fewer rounds: screening only
+    python bench/frontier.py costs --rows dense sparse-0.9 ...   # client time and memory, one controlled batch
+
+The client time and memory columns come from `costs`, not from the runs' own timings (two runs share the two
+cores here, so their wall-clock times measure the neighbour as much as the row): one process builds every row's
+client from the same global state and times the same client's round (scoring, 8 local steps, the post-round
+loss) for each row in turn, round-robin, `--repeats` times, and records the median round time, the median
+seconds per local step, and the peak training memory the client reports (fedhead.federated.client.train_local:
+the bytes autograd saves for the backward, plus a gradient and AdamW's two moments per trainable value). Ratios
+are to dense in the same measurement (docs/results/frontier_costs.json).
 
 Finished runs are not run again and an interrupted run resumes from its checkpoint (run folders in
 bench/results/frontier/seed<S>/<row>/, not committed). Each finished run leaves a small record in
@@ -40,6 +49,7 @@ BASE = ROOT / "configs" / "paper_base.toml"
 PROTOCOL = {"federated.rounds": 60, "federated.eval_every": 4}
 RESULTS = ROOT / "docs" / "results" / "frontier"
 RUNS = ROOT / "bench" / "results" / "frontier"
+COSTS = ROOT / "docs" / "results" / "frontier_costs.json"
 
 SPARSE = {"heads.mode": "train_sparse"}
 FREEZE = {"lora.freeze_a": True}
@@ -170,6 +180,52 @@ def run(rows: list[str], seeds: list[int], threads: int, rounds: int | None, run
             record_path(row, seed, results).write_text(json.dumps(record, indent=1) + "\n")
 
 
+def measure_costs(rows: list[str], repeats: int, threads: int, client: int = 0, round_: int = 1,
+                  seed: int = 0) -> dict[str, Any]:
+    """Client round time, seconds per local step and peak training memory of each row (module docstring): the
+    same client (`client` of the seed's partition) in round `round_`, from the row's initial global state, each
+    row in turn, `repeats` times; medians of the timings."""
+    import platform
+
+    import torch
+
+    from fedhead.federated.client import client_update
+    from fedhead.federated.state import trainable_state
+    from fedhead.models import build_model
+    from fedhead.runners.local import Simulation
+
+    base = load_config(BASE, {**PROTOCOL, "seed": seed, "threads": threads})
+    sim = Simulation.setup(base)
+    data = sim.client_data(client)
+    built = {}
+    for row in rows:
+        cfg = load_config(BASE, {**ROWS[row], **PROTOCOL, "seed": seed, "threads": threads})
+        lm = build_model(cfg, sim.data.num_labels, sim.lm.tokenizer)
+        built[row] = (cfg, lm, trainable_state(lm.model))
+    seconds: dict[str, list[float]] = {row: [] for row in rows}
+    step: dict[str, list[float]] = {row: [] for row in rows}
+    memory: dict[str, int] = {}
+    for repeat in range(repeats + 1):  # the first pass warms up and is not timed
+        for row in rows:
+            cfg, lm, state = built[row]
+            start = time.perf_counter()
+            update = client_update(lm, state, data, cfg, client, round_)
+            elapsed = time.perf_counter() - start
+            memory[row] = int(update.stats["peak_memory_bytes"])
+            if repeat:
+                seconds[row].append(elapsed)
+                step[row].append(update.timings["train_seconds"] / update.stats["steps"])
+        print(f"  costs: pass {repeat} of {repeats} done", flush=True)
+    return {
+        "protocol": {"client": client, "round": round_, "seed": seed, "examples": len(data), "repeats": repeats,
+                     "threads": threads, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+                     "processor": platform.processor() or platform.platform()},
+        "rows": {row: {"client_round_seconds_median": statistics.median(seconds[row]),
+                       "client_step_seconds_median": statistics.median(step[row]),
+                       "peak_memory_bytes": memory[row]} for row in rows},
+    }
+
+
 def t_quantile(n: int) -> float:
     """Two-sided 95% Student t quantile with n - 1 degrees of freedom."""
     from scipy.stats import t
@@ -185,10 +241,18 @@ def load_records(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return by_row
 
 
-def frontier_rows(results: Path) -> list[dict[str, Any]]:
-    """Per row: seeds paired with dense, the full-set accuracy, the paired drop (mean, sd, 95% interval) and
-    every cost as a ratio dense / row (above 1: the row saves), averaged over the paired seeds."""
+def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
+    """Per row: seeds paired with dense, the full-set accuracy, the paired drop (mean, sd, 95% interval), the
+    run totals (FLOPs, bytes) as ratios dense / row (above 1: the row saves) averaged over the paired seeds, and
+    the client time and memory ratios of the controlled measurement in `costs` (None where it lacks the row)."""
     records = load_records(results)
+    measured = json.loads(costs.read_text())["rows"] if costs.exists() else {}
+
+    def cost_ratio(row: str, key: str) -> float | None:
+        if row not in measured or "dense" not in measured:
+            return None
+        return measured["dense"][key] / measured[row][key]
+
     dense = records.get("dense", {})
     out = []
     for row, by_seed in records.items():
@@ -213,8 +277,10 @@ def frontier_rows(results: Path) -> list[dict[str, Any]]:
             "accuracy": float(acc.mean()), "drop": float(drops.mean()), "drop_sd": sd,
             "drop_low": float(drops.mean() - half), "drop_high": float(drops.mean() + half),
             "flops_saved": ratio("train_flops"), "upload_saved": ratio("bytes_up"),
-            "download_saved": ratio("bytes_down"), "step_time_saved": ratio("client_step_seconds_median"),
-            "memory_saved": ratio("client_peak_memory_bytes_median"),
+            "download_saved": ratio("bytes_down"),
+            "round_time_saved": cost_ratio(row, "client_round_seconds_median"),
+            "step_time_saved": cost_ratio(row, "client_step_seconds_median"),
+            "memory_saved": cost_ratio(row, "peak_memory_bytes"),
         })
     return sorted(out, key=lambda r: (r["row"] != "dense", r["drop"]))
 
@@ -223,18 +289,19 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def table(results: Path) -> str:
+def table(results: Path, costs: Path = COSTS) -> str:
     lines = ["| row | options | heads pruned | seeds | accuracy (9,815 pairs) | drop vs dense, paired (pt) "
-             "| 95% interval | training FLOPs saved | upload saved | download saved | step time saved "
-             "| peak memory saved |",
-             "|" + "---|" * 12]
-    for r in frontier_rows(results):
+             "| 95% interval | training FLOPs saved | upload saved | download saved | client round time saved "
+             "| local step time saved | peak training memory saved |",
+             "|" + "---|" * 13]
+    for r in frontier_rows(results, costs):
         opts = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
         interval = "-" if math.isnan(r["drop_low"]) else f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]"
         sd = "" if math.isnan(r["drop_sd"]) else f" ± {r['drop_sd']:.1f}"
         lines.append(f"| {r['row']} | {opts} | {r['heads_pruned']:.0%} | {len(r['seeds'])} | {r['accuracy']:.4f} | "
                      f"{r['drop']:+.1f}{sd} | {interval} | {_x(r['flops_saved'])} | {_x(r['upload_saved'])} | "
-                     f"{_x(r['download_saved'])} | {_x(r['step_time_saved'])} | {_x(r['memory_saved'])} |")
+                     f"{_x(r['download_saved'])} | {_x(r['round_time_saved'])} | {_x(r['step_time_saved'])} | "
+                     f"{_x(r['memory_saved'])} |")
     return "\n".join(lines)
 
 
@@ -287,10 +354,18 @@ def main() -> None:
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if name == "run" else [0])
         p.add_argument("--threads", type=int, default=1, help="torch threads (1 when two jobs share 2 cores)")
         p.add_argument("--rounds", type=int, default=None if name == "run" else 30)
+    costs = sub.add_parser("costs")
+    costs.add_argument("--rows", nargs="+", required=True, choices=list(ROWS))
+    costs.add_argument("--repeats", type=int, default=3)
+    costs.add_argument("--threads", type=int, default=1)
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "run":
         run(args.rows, args.seeds, args.threads, args.rounds, RUNS, RESULTS)
+    elif args.command == "costs":
+        rows = ["dense", *[r for r in args.rows if r != "dense"]]
+        COSTS.write_text(json.dumps(measure_costs(rows, args.repeats, args.threads), indent=1) + "\n")
+        print(f"wrote {COSTS.relative_to(ROOT)}")
     elif args.command == "screen":
         results = ROOT / "docs" / "results" / f"screen{args.rounds}"
         run(args.rows, args.seeds, args.threads, args.rounds, RUNS, results)
