@@ -31,8 +31,9 @@ from fedhead.data.batching import collate
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import evaluate
 from fedhead.models.slicing import prune_heads_
+from fedhead.run_metrics import client_head_masks
 from fedhead.runners.run_dir import RunDir
-from fedhead.trained import client_masks, consensus_mask_of_run
+from fedhead.trained import consensus_mask_of_run
 
 RESULTS = ROOT / "docs" / "results" / "pruned_deployment"
 
@@ -56,7 +57,7 @@ def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | No
     run, eval_pairs = load_finished_run(run_dir, pairs)
     lm, cfg = run.lm, run.cfg
     hm = lm.head_map
-    kept, _ = client_masks(rd.metrics(), window)
+    kept, _ = client_head_masks(rd.metrics(), window)
     rows = eval_pairs[: cfg.federated.eval_batch_size]
     rows.pop("references", None)
     batch = collate(rows, lm.tokenizer)

@@ -249,3 +249,41 @@ def test_pruned_errors_are_one_line(mnli_run, tmp_path, case):
     assert result.exit_code == 2, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and expected in error[0], result.output
+
+
+def test_pruned_deployment_is_scored_at_every_evaluation(pruned_run, tmp_path):
+    """heads.eval_pruned: every evaluation also scores the global model pruned to the consensus of the last
+    rounds' client masks, exactly as pruning that round's model by hand, without changing the run itself."""
+    # Prepare
+    plain = pruned_run / "run"
+    cfg = config_from_dict({**json.loads((plain / "config.json").read_text()), "out": str(tmp_path)})
+    cfg = cfg.model_copy(update={"heads": cfg.heads.model_copy(update={"eval_pruned": 0.5, "eval_pruned_window": 1})})
+    # Execute
+    summary = run_simulation(cfg, tmp_path / "run")
+    # Assert
+    metrics = read_metrics(tmp_path / "run")
+    evaluated = [m for m in metrics if m.get("round", 0) > 0 and "accuracy" in m]
+    assert evaluated and all("pruned_accuracy" in m and "pruned_eval_loss" in m for m in evaluated)
+    assert "pruned_accuracy" not in metrics[0]  # round 0: no client has uploaded a mask yet
+    last = metrics[-1]
+    blocks_heads = torch.tensor(last["clients"][0]["head_scores"]).shape
+    assert last["pruned_kept_heads"] == blocks_heads[0] * math.ceil(0.5 * blocks_heads[1])
+    mask = _consensus_by_hand(tmp_path / "run", 0.5, window=1)
+    accuracy, loss, _ = _scores_by_hand(tmp_path / "run", pruned_run / "three.jsonl", mask)
+    assert last["pruned_accuracy"] == accuracy
+    assert last["pruned_eval_loss"] == pytest.approx(loss, abs=1e-5)
+    assert summary["pruned_final_score"] == accuracy and summary["pruned_kept_heads"] == last["pruned_kept_heads"]
+
+    def whole_model(lines):  # what the run did and measured, without the pruned scores and the timings
+        return [{k: v for k, v in m.items() if not k.startswith(("pruned_", "seconds"))} for m in lines]
+
+    plain_metrics = read_metrics(plain)
+    for m in [*plain_metrics, *metrics]:
+        for c in m.get("clients", []):
+            c.pop("train_seconds", None), c.pop("scoring_seconds", None)
+    assert whole_model(metrics) == whole_model(plain_metrics)
+
+
+def test_eval_pruned_needs_clients_that_prune():
+    with pytest.raises(ConfigError, match="eval_pruned"):
+        config_from_dict({"heads": {"eval_pruned": 0.5}})

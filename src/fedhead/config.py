@@ -299,6 +299,14 @@ class HeadsSection(_Section):
         "earlier blocks flows through them, as in train_sparse) or are computed without autograd (false: as in "
         "sparse_backward, so the backward and its saved activations hold only the trained heads).",
     )
+    eval_pruned: float | None = Field(
+        None, gt=0, lt=1,
+        description="Also score, at every evaluation, a pruned deployment of the global model: in each block the "
+        "ceil((1 - eval_pruned) * H) heads that the client updates of the last eval_pruned_window rounds kept "
+        "most often (ties: mean head score) stay, the others are sliced out; its metrics land beside the whole "
+        "model's as pruned_<name> (as `fedhead evaluate --pruned`). Needs clients that prune.",
+    )
+    eval_pruned_window: int = Field(5, ge=1, description="eval_pruned: the last rounds whose client masks vote.")
 
     @model_validator(mode="after")
     def _check_tiers(self) -> HeadsSection:
@@ -332,6 +340,9 @@ class HeadsSection(_Section):
         if self.scale_kept and not self.frozen_autograd:
             raise ValueError("heads.scale_kept does not apply with heads.frozen_autograd = false (the no-grad "
                              "heads are added after the output projection, unscaled)")
+        if self.eval_pruned is not None and self.sparsity == 0 and not any(self.tiers or []):
+            raise ValueError("heads.eval_pruned takes the heads the clients keep most often: with sparsity 0 the "
+                             "clients keep every head")
         if self.scale_kept and self.mode not in ("remove", "mixed"):
             raise ValueError(f"heads.scale_kept scales what remains of a block with removed heads: it does not "
                              f"apply to mode = '{self.mode}'")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,6 +24,7 @@ from fedhead.federated.state import load_state_
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
+from fedhead.run_metrics import client_head_masks
 from fedhead.runners.local import MOMENTS
 from fedhead.runners.run_dir import RunDir
 
@@ -113,29 +113,5 @@ def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5)
     if window < 1:
         raise ConfigError(f"the consensus window must be at least one round, got {window}")
     read_run_config(run_dir)
-    kept, scores = client_masks(RunDir(run_dir).metrics(), window)
+    kept, scores = client_head_masks(RunDir(run_dir).metrics(), window)
     return consensus_heads_mask(kept, scores, sparsity)
-
-
-def client_masks(metrics: list[dict[str, Any]], window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept, scores), both [N, blocks, heads] (bool, float64): every client update of the last `window` rounds of
-    `metrics` (a run's metrics.jsonl lines), from its `kept_heads` (flat indices) and `head_scores`.
-
-    Raises:
-        ConfigError: no client update with both fields in those rounds.
-    """
-    rounds = [m for m in metrics if m.get("round", 0) > 0][-window:]
-    kept, scores = [], []
-    for m in rounds:
-        for c in m.get("clients", []):
-            if c.get("kept_heads") is None or not c.get("head_scores"):
-                continue
-            score = torch.tensor(c["head_scores"], dtype=torch.float64)  # (blocks, heads)
-            mask = torch.zeros(score.numel(), dtype=torch.bool)
-            mask[c["kept_heads"]] = True
-            kept.append(mask.view(score.shape))
-            scores.append(score)
-    if not kept:
-        raise ConfigError("the run has no client update (kept_heads, head_scores) in its metrics.jsonl: no round "
-                          "has finished")
-    return torch.stack(kept), torch.stack(scores)

@@ -9,6 +9,7 @@ one tokenised dataset, and only the K working copies of a round are ever built, 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedhead.config import Config
+from fedhead.config import Config, ConfigError
 from fedhead.data import label_histograms, partition_indices
 from fedhead.data.loading import DataError
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
@@ -30,9 +31,11 @@ from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.server import Reply, ServerOptions, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
+from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
-from fedhead.run_metrics import tail_mean
+from fedhead.models.slicing import prune_heads_
+from fedhead.run_metrics import client_head_masks, tail_mean
 from fedhead.runners.run_dir import RunDir
 from fedhead.seeds import SERVER, Stream, derived_seed, failure_draws
 
@@ -71,6 +74,25 @@ class Simulation:
             return {}
         return evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
                         task=self.lm.task, generation=self.cfg.generation)
+
+    def evaluate_pruned(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """`heads.eval_pruned`: the global model (as loaded) pruned to the consensus of the client head masks in
+        the last `heads.eval_pruned_window` rounds of `metrics` (`consensus_heads_mask`, per block), scored on
+        the evaluation set; its metrics as pruned_<name>, and pruned_kept_heads. The loaded model is untouched.
+        Nothing when there is no evaluation set or no client update in the window yet."""
+        heads = self.cfg.heads
+        if heads.eval_pruned is None or self.data.eval is None:
+            return {}
+        try:
+            kept, scores = client_head_masks(metrics, heads.eval_pruned_window)
+        except ConfigError:
+            return {}
+        mask = consensus_heads_mask(kept, scores, heads.eval_pruned)
+        work = copy.deepcopy(self.lm.model)
+        prune_heads_(work, self.lm.head_map, mask, self.lm.prefix)
+        result = evaluate(work, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
+                          task=self.lm.task, generation=self.cfg.generation)
+        return {**{f"pruned_{k}": v for k, v in result.items()}, "pruned_kept_heads": int(mask.sum())}
 
     def client_data(self, client: int):
         return self.data.train.select(self.parts[client])
@@ -230,6 +252,7 @@ def drive_rounds(
             t = time.perf_counter()
             metrics.update(sim.evaluate_global())
             metrics["seconds_eval"] = time.perf_counter() - t
+            metrics.update(sim.evaluate_pruned([*rd.metrics(), metrics]))
         rd.append_metrics(metrics)
         saved = {**state, **{MOMENTS + k: v for k, v in sim.server_moments.items()}}
         rd.save_checkpoint(saved, {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()})
@@ -267,6 +290,11 @@ def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[s
     scores["tail_mean"] = tail_mean(metrics, metric)
     summary: dict[str, Any] = {"rounds": len(rounds), "metric": metric}
     summary.update({f"{k}_score": v for k, v in scores.items()})
+    pruned = [m for m in evaluated if f"pruned_{metric}" in m]
+    if pruned:  # heads.eval_pruned: the pruned deployment's final and tail-mean scores beside the whole model's
+        summary["pruned_final_score"] = pruned[-1][f"pruned_{metric}"]
+        summary["pruned_tail_mean_score"] = tail_mean(metrics, f"pruned_{metric}")
+        summary["pruned_kept_heads"] = pruned[-1]["pruned_kept_heads"]
     if metric == "accuracy":
         summary.update({f"{k}_accuracy": v for k, v in scores.items()})
     summary.update({
