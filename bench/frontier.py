@@ -86,6 +86,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "sb-rolling-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", "heads.schedule": "rolling"},
     "sparse-rolling-fa-0.9": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling", **FREEZE},
     "sparse-rolling-0.7": {"heads.sparsity": 0.7, **SPARSE, "heads.schedule": "rolling"},
+    # coverage-balanced: the least-trained among the client's top half by confidence
+    "sparse-coverage-0.9": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "coverage", "heads.coverage_pool": 0.5},
     "mixed-ng-rolling-fa-0.7": {"heads.sparsity": 0.7, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE},
     # mixed without autograd: the 3 lowest-scored heads of a block removed (1.23x fewer FLOPs at 64 tokens),
     # the other 7 pruned computed without autograd, the rolling window of 2 trained; with freeze_a, as heads

@@ -214,6 +214,32 @@ def test_strategy_start_device_local_nodes_train_their_own_files_and_a_misfit_is
     assert final.keys() == initial.keys() and not all(torch.equal(final[k], initial[k]) for k in initial)
 
 
+def test_coverage_schedule_counts_travel_with_the_train_messages(tiny_bert_dir, tmp_path, task_identity):
+    """heads.schedule = "coverage" on Flower: the strategy sends its per-head training counts with each train
+    message and the ClientApp keeps, per block, a head least trained before the round (pool 1, k = 1 of 4)."""
+    # Prepare
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
+                      partition={"num_clients": 2}, federated={"clients_per_round": 2, "local_steps": 1},
+                      heads={"sparsity": 0.75, "schedule": "coverage", "coverage_pool": 1.0})
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(12))
+    sim = Simulation.setup(cfg, training_data=False)
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+    grid = LoopGrid(client_app, {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1}})
+    # Execute
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=3)
+    # Assert
+    counts = torch.zeros(2, 4, dtype=torch.int64)
+    for line in strategy.history:
+        assert len(line["clients"]) == 2
+        for c in line["clients"]:
+            assert all(counts[h // 4, h % 4] == counts[h // 4].min() for h in c["kept_heads"])
+        for c in line["clients"]:
+            counts.view(-1)[c["kept_heads"]] += 1
+    assert torch.equal(counts, strategy.stats.head_count_matrix(2, 4))
+    assert int(counts.max() - counts.min()) <= 2
+
+
 def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
     cfg = tiny_config(tiny_bert_dir, tmp_path, federated={"selection": "loss_gap", "clients_per_round": 2})
     stats = ClientStats()

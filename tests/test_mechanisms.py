@@ -1,5 +1,5 @@
-"""The mechanisms of the accuracy issue: sparse_backward, the rolling head schedule, the warm-up, HeteroFL's
-scaler, the server optimisers, and the activation-memory count they are measured with."""
+"""The mechanisms of the accuracy issue: sparse_backward, the rolling and coverage head schedules, the warm-up,
+HeteroFL's scaler, the server optimisers, and the activation-memory count they are measured with."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from fedhead.federated.accounting import saved_activation_bytes
 from fedhead.federated.client import client_update
 from fedhead.federated.server_optimizer import ServerOptimizer, server_step
 from fedhead.federated.state import trainable_state
-from fedhead.heads.pruning import rolling_heads_mask
+from fedhead.heads.pruning import coverage_heads_mask, kept_heads_mask, rolling_heads_mask
 from fedhead.models.slicing import attach_frozen_heads, prune_heads_, scale_kept_context
-from fedhead.runners.local import Simulation
-from tests.conftest import tiny_config
+from fedhead.runners.local import Simulation, run_simulation
+from tests.conftest import read_metrics, tiny_config
 
 KEPT = torch.tensor([[True, False, True, False], [False, True, False, False]])
 
@@ -103,9 +103,66 @@ def test_rolling_schedule_in_a_client_update(sim):
     assert not torch.equal(a.kept_heads, b.kept_heads)
 
 
+def test_coverage_keeps_the_least_trained_of_the_acceptable_heads():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+                           [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    counts = torch.tensor([[5, 0, 3, 0, 0, 0],
+                           [0, 0, 0, 0, 2, 2]])
+    # k = 2 of 6; pool 0.5: the top 3 by score are acceptable, the 2 least trained of them kept
+    kept = coverage_heads_mask(scores, counts, 2 / 3, pool=0.5)
+    assert kept.nonzero().tolist() == [[0, 1], [0, 2], [1, 3], [1, 5]]  # block 1: 3 untrained, then 5 beats 4
+    # pool 1: the least trained anywhere, ties by score (block 0: heads 1, 3, 4, 5 untrained, 1 and 3 score higher)
+    assert coverage_heads_mask(scores, counts, 2 / 3, pool=1.0).nonzero().tolist() == [[0, 1], [0, 3], [1, 2], [1, 3]]
+    # nothing trained yet, or a pool no larger than k: the client's own top k
+    top = kept_heads_mask(scores, 2 / 3, "per_block")
+    assert torch.equal(coverage_heads_mask(scores, torch.zeros_like(counts), 2 / 3, pool=0.5), top)
+    assert torch.equal(coverage_heads_mask(scores, counts, 2 / 3, pool=0.1), top)
+    with pytest.raises(ValueError, match="shape"):
+        coverage_heads_mask(scores, counts[:1], 0.5, 0.5)
+
+
+def test_coverage_schedule_trains_heads_evenly_and_resumes(tiny_bert_dir, tmp_path):
+    """Over a run the server's counts reach the clients: with pool 1 every client of a round keeps the heads least
+    trained before the round, so the per-head counts stay within one round's clients of each other, where the
+    importance schedule keeps training the same heads; the counts survive a resume."""
+    # Prepare
+    heads = {"sparsity": 0.75, "schedule": "coverage", "coverage_pool": 1.0}
+    cfg = tiny_config(tiny_bert_dir, tmp_path, heads=heads, federated={"rounds": 4, "local_steps": 1})
+    # Execute
+    run_simulation(cfg, tmp_path / "run")
+    run_simulation(cfg, tmp_path / "resumed", stop_after=2)
+    run_simulation(cfg, tmp_path / "resumed", resume=True)
+    importance = tiny_config(tiny_bert_dir, tmp_path, heads={"sparsity": 0.75},
+                             federated={"rounds": 4, "local_steps": 1})
+    run_simulation(importance, tmp_path / "importance")
+    # Assert
+    def kept_per_round(run):
+        return [[c["kept_heads"] for c in m["clients"]] for m in read_metrics(run) if m.get("round", 0) > 0]
+
+    def final_counts(run):
+        counts = torch.zeros(8, dtype=torch.int64)  # 2 blocks x 4 heads
+        for clients in kept_per_round(run):
+            for kept in clients:
+                counts[kept] += 1
+        return counts
+
+    counts = torch.zeros(2, 4, dtype=torch.int64)  # the server's counts at the start of each round
+    for clients in kept_per_round(tmp_path / "run"):
+        for kept in clients:  # k = 1 head a block: one of the least trained of its block
+            assert all(counts[h // 4, h % 4] == counts[h // 4].min() for h in kept)
+        for kept in clients:
+            counts.view(-1)[kept] += 1
+    assert int(final_counts(tmp_path / "run").max() - final_counts(tmp_path / "run").min()) <= 3
+    assert torch.equal(final_counts(tmp_path / "resumed"), final_counts(tmp_path / "run"))
+    assert kept_per_round(tmp_path / "resumed") == kept_per_round(tmp_path / "run")
+    assert int(final_counts(tmp_path / "importance").max() - final_counts(tmp_path / "importance").min()) > 3
+
+
 def test_options_that_do_not_apply_are_rejected(tiny_bert_dir, tmp_path):
     for heads, message in [({"schedule": "rolling", "selection": "sample"}, "does not apply"),
                            ({"schedule": "rolling", "scope": "global"}, "per_block"),
+                           ({"schedule": "coverage", "selection": "sample"}, "does not apply"),
+                           ({"schedule": "coverage", "scope": "global"}, "per_block"),
                            ({"scale_kept": True, "mode": "train_sparse"}, "scale_kept"),
                            ({"compensate": "mean", "mode": "sparse_backward"}, "compensate")]:
         with pytest.raises(ConfigError, match=message):

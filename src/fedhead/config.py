@@ -274,11 +274,18 @@ class HeadsSection(_Section):
         "the forward (as train_sparse), but the pruned heads are computed without autograd, so the backward and "
         "its saved activations hold only the kept heads (BERT and LLaMA families).",
     )
-    schedule: Literal["importance", "rolling"] = Field(
+    schedule: Literal["importance", "rolling", "coverage"] = Field(
         "importance",
-        description="Which heads a client keeps: 'importance' (its top-scored heads, see selection) or 'rolling' "
+        description="Which heads a client keeps: 'importance' (its top-scored heads, see selection), 'rolling' "
         "(FedRolex-style: in every block, client c in round t keeps the window of k = ceil((1 - s) * H) heads "
-        "starting at (t + c) * k mod H, so every head is trained evenly; needs scope = 'per_block').",
+        "starting at (t + c) * k mod H, so every head is trained evenly) or 'coverage' (in every block, among "
+        "its top coverage_pool of heads by score, the k that the server counts as trained least often so far; "
+        "the server sends its counts with the round). Both need scope = 'per_block'.",
+    )
+    coverage_pool: float = Field(
+        0.5, gt=0, le=1,
+        description="schedule = 'coverage': the fraction of each block's heads, by the client's scores, it may "
+        "keep (at least the k it keeps; 1: the least-trained heads whatever the scores).",
     )
     warmup_rounds: int = Field(
         0, ge=0, description="Rounds 1..warmup_rounds are dense (no head pruned); pruning starts after them.")
@@ -320,11 +327,12 @@ class HeadsSection(_Section):
 
     @model_validator(mode="after")
     def _check_schedule(self) -> HeadsSection:
-        if self.schedule == "rolling" and self.selection == "sample":
-            raise ValueError("heads.schedule = 'rolling' chooses the kept heads itself: heads.selection = 'sample' "
-                             "does not apply")
-        if self.schedule == "rolling" and self.scope != "per_block":
-            raise ValueError("heads.schedule = 'rolling' rolls a window in every block: it needs scope = 'per_block'")
+        if self.schedule != "importance" and self.selection == "sample":
+            raise ValueError(f"heads.schedule = '{self.schedule}' chooses the kept heads itself: heads.selection = "
+                             "'sample' does not apply")
+        if self.schedule != "importance" and self.scope != "per_block":
+            raise ValueError(f"heads.schedule = '{self.schedule}' chooses heads in every block: it needs scope = "
+                             "'per_block'")
         if self.compensate != "none" and self.mode not in ("remove", "mixed"):
             raise ValueError(f"heads.compensate stands in for removed heads: mode = '{self.mode}' removes none "
                              "from the forward")

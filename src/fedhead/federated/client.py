@@ -28,7 +28,7 @@ from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.importance import score_heads
 from fedhead.heads.mean_context import HeadContextMeans
-from fedhead.heads.pruning import kept_heads_mask, rolling_heads_mask, sampled_scores
+from fedhead.heads.pruning import coverage_heads_mask, kept_heads_mask, rolling_heads_mask, sampled_scores
 from fedhead.metrics import score_generations
 from fedhead.models.loading import LoadedModel, device_of
 from fedhead.models.slicing import (
@@ -176,10 +176,13 @@ def client_update(
     options: ClientOptions | Config,
     client_id: int,
     round_: int,
+    head_counts: torch.Tensor | None = None,
 ) -> ClientUpdate:
     """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`.
 
-    options: what the round depends on (a run's Config is read through `ClientOptions.from_config`)."""
+    options: what the round depends on (a run's Config is read through `ClientOptions.from_config`).
+    head_counts: heads.schedule = "coverage": [blocks, heads], how often the server has seen each head trained
+    (None: never)."""
     if isinstance(options, Config):
         options = ClientOptions.from_config(options)
     heads, training = options.heads, options.training
@@ -208,6 +211,9 @@ def client_update(
         ranking = sampled_scores(scores, heads.temperature, draw)
     if heads.schedule == "rolling" and sparsity > 0:
         kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id)  # trained and uploaded
+    elif heads.schedule == "coverage" and sparsity > 0:
+        counts = torch.zeros(scores.shape, dtype=torch.int64) if head_counts is None else head_counts
+        kept = coverage_heads_mask(scores.cpu(), counts.cpu(), sparsity, heads.coverage_pool)
     else:
         kept = kept_heads_mask(ranking, sparsity, scope, floor)  # trained and uploaded
     # in the client's autograd graph: the kept heads and, in mixed mode, the best-scored of the others

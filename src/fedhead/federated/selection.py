@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -25,22 +26,33 @@ class ClientStats:
     loss_global: dict[int, float] = field(default_factory=dict)
     loss_local: dict[int, float] = field(default_factory=dict)
     kept_heads: dict[int, list[int]] = field(default_factory=dict)  # flat indices of its last kept heads
+    # flat head index -> how many accepted client updates trained that head (heads.schedule = "coverage")
+    head_counts: dict[int, int] = field(default_factory=dict)
+
+    FIELDS = ("last_round", "loss_global", "loss_local", "kept_heads", "head_counts")
 
     def record(self, client: int, round_: int, loss_global: float, loss_local: float, kept: list[int]) -> None:
-        """Remember a client's participation in `round_`."""
+        """Remember a client's participation in `round_` (and count the heads it trained)."""
         self.last_round[client] = round_
         self.loss_global[client] = loss_global
         self.loss_local[client] = loss_local
         self.kept_heads[client] = kept
+        for head in kept:
+            self.head_counts[head] = self.head_counts.get(head, 0) + 1
+
+    def head_count_matrix(self, blocks: int, heads: int) -> torch.Tensor:
+        """`head_counts` as a [blocks, heads] int64 tensor (0 for a head never trained)."""
+        counts = torch.zeros(blocks * heads, dtype=torch.int64)
+        for head, n in self.head_counts.items():
+            counts[head] = n
+        return counts.view(blocks, heads)
 
     def to_json(self) -> dict:
-        return {k: {str(c): v for c, v in getattr(self, k).items()} for k in
-                ("last_round", "loss_global", "loss_local", "kept_heads")}
+        return {k: {str(c): v for c, v in getattr(self, k).items()} for k in self.FIELDS}
 
     @classmethod
     def from_json(cls, data: dict) -> ClientStats:
-        return cls(**{k: {int(c): v for c, v in data.get(k, {}).items()} for k in
-                      ("last_round", "loss_global", "loss_local", "kept_heads")})
+        return cls(**{k: {int(c): v for c, v in data.get(k, {}).items()} for k in cls.FIELDS})
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedhead.config import HeadsSection
 from fedhead.federated.aggregation import aggregate
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.privacy import dp_aggregate, epsilon_spent
@@ -132,6 +133,14 @@ def client_line(reply: Reply, update: ClientUpdate) -> dict[str, Any]:
         "head_scores": [[round(float(x), 5) for x in row] for row in update.head_scores],
     }
     return {**reported_stats(update.stats, reply.timings), **measured}
+
+
+def head_counts_to_send(heads: HeadsSection, stats: ClientStats, layout: HeadLayout) -> torch.Tensor | None:
+    """heads.schedule = "coverage": [blocks, heads], how often the server has seen each head trained, sent to the
+    round's clients as at its start (every client of a round gets the same counts); None for other schedules."""
+    if heads.schedule != "coverage":
+        return None
+    return stats.head_count_matrix(layout.num_blocks, layout.num_heads)
 
 
 def server_round(

@@ -74,6 +74,30 @@ def rolling_heads_mask(blocks: int, heads: int, sparsity: float, round_: int, cl
     return kept
 
 
+def coverage_heads_mask(scores: torch.Tensor, counts: torch.Tensor, sparsity: float, pool: float) -> torch.Tensor:
+    """Coverage-balanced choice, per block: among the client's acceptable heads (its top
+    m = max(k, ceil(pool * H)) by score), keep the k = ceil((1 - s) * H) that the server has seen trained least
+    often so far (`counts`), ties by higher score then lower index.
+
+    scores: [blocks, heads] this client's importance; counts: [blocks, heads] how many accepted client updates
+    have trained each head before this round (the server's `ClientStats.head_counts`). pool = 1 ignores the
+    scores but for ties; pool <= 1 - s is the plain top-k of `kept_heads_mask`.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0 < pool <= 1:
+        raise ValueError(f"pool must be in (0, 1], got {pool}")
+    if counts.shape != scores.shape:
+        raise ValueError(f"counts {tuple(counts.shape)} and scores {tuple(scores.shape)} differ in shape")
+    blocks, heads = scores.shape
+    k = heads_to_keep(heads, sparsity)
+    m = max(k, min(heads, math.ceil(round(pool * heads, 9))))
+    acceptable = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :m]  # (blocks, m) by score
+    # stable sort of the score-ordered candidates by count: fewest trainings first, ties keep the score order
+    by_count = torch.sort(counts.gather(1, acceptable), dim=1, stable=True).indices[:, :k]
+    return torch.zeros(blocks, heads, dtype=torch.bool).scatter_(1, acceptable.gather(1, by_count), True)
+
+
 def consensus_heads_mask(kept: torch.Tensor, scores: torch.Tensor, sparsity: float,
                          scope: str = "per_block") -> torch.Tensor:
     """The heads a pruned global model keeps: those the clients kept most often.

@@ -77,7 +77,11 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
     conf = msg.content["config"]
     cfg = cfg or Config.model_validate_json(str(conf["fedhead-config"]))
     state = decode_state(payload_of(msg.content["arrays"]))
-    update = client_update(lm, state, data, cfg, int(conf["client-id"]), int(conf["server-round"]))
+    counts = None
+    if "head-counts" in conf:  # heads.schedule = "coverage": how often the server has seen each head trained
+        counts = torch.tensor(list(conf["head-counts"]), dtype=torch.int64).view(lm.head_map.num_blocks,
+                                                                                  lm.head_map.num_heads)
+    update = client_update(lm, state, data, cfg, int(conf["client-id"]), int(conf["server-round"]), counts)
     metrics = MetricRecord({**update.timings, "num-examples": update.num_examples})
     return Message(RecordDict({"update": payload_record(encode_update(update)), "metrics": metrics}), reply_to=msg)
 

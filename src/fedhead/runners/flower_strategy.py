@@ -33,7 +33,7 @@ from fedhead.federated import server as fedhead_server
 from fedhead.federated.client import evaluate
 from fedhead.federated.payload import encode_state
 from fedhead.federated.selection import ClientStats, Selection, select_clients
-from fedhead.federated.server import Reply
+from fedhead.federated.server import Reply, head_counts_to_send
 from fedhead.federated.state import State, load_state_
 from fedhead.federated.validation import MAX_LOSS, receive_update
 from fedhead.models import HeadLayout, LoadedModel
@@ -205,6 +205,9 @@ class FedHeadStrategy(Strategy):
     def _message(self, down: bytes, node: int, client: int, round_: int, kind: str, config: ConfigRecord) -> Message:
         conf = ConfigRecord({**dict(config.items()), "fedhead-config": self.config_json, "server-round": round_,
                              "client-id": client})
+        counts = head_counts_to_send(self.cfg.heads, self.stats, self.layout) if kind == "train" else None
+        if counts is not None:  # heads.schedule = "coverage": the server's per-head training counts, flat
+            conf["head-counts"] = [int(n) for n in counts.flatten()]
         content = RecordDict({"arrays": payload_record(down), "config": conf})
         return Message(content, node, kind, group_id=str(round_), ttl=self.round_timeout)
 

@@ -28,7 +28,7 @@ from fedhead.data.tasks import TaskData, class_labels, load_task_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
 from fedhead.federated.selection import ClientStats, Selection, select_clients
-from fedhead.federated.server import Reply, ServerOptions, server_round
+from fedhead.federated.server import Reply, ServerOptions, head_counts_to_send, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.pruning import consensus_heads_mask
@@ -121,13 +121,14 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
     # from the seed); each client trains from the bytes it received and answers with serialised bytes.
     down = encode_state(state)
+    counts = head_counts_to_send(cfg.heads, stats, sim.lm.layout)
     received, failed = [], []
     fails = failure_draws(cfg.seed, round_, len(selection.clients))  # simulated dropouts
     for c, u in zip(selection.clients, fails, strict=True):
         if u < cfg.robust.dropout_probability:
             failed.append({"client": c, "reason": "dropped out (simulated failure)"})
             continue
-        update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_)
+        update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_, counts)
         blob = encode_update(update)
         received.append((decode_update(blob), update.timings, len(down), len(blob)))
     return finish_round(sim, state, round_, stats, selection, received, len(down) * len(received), t0, failed)
