@@ -50,6 +50,9 @@ PROTOCOL = {"federated.rounds": 60, "federated.eval_every": 4}
 RESULTS = ROOT / "docs" / "results" / "frontier"
 RUNS = ROOT / "bench" / "results" / "frontier"
 COSTS = ROOT / "docs" / "results" / "frontier_costs.json"
+# rounds at which a row's global model is also scored on the full set, on the way to the last round: dense at 30
+# and 45 shows whether 60 rounds reach convergence (the issue: "enough rounds that dense has converged")
+CONVERGENCE_ROUNDS = {"dense": (30, 45)}
 
 SPARSE = {"heads.mode": "train_sparse"}
 FREEZE = {"lora.freeze_a": True}
@@ -126,6 +129,8 @@ def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_fi
         "overrides": overrides,
         "rounds": summary["rounds"],
         "full_eval": rd.read_json(full_eval_file),
+        "full_eval_accuracy_by_round": {int(p.stem.split(".r")[1]): rd.read_json(p.name)["accuracy"]
+                                        for p in sorted(run_dir.glob("full_eval.r*.json"))},
         "tail_mean_accuracy_1000": summary["tail_mean_score"],
         "curve_1000": curve,
         "heads_pruned": 1 - statistics.mean(kept) / heads_total if heads_total else 0.0,
@@ -151,6 +156,13 @@ def run_one(row: str, seed: int, protocol: dict[str, Any], out: Path) -> Path:
     if (run_dir / "summary.json").exists() and RunDir(run_dir).read_json("summary.json")["rounds"] == rounds:
         return run_dir
     cfg = load_config(BASE, {**ROWS[row], **protocol, "seed": seed, "run_name": row, "out": str(out)})
+    for stop in CONVERGENCE_ROUNDS.get(row, ()):  # the convergence check: dense on the full set before the end
+        done = max((m.get("round", 0) for m in RunDir(run_dir).metrics()), default=0)
+        if stop >= rounds or done > stop or (run_dir / f"full_eval.r{stop}.json").exists():
+            continue
+        if done < stop:
+            run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists(), stop_after=stop)
+        RunDir(run_dir).write_json(f"full_eval.r{stop}.json", full_eval(run_dir))
     start = time.perf_counter()
     summary = run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists())
     (run_dir / "row.json").write_text(json.dumps(ROWS[row]))
@@ -307,6 +319,26 @@ def table(results: Path, costs: Path = COSTS) -> str:
     return "\n".join(lines)
 
 
+def convergence(results: Path) -> str:
+    """Dense's full-set accuracy on the way to its last round, per seed (CONVERGENCE_ROUNDS), and the mean change
+    over the last stretch: how the benchmark checks that dense has converged."""
+    dense = load_records(results).get("dense", {})
+    lines, last_steps = [], []
+    for seed, r in sorted(dense.items()):
+        by_round = {int(k): v for k, v in r.get("full_eval_accuracy_by_round", {}).items()}
+        if len(by_round) < 2:
+            continue
+        rounds = sorted(by_round)
+        lines.append(f"seed {seed}: " + ", ".join(f"round {k} {by_round[k]:.4f}" for k in rounds))
+        last_steps.append((rounds[-2], rounds[-1], 100 * (by_round[rounds[-1]] - by_round[rounds[-2]])))
+    if not lines:
+        return "Convergence: no dense run has full-set scores at two rounds yet."
+    change = statistics.mean(d for _, _, d in last_steps)
+    spans = sorted({f"{a} to {b}" for a, b, _ in last_steps})
+    return ("Convergence, dense on all 9,815 pairs: " + "; ".join(lines) + f". Mean change from round "
+            f"{' / '.join(spans)}: {change:+.1f} points.")
+
+
 def figure(results: Path, out: Path, title: str) -> Path:
     """Accuracy drop (with its 95% interval when a row has several seeds) against the training FLOPs and the
     upload bytes each row needs, as fractions of dense's (dense at (1, 0)); one point per row."""
@@ -377,6 +409,8 @@ def main() -> None:
                 (RESULTS, "frontier", "Frontier: 60 rounds, final model on 9,815 pairs, 95% interval over seeds"),
                 (RESULTS.parent / "screen30", "screen30", "Screening: 30 rounds, one seed, 9,815 pairs")):
             text = table(results) if results.exists() else "No run has finished the full protocol yet."
+            if name == "frontier" and results.exists():
+                text += "\n\n" + convergence(results)
             (RESULTS.parent / f"{name}.md").write_text(text + "\n")
             if results.exists():
                 figure(results, ROOT / "docs" / f"{name}.png", title)

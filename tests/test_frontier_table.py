@@ -67,3 +67,15 @@ def test_time_and_memory_ratios_come_from_the_controlled_measurement(frontier, t
     assert row["step_time_saved"] == pytest.approx(1.25)
     assert row["memory_saved"] == pytest.approx(3.0)
     assert math.isnan(row["drop_sd"])  # one seed: no interval
+
+
+def test_convergence_reports_dense_on_the_way_to_its_last_round(frontier, tmp_path):
+    assert "no dense run" in frontier.convergence(tmp_path)
+    for seed, (r45, r60) in enumerate([(0.60, 0.61), (0.50, 0.52)]):
+        _record(tmp_path, "dense", seed, r60, 1000, 900)
+        record = json.loads((tmp_path / f"dense.seed{seed}.json").read_text())
+        record["full_eval_accuracy_by_round"] = {"30": 0.4, "45": r45, "60": r60}  # as JSON stores it
+        (tmp_path / f"dense.seed{seed}.json").write_text(json.dumps(record))
+    text = frontier.convergence(tmp_path)
+    assert "seed 1: round 30 0.4000, round 45 0.5000, round 60 0.5200" in text
+    assert "from round 45 to 60: +1.5 points" in text
