@@ -96,6 +96,10 @@ ROWS: dict[str, dict[str, Any]] = {
     # the other 7 pruned computed without autograd, the rolling window of 2 trained; with freeze_a, as heads
     # computed without autograd need (sb-rolling-0.9, a trained A: 23.1 points below dense at 30 rounds)
     "mixed-ng-rolling-fa-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE},
+    # LoRA capacity where heads are kept: with A frozen a higher rank uploads no more A; rank 16 is the largest
+    # whose upload stays 5x below dense's rank-8 A + B (issue goal), alpha / rank kept at 2
+    "mixed-ng-rolling-fa-r16-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE,
+                                    "lora.rank": 16, "lora.alpha": 32.0},
 }
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The frontier protocol as two lanes of one-thread jobs (2 cores), each a queue run in order: ROW runs the row
-# with seeds 0 1 2 (60 rounds), screen:ROW screens it (30 rounds, seed 0, docs/results/screen30/). Resumable:
-# finished runs are skipped and an interrupted one resumes from its checkpoint, so after a stop run this again.
-# Logs: bench/logs/lane-{a,b}.log.
+# with seeds 0 1 2 (60 rounds), ROW@S with seed S only, screen:ROW screens it (30 rounds, seed 0,
+# docs/results/screen30/). Resumable: finished runs are skipped and an interrupted one resumes from its
+# checkpoint, so after a stop run this again. Logs: bench/logs/lane-{a,b}.log.
 #
 #     nohup bash bench/frontier_lanes.sh &        # then: python bench/frontier.py table
 set -u
@@ -14,11 +14,13 @@ lane() {  # lane NAME ITEM...
   for item in "$@"; do
     if [[ $item == screen:* ]]; then
       "$PY" bench/frontier.py screen --rows "${item#screen:}" --threads 1 >> "bench/logs/lane-$name.log" 2>&1
+    elif [[ $item == *@* ]]; then
+      "$PY" bench/frontier.py run --rows "${item%@*}" --seeds "${item#*@}" --threads 1 >> "bench/logs/lane-$name.log" 2>&1
     else
       "$PY" bench/frontier.py run --rows "$item" --seeds 0 1 2 --threads 1 >> "bench/logs/lane-$name.log" 2>&1
     fi
   done
 }
-lane a dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
-lane b screen:sparse-coverage-0.9 sparse-rolling-0.9 sparse-0.9 mixed-ng-rolling-fa-0.9 &
+lane a dense@0 screen:mixed-ng-rolling-fa-r16-0.9 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
+lane b sparse-rolling-0.9@0 screen:sparse-coverage-0.9 sparse-rolling-0.9 sparse-0.9 mixed-ng-rolling-fa-0.9 &
 wait
