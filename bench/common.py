@@ -57,9 +57,10 @@ def run_rows(base: Path, rows: list[tuple[str, dict[str, Any]]], out: Path,
 
 
 
-def load_finished_run(run_dir: Path, eval_size: int | None) -> tuple[TrainedRun, datasets.Dataset]:
-    """A run's global model after its last checkpoint (`fedhead.trained.load_trained`) and `eval_size` pairs of
-    its evaluation file (None: all of them)."""
-    run = load_trained(run_dir)
+def load_finished_run(run_dir: Path, eval_size: int | None,
+                      tail_average: bool = False) -> tuple[TrainedRun, datasets.Dataset]:
+    """A run's global model after its last checkpoint (`fedhead.trained.load_trained`; with `tail_average`, its
+    tail-averaged model) and `eval_size` pairs of its evaluation file (None: all of them)."""
+    run = load_trained(run_dir, tail_average=tail_average)
     cfg = run.cfg.model_copy(update={"data": run.cfg.data.model_copy(update={"eval_size": eval_size})})
     return run, load_task_data(cfg, run.lm.tokenizer).eval

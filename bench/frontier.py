@@ -46,7 +46,8 @@ from fedhead.runners.local import run_simulation
 from fedhead.runners.run_dir import RunDir
 
 BASE = ROOT / "configs" / "paper_base.toml"
-PROTOCOL = {"federated.rounds": 60, "federated.eval_every": 4}
+# tail average of the last 5 rounds' global models: the model scored on the full set beside the last round's
+PROTOCOL = {"federated.rounds": 60, "federated.eval_every": 4, "federated.tail_average_rounds": 5}
 RESULTS = ROOT / "docs" / "results" / "frontier"
 RUNS = ROOT / "bench" / "results" / "frontier"
 COSTS = ROOT / "docs" / "results" / "frontier_costs.json"
@@ -107,12 +108,19 @@ def record_path(row: str, seed: int, results: Path = RESULTS) -> Path:
     return results / f"{row}.seed{seed}.json"
 
 
-def full_eval(run_dir: Path) -> dict[str, float]:
-    """The run's final global model (its last checkpoint) scored on every pair of the evaluation file."""
-    run, pairs = load_finished_run(run_dir, None)
+def full_eval(run_dir: Path, tail_average: bool = False) -> dict[str, float]:
+    """The run's final global model (its last checkpoint; with `tail_average`, the mean of its last rounds'
+    global models) scored on every pair of the evaluation file."""
+    run, pairs = load_finished_run(run_dir, None, tail_average)
     start = time.perf_counter()
     result = evaluate(run.lm.model, pairs, run.lm.tokenizer, run.cfg.federated.eval_batch_size)
     return {**result, "pairs": len(pairs), "round": run.round, "seconds": time.perf_counter() - start}
+
+
+def has_tail_average(run_dir: Path) -> bool:
+    """Whether the run's last checkpoint holds a complete tail average."""
+    checkpoint = RunDir(run_dir).load_checkpoint()
+    return checkpoint is not None and bool(checkpoint[1].get("tail_average", {}).get("complete"))
 
 
 def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_file: str) -> dict[str, Any]:
@@ -132,9 +140,14 @@ def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_fi
         "seed": cfg["seed"],
         "overrides": overrides,
         "rounds": summary["rounds"],
+        "tail_average_rounds": cfg["federated"].get("tail_average_rounds", 0),
         "full_eval": rd.read_json(full_eval_file),
+        "full_eval_tail_average": (rd.read_json(full_eval_file.replace(".json", ".tail_average.json"))
+                                   if (run_dir / full_eval_file.replace(".json", ".tail_average.json")).exists()
+                                   else None),
         "full_eval_accuracy_by_round": {int(p.stem.split(".r")[1]): rd.read_json(p.name)["accuracy"]
-                                        for p in sorted(run_dir.glob("full_eval.r*.json"))},
+                                        for p in sorted(run_dir.glob("full_eval.r*.json"))
+                                        if "tail_average" not in p.name},
         "tail_mean_accuracy_1000": summary["tail_mean_score"],
         "curve_1000": curve,
         "heads_pruned": 1 - statistics.mean(kept) / heads_total if heads_total else 0.0,
@@ -194,6 +207,11 @@ def run(rows: list[str], seeds: list[int], threads: int, rounds: int | None, run
                 RunDir(run_dir).write_json(name, result)
                 print(f"{row} seed {seed}: full-set accuracy {result['accuracy']:.4f} on {result['pairs']} pairs",
                       flush=True)
+            tail = f"full_eval.r{protocol['federated.rounds']}.tail_average.json"
+            if not (run_dir / tail).exists() and has_tail_average(run_dir):
+                result = full_eval(run_dir, tail_average=True)
+                RunDir(run_dir).write_json(tail, result)
+                print(f"{row} seed {seed}: tail average, full-set accuracy {result['accuracy']:.4f}", flush=True)
             record = make_record(row, ROWS[row], run_dir, name)
             record_path(row, seed, results).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -277,8 +295,11 @@ def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
         seeds = sorted(s for s in by_seed if s in dense)
         if not seeds:
             continue
-        acc = np.array([by_seed[s]["full_eval"]["accuracy"] for s in seeds])
-        drops = 100 * (np.array([dense[s]["full_eval"]["accuracy"] for s in seeds]) - acc)
+        # the tail-averaged model when every paired run has one, else every run's last-round model
+        tail = all(r.get("full_eval_tail_average") for s in seeds for r in (by_seed[s], dense[s]))
+        key = "full_eval_tail_average" if tail else "full_eval"
+        acc = np.array([by_seed[s][key]["accuracy"] for s in seeds])
+        drops = 100 * (np.array([dense[s][key]["accuracy"] for s in seeds]) - acc)
         n = len(seeds)
         sd = float(np.std(drops, ddof=1)) if n > 1 else math.nan
         half = t_quantile(n) * sd / math.sqrt(n) if n > 1 else math.nan
@@ -292,6 +313,7 @@ def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
         first = by_seed[seeds[0]]
         out.append({
             "row": row, "seeds": seeds, "overrides": first["overrides"], "heads_pruned": first["heads_pruned"],
+            "model": f"mean of last {first.get('tail_average_rounds')} rounds" if tail else "last round",
             "accuracy": float(acc.mean()), "drop": float(drops.mean()), "drop_sd": sd,
             "drop_low": float(drops.mean() - half), "drop_high": float(drops.mean() + half),
             "flops_saved": ratio("train_flops"), "upload_saved": ratio("bytes_up"),
@@ -308,15 +330,17 @@ def _x(v: float | None) -> str:
 
 
 def table(results: Path, costs: Path = COSTS) -> str:
-    lines = ["| row | options | heads pruned | seeds | accuracy (9,815 pairs) | drop vs dense, paired (pt) "
+    lines = ["| row | options | heads pruned | seeds | model scored | accuracy (9,815 pairs) "
+             "| drop vs dense, paired (pt) "
              "| 95% interval | training FLOPs saved | upload saved | download saved | client round time saved "
              "| local step time saved | peak training memory saved |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in frontier_rows(results, costs):
         opts = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
         interval = "-" if math.isnan(r["drop_low"]) else f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]"
         sd = "" if math.isnan(r["drop_sd"]) else f" ± {r['drop_sd']:.1f}"
-        lines.append(f"| {r['row']} | {opts} | {r['heads_pruned']:.0%} | {len(r['seeds'])} | {r['accuracy']:.4f} | "
+        lines.append(f"| {r['row']} | {opts} | {r['heads_pruned']:.0%} | {len(r['seeds'])} | {r['model']} | "
+                     f"{r['accuracy']:.4f} | "
                      f"{r['drop']:+.1f}{sd} | {interval} | {_x(r['flops_saved'])} | {_x(r['upload_saved'])} | "
                      f"{_x(r['download_saved'])} | {_x(r['round_time_saved'])} | {_x(r['step_time_saved'])} | "
                      f"{_x(r['memory_saved'])} |")

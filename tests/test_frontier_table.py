@@ -79,3 +79,21 @@ def test_convergence_reports_dense_on_the_way_to_its_last_round(frontier, tmp_pa
     text = frontier.convergence(tmp_path)
     assert "seed 1: round 30 0.4000, round 45 0.5000, round 60 0.5200" in text
     assert "from round 45 to 60: +1.5 points" in text
+
+
+def test_the_tail_average_is_scored_only_when_every_paired_run_has_one(frontier, tmp_path):
+    for seed in (0, 1):
+        _record(tmp_path, "dense", seed, 0.60, 1000, 900)
+        _record(tmp_path, "sparse-0.9", seed, 0.50, 1000, 100)
+    for path in tmp_path.glob("*.json"):
+        record = json.loads(path.read_text())
+        tail = record["full_eval"]["accuracy"] + (0.02 if record["row"] == "dense" else 0.05)
+        record["full_eval_tail_average"], record["tail_average_rounds"] = {"accuracy": tail}, 5
+        path.write_text(json.dumps(record))
+    row = next(r for r in frontier.frontier_rows(tmp_path, tmp_path / "none") if r["row"] == "sparse-0.9")
+    assert row["model"] == "mean of last 5 rounds" and row["drop"] == pytest.approx(7.0)
+    record = json.loads((tmp_path / "sparse-0.9.seed1.json").read_text())
+    record["full_eval_tail_average"] = None  # one run without it: every pair falls back to the last round
+    (tmp_path / "sparse-0.9.seed1.json").write_text(json.dumps(record))
+    row = next(r for r in frontier.frontier_rows(tmp_path, tmp_path / "none") if r["row"] == "sparse-0.9")
+    assert row["model"] == "last round" and row["drop"] == pytest.approx(10.0)

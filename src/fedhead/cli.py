@@ -223,14 +223,17 @@ def evaluate(
              "clients of the last --window rounds kept least often.")] = None,
     window: Annotated[int, typer.Option(min=1, help="With --pruned: the last rounds whose client head masks "
                                                     "vote.")] = 5,
+    tail_average: Annotated[bool, typer.Option(
+        "--tail-average", help="Score the tail-averaged model (federated.tail_average_rounds) instead of the last "
+                               "round's.")] = False,
 ) -> None:
     """Score a run's trained global model on a dataset: one line per metric, and a JSON file."""
     from fedhead.evaluation import evaluate_run, parse_label_map
 
     try:
         mapping = parse_label_map(label_map)
-        result = evaluate_run(run_dir, data, mapping, batch_size, device, pruned, window)
-        suffix = "" if pruned is None else f".pruned-{pruned:g}"
+        result = evaluate_run(run_dir, data, mapping, batch_size, device, pruned, window, tail_average)
+        suffix = ("" if pruned is None else f".pruned-{pruned:g}") + (".tail-average" if tail_average else "")
         target = out or run_dir / f"evaluate.{Path(data).stem}{suffix}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2) + "\n")

@@ -177,6 +177,13 @@ class FederatedSection(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of evaluation.")
+    tail_average_rounds: int = Field(
+        0, ge=0,
+        description="Also keep the tail average: the mean of the global trainable states after the last W rounds "
+        "(W = this, at most rounds; 0: none), evaluated at the last round as tail_average_<metric>, a steadier "
+        "model than the last round's when few label-skewed clients take part (docs/method.md). Training is "
+        "unchanged.",
+    )
     aggregation: Literal["fedavg", "head_weighted", "trimmed_mean", "median"] = Field(
         "fedavg",
         description="'fedavg': data-size weighted mean (each head slice over the clients that kept it); "
@@ -211,6 +218,13 @@ class FederatedSection(_Section):
     server_beta1: float = Field(0.9, ge=0, lt=1, description="adam / yogi: first-moment decay.")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="adam / yogi: second-moment decay.")
     server_tau: float = Field(1e-3, gt=0, description="adam / yogi: adaptivity tau added to sqrt(v).")
+
+    @model_validator(mode="after")
+    def _check_tail_average(self) -> FederatedSection:
+        if self.tail_average_rounds > self.rounds:
+            raise ValueError(f"federated.tail_average_rounds ({self.tail_average_rounds}) exceeds the run's "
+                             f"rounds ({self.rounds})")
+        return self
 
 
 class RobustSection(_Section):

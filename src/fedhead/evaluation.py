@@ -75,6 +75,7 @@ def evaluate_run(
     device: str | None = None,
     pruned: float | None = None,
     window: int = 5,
+    tail_average: bool = False,
 ) -> dict[str, Any]:
     """Score the global model of `run_dir` (its last checkpoint, see `fedhead.trained`) on every record of `data`.
 
@@ -86,6 +87,7 @@ def evaluate_run(
         device: where to evaluate (default: the run's `device`).
         pruned: score the model pruned to the consensus mask at this sparsity, in (0, 1) (module docstring).
         window: with `pruned`, the last rounds whose client masks form the consensus.
+        tail_average: score the tail-averaged model (`federated.tail_average_rounds`) instead of the last round's.
 
     Returns:
         {"run", "round", "data", "examples", "label_map", "metrics": {name: value}} and, for classification,
@@ -99,11 +101,11 @@ def evaluate_run(
         DataError: unreadable data, missing fields, file labels the model does not know.
     """
     mask = consensus_mask_of_run(run_dir, pruned, window) if pruned is not None else None  # before the model loads
-    run = load_trained(run_dir, device)
+    run = load_trained(run_dir, device, tail_average)
     records = load_records(data, run.cfg.data.eval_split)
     size = batch_size or run.cfg.federated.eval_batch_size
     result: dict[str, Any] = {"run": str(run.path), "round": run.round, "data": data, "examples": len(records),
-                              "label_map": label_map or {}}
+                              "label_map": label_map or {}, "model": "tail_average" if tail_average else "last_round"}
     if run.cfg.model.task == "classification":
         check_fields(records, run.cfg.data, data)
         rows, score = _classification(run, records, data, label_map or {}, size)

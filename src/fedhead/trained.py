@@ -21,6 +21,7 @@ import torch
 
 from fedhead.config import Config, ConfigError, config_from_dict
 from fedhead.federated.state import load_state_
+from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
@@ -59,15 +60,17 @@ def read_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"{file} is damaged ({type(err).__name__}: {' '.join(str(err).split())})") from None
 
 
-def load_trained(run_dir: str | Path, device: str | None = None) -> TrainedRun:
+def load_trained(run_dir: str | Path, device: str | None = None, tail_average: bool = False) -> TrainedRun:
     """Rebuild the global model of `run_dir` from its config and last checkpoint (see the module docstring).
 
     Args:
         run_dir: a run directory (config.json, partition.json, checkpoint.safetensors).
         device: where to put the model ('cpu', 'cuda', ...; default: the run's `device`).
+        tail_average: the tail-averaged model (`federated.tail_average_rounds`) instead of the last round's.
 
     Raises:
-        ConfigError: no run directory, a damaged config.json or partition.json, or no checkpoint yet.
+        ConfigError: no run directory, a damaged config.json or partition.json, no checkpoint yet, or (with
+            tail_average) a run that has no complete tail average.
     """
     path = Path(run_dir)
     cfg = read_run_config(path)
@@ -85,11 +88,18 @@ def load_trained(run_dir: str | Path, device: str | None = None) -> TrainedRun:
         raise ConfigError(f"{path} has no readable checkpoint (checkpoint.safetensors): the run has not finished "
                           "a round")
     saved, meta = checkpoint
+    state = {k: v for k, v in without_tail_average(saved).items() if not k.startswith(MOMENTS)}
+    if tail_average:
+        averaged = tail_average_of_checkpoint(saved, meta)
+        if averaged is None:
+            raise ConfigError(f"{path} has no complete tail average: the run needs federated.tail_average_rounds "
+                              "> 0 and to have finished its last round")
+        state = averaged
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg)
     lm = build_model(cfg, len(label_names), tokenizer)
-    load_state_(lm.model, {k: v for k, v in saved.items() if not k.startswith(MOMENTS)})
+    load_state_(lm.model, state)
     lm.model.eval()
     return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)
 

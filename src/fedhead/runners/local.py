@@ -31,6 +31,7 @@ from fedhead.federated.selection import ClientStats, Selection, select_clients
 from fedhead.federated.server import Reply, ServerOptions, head_counts_to_send, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
+from fedhead.federated.tail_average import TailAverage, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import load_tokenizer
@@ -93,6 +94,23 @@ class Simulation:
         result = evaluate(work, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
                           task=self.lm.task, generation=self.cfg.generation)
         return {**{f"pruned_{k}": v for k, v in result.items()}, "pruned_kept_heads": int(mask.sum())}
+
+    def evaluate_tail_average(self, tail: TailAverage, state: State) -> dict[str, Any]:
+        """federated.tail_average_rounds, at the last round: the tail-averaged model's metrics as
+        tail_average_<name> (nothing, with a warning, when the run did not see every round of the window, e.g. it
+        was resumed from a checkpoint written without the running sum). The loaded model is left holding `state`."""
+        rounds = self.cfg.federated.rounds
+        if not tail.complete(rounds):
+            log.warning("the tail average over rounds %d-%d is incomplete (%d of them seen): not evaluated",
+                        tail.start, rounds, tail.count)
+            return {"tail_average_rounds_seen": tail.count}
+        if self.data.eval is None:
+            return {}
+        load_state_(self.lm.model, tail.mean(state))
+        result = evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
+                          task=self.lm.task, generation=self.cfg.generation)
+        load_state_(self.lm.model, state)
+        return {f"tail_average_{k}": v for k, v in result.items()}
 
     def client_data(self, client: int):
         return self.data.train.select(self.parts[client])
@@ -220,14 +238,17 @@ def drive_rounds(
     start = time.perf_counter() if start is None else start
     state = trainable_state(sim.lm.model)
     stats, rng, first = ClientStats(), np.random.default_rng(cfg.seed), 1
+    window = cfg.federated.tail_average_rounds
+    tail = TailAverage.for_run(cfg.federated.rounds, window)
     checkpoint = rd.load_checkpoint() if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
     if checkpoint is not None:
         saved, meta = checkpoint
-        state = {k: v for k, v in saved.items() if not k.startswith(MOMENTS)}
+        state = {k: v for k, v in without_tail_average(saved).items() if not k.startswith(MOMENTS)}
         sim.server_moments = {k[len(MOMENTS):]: v for k, v in saved.items() if k.startswith(MOMENTS)}
         rd.accept_config(cfg, meta["round"])
+        tail = TailAverage.from_checkpoint(saved, meta.get("tail_average"), cfg.federated.rounds, window)
         stats = ClientStats.from_json(meta["client_stats"])
         rng.bit_generator.state = meta["rng"]
         first = meta["round"] + 1
@@ -248,15 +269,24 @@ def drive_rounds(
         rd.commit_config(cfg)  # nothing left to run: the summary is rewritten below
     for round_ in range(first, cfg.federated.rounds + 1):
         state, metrics = round_fn(state, round_, rng, stats)
+        if tail is not None:
+            tail.add(round_, state)
         if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
             load_state_(sim.lm.model, state)
             t = time.perf_counter()
             metrics.update(sim.evaluate_global())
             metrics["seconds_eval"] = time.perf_counter() - t
             metrics.update(sim.evaluate_pruned([*rd.metrics(), metrics]))
+        if round_ == cfg.federated.rounds and tail is not None:
+            metrics.update(sim.evaluate_tail_average(tail, state))
         rd.append_metrics(metrics)
         saved = {**state, **{MOMENTS + k: v for k, v in sim.server_moments.items()}}
-        rd.save_checkpoint(saved, {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()})
+        meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()}
+        if tail is not None:
+            sums, meta["tail_average"] = tail.to_checkpoint()
+            saved.update(sums)
+            meta["tail_average"]["complete"] = tail.complete(round_) and round_ == cfg.federated.rounds
+        rd.save_checkpoint(saved, meta)
         if checkpoint is not None and round_ == first:
             rd.commit_config(cfg)
         if on_round:
@@ -291,6 +321,8 @@ def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[s
     scores["tail_mean"] = tail_mean(metrics, metric)
     summary: dict[str, Any] = {"rounds": len(rounds), "metric": metric}
     summary.update({f"{k}_score": v for k, v in scores.items()})
+    if rounds and f"tail_average_{metric}" in rounds[-1]:  # federated.tail_average_rounds: the averaged model
+        summary["tail_average_score"] = rounds[-1][f"tail_average_{metric}"]
     pruned = [m for m in evaluated if f"pruned_{metric}" in m]
     if pruned:  # heads.eval_pruned: the pruned deployment's final and tail-mean scores beside the whole model's
         summary["pruned_final_score"] = pruned[-1][f"pruned_{metric}"]

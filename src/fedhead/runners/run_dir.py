@@ -82,8 +82,9 @@ class RunDir:
     def accept_config(self, cfg: Config, last_round: int = 0) -> None:
         """Check that `cfg` may resume this run after `last_round`; nothing is written (see `commit_config`).
 
-        Only the rounds (to extend a finished run or shorten an unfinished one), the run name and the output
-        folder may differ from the run's config.json; anything else raises ConfigError.
+        Only the rounds (to extend a finished run or shorten an unfinished one), the run name, the output
+        folder and the evaluation-only options (federated.tail_average_rounds, heads.eval_pruned and its window)
+        may differ from the run's config.json; anything else raises ConfigError.
         """
         path = self.path / "config.json"
         self.remove_temporary_files()
@@ -166,7 +167,9 @@ def _resumable(config: dict[str, Any]) -> dict[str, Any]:
             flat[prefix[:-1]] = value
 
     walk("", config)
-    for key in ("federated.rounds", "run_name", "out"):
+    # the rounds, the names, and what only evaluates the global model without changing it
+    for key in ("federated.rounds", "run_name", "out", "federated.tail_average_rounds", "heads.eval_pruned",
+                "heads.eval_pruned_window"):
         flat.pop(key, None)
     return flat
 

@@ -1,0 +1,89 @@
+"""Tail averaging of the global model (`federated.tail_average_rounds`).
+
+With a few label-skewed clients a round, the global model after any one round leans towards those clients'
+labels, and its accuracy swings by several points from round to round; the model a run ends with is one draw of
+that swing. The tail average is the uniform mean of the global trainable states after the last W rounds of the
+run (Polyak-Ruppert averaging of the server's iterates; stochastic weight averaging, Izmailov et al. 2018):
+
+    theta_bar = (1 / W) * sum_{t = R - W + 1}^{R} theta_t
+
+where theta_t is the global trainable state after round t and R = federated.rounds. It changes nothing in training
+(the clients always receive theta_t): it is a second, steadier model to deploy and to compare runs by. The running
+sum is kept in float64 and checkpointed with the state, so a resumed run ends with the same average; a run extended
+to more rounds starts a new window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedhead.federated.state import State
+
+PREFIX = "tail_average/"  # prefix of the running sum's tensors in a checkpoint
+
+
+@dataclass
+class TailAverage:
+    """The running sum of the global states from round `start` on (`count` of them so far)."""
+
+    start: int  # first averaged round: R - W + 1
+    count: int = 0
+    total: State = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, rounds: int, window: int) -> TailAverage | None:
+        """The accumulator of a run of `rounds` rounds averaging its last `window` (None when window is 0)."""
+        if window <= 0:
+            return None
+        return cls(start=max(1, rounds - window + 1))
+
+    def add(self, round_: int, state: State) -> None:
+        """Count the global state after `round_` if the round is in the window."""
+        if round_ < self.start:
+            return
+        for name, value in state.items():
+            total = self.total.get(name)
+            self.total[name] = value.double() if total is None else total + value.double()
+        self.count += 1
+
+    def complete(self, rounds: int) -> bool:
+        """Whether every round of the window up to `rounds` has been added."""
+        return self.count == rounds - self.start + 1 and self.count > 0
+
+    def mean(self, like: State) -> State:
+        """theta_bar, each tensor in the dtype of the same-named tensor of `like` (the global state)."""
+        if not self.count:
+            raise ValueError("the tail average holds no round yet")
+        return {name: (total / self.count).to(like[name].dtype) for name, total in self.total.items()}
+
+    def to_checkpoint(self) -> tuple[State, dict[str, Any]]:
+        """(tensors to save beside the state, under PREFIX; metadata for the checkpoint's meta)."""
+        return {PREFIX + k: v for k, v in self.total.items()}, {"start": self.start, "count": self.count}
+
+    @classmethod
+    def from_checkpoint(cls, saved: State, meta: dict[str, Any] | None, rounds: int,
+                        window: int) -> TailAverage | None:
+        """The accumulator of a resumed run: the checkpoint's when it averages the same window, else a fresh one
+        (a run extended to more rounds has a new window; a checkpoint without a sum starts counting anew, and a
+        window it has already entered then stays incomplete)."""
+        fresh = cls.for_run(rounds, window)
+        if fresh is None or not meta or meta.get("start") != fresh.start:
+            return fresh
+        total = {k[len(PREFIX):]: v.double() for k, v in saved.items() if k.startswith(PREFIX)}
+        return cls(start=fresh.start, count=int(meta["count"]), total=total)
+
+
+def without_tail_average(saved: State) -> State:
+    """A checkpoint's tensors less the tail average's running sum."""
+    return {k: v for k, v in saved.items() if not k.startswith(PREFIX)}
+
+
+def tail_average_of_checkpoint(saved: State, meta: dict[str, Any]) -> State | None:
+    """theta_bar from a checkpoint (its tensors and meta), or None when it holds no complete tail average."""
+    info = meta.get("tail_average")
+    if not info or not info.get("complete"):
+        return None
+    total = {k[len(PREFIX):]: v for k, v in saved.items() if k.startswith(PREFIX)}
+    like = {k: saved[k] for k in total}
+    return TailAverage(start=int(info["start"]), count=int(info["count"]), total=total).mean(like)
