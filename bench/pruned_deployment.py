@@ -52,9 +52,10 @@ def inference_cost(model: torch.nn.Module, batch: dict[str, torch.Tensor], repea
     return flops[0], statistics.median(times[1:])
 
 
-def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | None, repeats: int) -> dict[str, Any]:
+def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | None, repeats: int,
+            tail_average: bool = False) -> dict[str, Any]:
     rd = RunDir(run_dir)
-    run, eval_pairs = load_finished_run(run_dir, pairs)
+    run, eval_pairs = load_finished_run(run_dir, pairs, tail_average)
     lm, cfg = run.lm, run.cfg
     hm = lm.head_map
     kept, _ = client_head_masks(rd.metrics(), window)
@@ -62,6 +63,7 @@ def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | No
     rows.pop("references", None)
     batch = collate(rows, lm.tokenizer)
     out: dict[str, Any] = {"run": run_dir.name, "seed": cfg.seed, "round": run.round, "window": window,
+                           "model": "tail_average" if tail_average else "last_round",
                            "updates": int(kept.shape[0]), "pairs": len(eval_pairs), "models": []}
     for s in [0.0, *sparsities]:
         model = copy.deepcopy(lm.model)
@@ -87,17 +89,19 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=None, help="Evaluation pairs (default: the whole file).")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tail-average", action="store_true",
+                        help="Prune the run's tail-averaged model (federated.tail_average_rounds), not its last one.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for run_dir in args.runs:
-        result = measure(run_dir, args.sparsities, args.window, args.pairs, args.repeats)
+        result = measure(run_dir, args.sparsities, args.window, args.pairs, args.repeats, args.tail_average)
         whole = result["models"][0]
         for m in result["models"]:
             m["accuracy_drop_points"] = 100 * (whole["accuracy"] - m["accuracy"])
             m["inference_flops_saved"] = whole["inference_flops"] / m["inference_flops"]
             m["latency_saved"] = whole["inference_seconds"] / m["inference_seconds"]
-        suffix = "" if args.pairs is None else f".pairs{args.pairs}"
+        suffix = ("" if args.pairs is None else f".pairs{args.pairs}") + (".tail" if args.tail_average else "")
         path = RESULTS / f"{result['run']}.seed{result['seed']}{suffix}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
