@@ -21,6 +21,6 @@ lane() {  # lane NAME ITEM...
     fi
   done
 }
-lane a dense@0 screen:mixed-ng-rolling-fa-r16-0.9 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
-lane b sparse-rolling-0.9@0 screen:sparse-coverage-0.9 sparse-rolling-0.9 sparse-0.9 mixed-ng-rolling-fa-0.9 &
+lane a dense@0 mixed-ng-rolling-fa-0.9@0 screen:mixed-ng-rolling-fa-r16-0.9 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
+lane b sparse-rolling-0.9@0 sparse-0.9@0 screen:sparse-coverage-0.9 sparse-rolling-0.9 mixed-ng-rolling-fa-0.9 sparse-0.9 &
 wait
