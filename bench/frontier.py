@@ -148,6 +148,8 @@ def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_fi
         "full_eval_accuracy_by_round": {int(p.stem.split(".r")[1]): rd.read_json(p.name)["accuracy"]
                                         for p in sorted(run_dir.glob("full_eval.r*.json"))
                                         if "tail_average" not in p.name},
+        "full_eval_tail_average_by_round": {int(p.name.split(".")[1][1:]): rd.read_json(p.name)["accuracy"]
+                                            for p in sorted(run_dir.glob("full_eval.r*.tail_average.json"))},
         "tail_mean_accuracy_1000": summary["tail_mean_score"],
         "curve_1000": curve,
         "heads_pruned": 1 - statistics.mean(kept) / heads_total if heads_total else 0.0,
@@ -177,9 +179,13 @@ def run_one(row: str, seed: int, protocol: dict[str, Any], out: Path) -> Path:
         done = max((m.get("round", 0) for m in RunDir(run_dir).metrics()), default=0)
         if stop >= rounds or done > stop or (run_dir / f"full_eval.r{stop}.json").exists():
             continue
-        if done < stop:
-            run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists(), stop_after=stop)
+        if done < stop:  # a run of `stop` rounds (its own tail average), extended afterwards like any finished run
+            short = load_config(BASE, {**ROWS[row], **protocol, "federated.rounds": stop, "seed": seed,
+                                       "run_name": row, "out": str(out)})
+            run_simulation(short, run_dir, resume=(run_dir / "checkpoint.safetensors").exists())
         RunDir(run_dir).write_json(f"full_eval.r{stop}.json", full_eval(run_dir))
+        if has_tail_average(run_dir):
+            RunDir(run_dir).write_json(f"full_eval.r{stop}.tail_average.json", full_eval(run_dir, tail_average=True))
     start = time.perf_counter()
     summary = run_simulation(cfg, run_dir, resume=(run_dir / "checkpoint.safetensors").exists())
     (run_dir / "row.json").write_text(json.dumps(ROWS[row]))
@@ -353,11 +359,14 @@ def convergence(results: Path) -> str:
     dense = load_records(results).get("dense", {})
     lines, last_steps = [], []
     for seed, r in sorted(dense.items()):
-        by_round = {int(k): v for k, v in r.get("full_eval_accuracy_by_round", {}).items()}
+        averaged = {int(k): v for k, v in (r.get("full_eval_tail_average_by_round") or {}).items()}
+        last = {int(k): v for k, v in r.get("full_eval_accuracy_by_round", {}).items()}
+        by_round = averaged if len(averaged) >= 2 else last  # the tail averages when there are several
         if len(by_round) < 2:
             continue
         rounds = sorted(by_round)
-        lines.append(f"seed {seed}: " + ", ".join(f"round {k} {by_round[k]:.4f}" for k in rounds))
+        model = "mean of the last rounds" if by_round is averaged else "last-round model"
+        lines.append(f"seed {seed} ({model}): " + ", ".join(f"round {k} {by_round[k]:.4f}" for k in rounds))
         last_steps.append((rounds[-2], rounds[-1], 100 * (by_round[rounds[-1]] - by_round[rounds[-2]])))
     if not lines:
         return "Convergence: no dense run has full-set scores at two rounds yet."

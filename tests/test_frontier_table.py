@@ -77,8 +77,12 @@ def test_convergence_reports_dense_on_the_way_to_its_last_round(frontier, tmp_pa
         record["full_eval_accuracy_by_round"] = {"30": 0.4, "45": r45, "60": r60}  # as JSON stores it
         (tmp_path / f"dense.seed{seed}.json").write_text(json.dumps(record))
     text = frontier.convergence(tmp_path)
-    assert "seed 1: round 30 0.4000, round 45 0.5000, round 60 0.5200" in text
+    assert "seed 1 (last-round model): round 30 0.4000, round 45 0.5000, round 60 0.5200" in text
     assert "from round 45 to 60: +1.5 points" in text
+    record = json.loads((tmp_path / "dense.seed1.json").read_text())
+    record["full_eval_tail_average_by_round"] = {"45": 0.55, "60": 0.56}  # the steadier models, when measured
+    (tmp_path / "dense.seed1.json").write_text(json.dumps(record))
+    assert "seed 1 (mean of the last rounds): round 45 0.5500, round 60 0.5600" in frontier.convergence(tmp_path)
 
 
 def test_the_tail_average_is_scored_only_when_every_paired_run_has_one(frontier, tmp_path):
