@@ -443,8 +443,10 @@ def main() -> None:
         print(table(results))
     else:
         for results, name, title in (
-                (RESULTS, "frontier", "Frontier: 60 rounds, mean of the last 5 rounds' global models on 9,815 pairs, 95% interval over seeds"),
-                (RESULTS.parent / "screen30", "screen30", "Screening: 30 rounds, one seed, last-round model on 9,815 pairs")):
+                (RESULTS, "frontier", "Frontier: 60 rounds, mean of the last 5 rounds' global models on 9,815 "
+                 "pairs, 95% interval over seeds"),
+                (RESULTS.parent / "screen30", "screen30",
+                 "Screening: 30 rounds, one seed, last-round model on 9,815 pairs")):
             text = table(results) if results.exists() else "No run has finished the full protocol yet."
             if name == "frontier" and results.exists():
                 text += "\n\n" + convergence(results)
