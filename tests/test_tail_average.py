@@ -117,3 +117,20 @@ def test_evaluate_scores_the_tail_average(averaged_run, tmp_path):
 def test_window_longer_than_the_run_is_rejected(tiny_bert_dir, tmp_path):
     with pytest.raises(ConfigError, match="tail_average_rounds"):
         tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 2, "tail_average_rounds": 3})
+
+
+def test_export_writes_the_tail_average(averaged_run, tmp_path):
+    """The exported model's classifier is the averaged one (LoRA merging does not touch it), not the last round's."""
+    from safetensors.torch import load_file
+
+    _, out, _ = averaged_run
+    result = CliRunner().invoke(app, ["export", str(out / "run"), str(tmp_path / "avg"), "--tail-average"])
+    assert result.exit_code == 0, result.output
+    weights = load_file(tmp_path / "avg" / "model.safetensors")
+    run = load_trained(out / "run", tail_average=True)
+    classifier = {n: p for n, p in run.lm.model.named_parameters() if p.requires_grad and "classifier" in n}
+    name, value = next((n, p) for n, p in classifier.items() if n.endswith("weight"))
+    exported = next(v for k, v in weights.items() if k.endswith("classifier.weight"))
+    assert torch.allclose(exported, value.detach())
+    last = next(p for n, p in load_trained(out / "run").lm.model.named_parameters() if n == name)
+    assert not torch.allclose(exported, last.detach())

@@ -256,12 +256,15 @@ def export(
     out: Annotated[Path, typer.Argument(help="New directory for the model (must not exist, or be empty).")],
     pruned: Annotated[float | None, typer.Option(
         help="Refused: plain transformers cannot load a model whose blocks lost heads (see docs/usage.md).")] = None,
+    tail_average: Annotated[bool, typer.Option(
+        "--tail-average", help="Export the tail-averaged model (federated.tail_average_rounds) instead of the last "
+                               "round's.")] = False,
 ) -> None:
     """Write a run's trained global model, LoRA merged, as a directory plain transformers loads."""
     from fedhead.export import export_run
 
     try:
-        result = export_run(run_dir, out, pruned)
+        result = export_run(run_dir, out, pruned, tail_average)
     except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)
     trust = ", trust_remote_code=True" if result.remote_code else ""

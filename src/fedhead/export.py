@@ -60,23 +60,26 @@ NO_PRUNED_EXPORT = ("--pruned: plain transformers 5 cannot load a model whose bl
                     "model with `fedhead evaluate --pruned` and export the whole one")
 
 
-def export_run(run_dir: str | Path, out: str | Path, pruned: float | None = None) -> Export:
+def export_run(run_dir: str | Path, out: str | Path, pruned: float | None = None,
+               tail_average: bool = False) -> Export:
     """Write the global model of `run_dir` to `out` as a transformers model directory (see the module docstring).
 
     Args:
         run_dir: a run directory with at least one checkpointed round.
         out: the directory to write; it must not exist or be empty.
         pruned: a pruned export's sparsity; always refused (see the module docstring).
+        tail_average: export the run's tail-averaged model (`federated.tail_average_rounds`).
 
     Raises:
-        ConfigError: `pruned` given, no run or checkpoint, or `out` is a file or a folder holding files.
+        ConfigError: `pruned` given, no run or checkpoint (or no complete tail average), or `out` is a file or a
+            folder holding files.
     """
     if pruned is not None:
         raise ConfigError(NO_PRUNED_EXPORT)
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} exists and is not an empty directory: export to a new one")
-    run = load_trained(run_dir, device="cpu")
+    run = load_trained(run_dir, device="cpu", tail_average=tail_average)
     merged = run.lm.model.merge_and_unload().eval()  # the base model, each LoRA folded into its Linear
     if run.cfg.model.task == "classification":
         model, remote = _classifier(merged, run)
