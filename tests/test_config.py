@@ -82,3 +82,16 @@ def test_presets_are_valid(preset):
 
     cfg = load_config(ROOT / "configs" / f"{preset}.toml", {"heads.sparsity": 0.7})
     assert cfg.heads.sparsity == 0.7 and cfg.run_name == preset
+
+
+def test_reference_gives_each_option_its_values():
+    from fedhead.config import config_reference
+
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[2] for line in config_reference().splitlines()[2:]}
+    assert rows["heads.sparsity"] == "number in [0, 1)"
+    assert rows["heads.coverage_pool"] == "number in (0, 1]"
+    assert rows["heads.schedule"] == "'importance' / 'rolling' / 'coverage'"
+    assert rows["federated.local_steps"] == "integer >= 1, or none"
+    assert rows["federated.tail_average_rounds"] == "integer >= 0"
+    assert rows["lora.freeze_a"] == "true / false"
+    assert rows["heads.eval_pruned"] == "number in (0, 1), or none"

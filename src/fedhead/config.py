@@ -529,16 +529,52 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return config_from_dict(data)
 
 
+def _values(field: Any) -> str:
+    """The values an option takes, from its type and constraints: the choices of a Literal, true / false, or a
+    number's range ([0, 1), > 0, >= 1, ...); ", or none" when it may be unset."""
+    import types
+    import typing
+
+    annotation, optional = field.annotation, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0] if len(args) == 1 else annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        text = " / ".join(repr(v) for v in typing.get_args(annotation))
+    elif annotation is bool:
+        text = "true / false"
+    elif annotation in (int, float):
+        bounds = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in field.metadata
+                  if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+        low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else None
+        high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else None
+        kind = "integer" if annotation is int else "number"
+        if low and high:
+            text = f"{kind} in {low}, {high}"
+        elif low:
+            text = f"{kind} {'>=' if low[0] == '[' else '>'} {low[1:]}"
+        elif high:
+            text = f"{kind} {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+        else:
+            text = kind
+    elif typing.get_origin(annotation) is not None:  # list[float], dict[str, str], a union of several types
+        text = str(annotation).replace("typing.", "").replace(" | ", " or ")
+    else:
+        text = getattr(annotation, "__name__", str(annotation))
+    return text + (", or none" if optional else "")
+
+
 def config_reference() -> str:
-    """Markdown table of every option: section, name, default and description (for the README)."""
-    rows = ["| option | default | description |", "|---|---|---|"]
+    """Markdown table of every option: section, name, default, the values it takes, and description."""
+    rows = ["| option | default | values | description |", "|---|---|---|---|"]
     for section_name, field in Config.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, _Section):
             for name, sub in annotation.model_fields.items():
                 default = sub.get_default(call_default_factory=True)
-                rows.append(f"| `{section_name}.{name}` | `{default!r}` | {sub.description} |")
+                rows.append(f"| `{section_name}.{name}` | `{default!r}` | {_values(sub)} | {sub.description} |")
         else:
-            rows.append(f"| `{section_name}` | `{field.get_default(call_default_factory=True)!r}` | "
+            rows.append(f"| `{section_name}` | `{field.get_default(call_default_factory=True)!r}` | {_values(field)} | "
                         f"{field.description} |")
     return "\n".join(rows)
