@@ -276,7 +276,8 @@ def drive_rounds(
             t = time.perf_counter()
             metrics.update(sim.evaluate_global())
             metrics["seconds_eval"] = time.perf_counter() - t
-            metrics.update(sim.evaluate_pruned([*rd.metrics(), metrics]))
+            if cfg.heads.eval_pruned is not None:  # reads the metrics log: only when asked for
+                metrics.update(sim.evaluate_pruned([*rd.metrics(), metrics]))
         if round_ == cfg.federated.rounds and tail is not None:
             metrics.update(sim.evaluate_tail_average(tail, state))
         rd.append_metrics(metrics)
