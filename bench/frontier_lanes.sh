@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The frontier protocol as two lanes of one-thread jobs (2 cores), each a queue run in order: ROW runs the row
 # with seeds 0 1 2 (60 rounds), ROW@S with seed S only, screen:ROW screens it (30 rounds, seed 0,
-# docs/results/screen30/). Resumable: finished runs are skipped and an interrupted one resumes from its
-# checkpoint, so after a stop run this again. Logs: bench/logs/lane-{a,b}.log.
+# docs/results/screen30/). sparse-rolling-fa-0.9@0 and sb-rolling-fa-0.9@0 extend their 30-round screens to
+# 60 rounds: what freeze_a and the cut gradient cost under the full protocol. Resumable: finished runs are
+# skipped and an interrupted one resumes from its checkpoint, so after a stop run this again.
+# Logs: bench/logs/lane-{a,b}.log.
 #
 #     nohup bash bench/frontier_lanes.sh &        # then: python bench/frontier.py table
 set -u
@@ -21,6 +23,8 @@ lane() {  # lane NAME ITEM...
     fi
   done
 }
-lane a dense@0 mixed-ng-rolling-fa-0.9@0 screen:mixed-ng-rolling-fa-r16-0.9 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
-lane b sparse-rolling-0.9@0 sparse-0.9@0 screen:sparse-coverage-0.9 sparse-rolling-0.9 mixed-ng-rolling-fa-0.9 sparse-0.9 &
+lane a dense@0 mixed-ng-rolling-fa-0.9@0 screen:mixed-ng-rolling-fa-r16-0.9 mixed-ng-rolling-fa-a64-0.9@0 dense@1 \
+  sparse-rolling-fa-0.9@0 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
+lane b sparse-rolling-0.9@0 sparse-0.9@0 screen:sparse-coverage-0.9 sparse-rolling-fa-a64-0.9@0 sparse-rolling-0.9@1 \
+  sb-rolling-fa-0.9@0 sparse-rolling-0.9 mixed-ng-rolling-fa-0.9 sparse-0.9 &
 wait

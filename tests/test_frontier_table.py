@@ -101,3 +101,19 @@ def test_the_tail_average_is_scored_only_when_every_paired_run_has_one(frontier,
     (tmp_path / "sparse-0.9.seed1.json").write_text(json.dumps(record))
     row = next(r for r in frontier.frontier_rows(tmp_path, tmp_path / "none") if r["row"] == "sparse-0.9")
     assert row["model"] == "last round" and row["drop"] == pytest.approx(10.0)
+
+
+def test_learning_speed_is_averaged_over_the_clients_of_each_block_of_rounds(frontier):
+    def client(before: float, after: float, train: float) -> dict:
+        return {"loss_before": before, "loss_after": after, "train_loss": train}
+
+    metrics = [{"round": 0, "accuracy": 0.3},  # the evaluation before training has no clients
+               {"round": 1, "clients": [client(1.0, 0.6, 0.9), client(1.0, 0.8, 0.7)]},
+               {"round": 2, "clients": [client(0.9, 0.6, 0.5)]},
+               {"round": 3, "clients": [client(0.8, 0.8, 0.4)]},
+               {"round": 4, "clients": [client(9.0, 0.0, 9.0)]}]  # beyond the run's rounds: ignored
+    blocks = frontier.learning_by_rounds(metrics, rounds=3, width=2)
+    assert [b["rounds"] for b in blocks] == ["1-2", "3-3"]
+    assert blocks[0]["local_loss_gain"] == pytest.approx((0.4 + 0.2 + 0.3) / 3)
+    assert blocks[0]["train_loss"] == pytest.approx((0.9 + 0.7 + 0.5) / 3)
+    assert blocks[1]["local_loss_gain"] == pytest.approx(0.0) and blocks[1]["train_loss"] == pytest.approx(0.4)
