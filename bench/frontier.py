@@ -148,6 +148,16 @@ def learning_by_rounds(metrics: list[dict[str, Any]], rounds: int, width: int = 
     return blocks
 
 
+def lora_a_row_norm(run_dir: Path) -> float | None:
+    """Mean L2 norm of the rows of the global model's LoRA A tensors in the run's last checkpoint (peft's
+    Kaiming-uniform init gives sqrt(1/3) ~ 0.58); None when A is frozen (rebuilt from the seed, not stored)."""
+    checkpoint = RunDir(run_dir).load_checkpoint()
+    if checkpoint is None:
+        return None
+    norms = [float(t.norm(dim=1).mean()) for k, t in checkpoint[0].items() if ".lora_A." in k and "/" not in k]
+    return statistics.mean(norms) if norms else None
+
+
 def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_file: str) -> dict[str, Any]:
     """The committed summary of one finished run: enough to rebuild the frontier table without rerunning."""
     rd = RunDir(run_dir)
@@ -178,6 +188,7 @@ def make_record(row: str, overrides: dict[str, Any], run_dir: Path, full_eval_fi
         "tail_mean_accuracy_1000": summary["tail_mean_score"],
         "curve_1000": curve,
         "learning_by_10_rounds": learning_by_rounds(metrics, summary["rounds"]),
+        "lora_a_row_norm": lora_a_row_norm(run_dir),
         "heads_pruned": 1 - statistics.mean(kept) / heads_total if heads_total else 0.0,
         "distinct_masks": len({tuple(c["kept_heads"]) for c in clients}),
         "train_flops": summary["train_flops"],
