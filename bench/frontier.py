@@ -109,6 +109,9 @@ ROWS: dict[str, dict[str, Any]] = {
                                     "lora.alpha": 64.0},
     "sparse-rolling-fa-a64-0.9": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling", **FREEZE,
                                   "lora.alpha": 64.0},
+    "remove-rolling-fa-a64-0.9": {"heads.sparsity": 0.9, "heads.schedule": "rolling", **FREEZE, "lora.alpha": 64.0},
+    # is dense's alpha (16, alpha / r = 2) itself too small? the fairness check for the alpha-64 rows
+    "dense-a64": {"lora.alpha": 64.0},
 }
 
 
