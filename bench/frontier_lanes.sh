@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The frontier protocol as two lanes of one-thread jobs (2 cores), each a queue run in order: ROW runs the row
 # with seeds 0 1 2 (60 rounds), ROW@S with seed S only, screen:ROW screens it (30 rounds, seed 0,
-# docs/results/screen30/). sparse-rolling-fa-0.9@0 and sb-rolling-fa-0.9@0 extend their 30-round screens to
-# 60 rounds: what freeze_a and the cut gradient cost under the full protocol. Resumable: finished runs are
+# docs/results/screen30/). dense-freeze_a@0 and sparse-rolling-fa-0.9@0 (its 30-round screen extended to 60)
+# split the compute-saving row's gap: A frozen on dense, then with sparse heads. Resumable: finished runs are
 # skipped and an interrupted one resumes from its checkpoint, so after a stop run this again.
 # Logs: bench/logs/lane-{a,b}.log.
 #
@@ -23,8 +23,8 @@ lane() {  # lane NAME ITEM...
     fi
   done
 }
-lane a dense@0 mixed-ng-rolling-fa-0.9@0 screen:mixed-ng-rolling-fa-r16-0.9 mixed-ng-rolling-fa-a64-0.9@0 dense@1 \
-  sparse-rolling-fa-0.9@0 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
-lane b sparse-rolling-0.9@0 sparse-0.9@0 screen:sparse-coverage-0.9 sparse-rolling-fa-a64-0.9@0 sparse-rolling-0.9@1 \
-  sb-rolling-fa-0.9@0 sparse-rolling-0.9 mixed-ng-rolling-fa-0.9 sparse-0.9 &
+lane a dense@0 mixed-ng-rolling-fa-0.9@0 screen:mixed-ng-rolling-fa-r16-0.9 mixed-ng-rolling-fa-a64-0.9@0 \
+  sparse-rolling-fa-0.9@0 dense@1 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
+lane b sparse-rolling-0.9@0 sparse-0.9@0 screen:sparse-coverage-0.9 dense-freeze_a@0 sparse-rolling-0.9@1 \
+  sparse-rolling-0.9 mixed-ng-rolling-fa-0.9 sparse-0.9 &
 wait
