@@ -73,7 +73,9 @@ def time_steps(model, batch, warmup: int, repeats: int) -> float:
 
 def memory(model, batch) -> int:
     """Peak training memory of one step as the client reports it (fedhead.federated.client.train_local): the
-    bytes autograd saves for the backward (activations) + a gradient and AdamW's two moments per trainable value."""
+    bytes autograd saves for the backward (activations) + a gradient and AdamW's two moments per trainable value.
+    In training mode, as a client trains: dropout keeps its masks for the backward."""
+    model.train()
     with saved_activation_bytes(model) as saved:
         loss = model(**batch).loss
     loss.backward()
