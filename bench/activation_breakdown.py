@@ -27,12 +27,14 @@ import torch
 from common import ROOT
 
 from fedhead.config import load_config
+from fedhead.federated.accounting import saved_activation_bytes
 from fedhead.models import build_model
 
 
 def breakdown(tokens: int, batch: int, freeze_a: bool = False,
-              cfg_path=ROOT / "configs" / "paper_base.toml") -> dict[str, float]:
-    """Bytes of saved activations by kind for one forward of a batch of `batch` x `tokens` token ids."""
+              cfg_path=ROOT / "configs" / "paper_base.toml") -> tuple[dict[str, float], int]:
+    """Bytes of saved activations by kind for one forward of a batch of `batch` x `tokens` token ids, and the
+    model's heads per block."""
     cfg = load_config(cfg_path, {"model.max_length": tokens, "lora.freeze_a": freeze_a})
     lm = build_model(cfg, num_labels=3)
     model = lm.model.train()
@@ -41,19 +43,12 @@ def breakdown(tokens: int, batch: int, freeze_a: bool = False,
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (batch, tokens), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(batch, dtype=torch.long)}
-    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, tuple[int, tuple[int, ...]]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in owned and storage.data_ptr() not in seen:
-            seen[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs).loss.backward()
+    storages: list[tuple[int, tuple[int, ...]]] = []
+    with saved_activation_bytes(model, storages):
+        loss = model(**inputs).loss
+    loss.backward()
     kinds: dict[str, float] = defaultdict(float)
-    for nbytes, shape in seen.values():
+    for nbytes, shape in storages:
         if len(shape) >= 2 and shape[-1] == shape[-2] == tokens:
             kind = "attention maps"
         elif len(shape) == 3 and shape[0] == batch * heads and dim in shape[1:] and tokens in shape[1:]:
@@ -65,7 +60,7 @@ def breakdown(tokens: int, batch: int, freeze_a: bool = False,
         else:
             kind = "other"
         kinds[kind] += nbytes
-    return dict(kinds)
+    return dict(kinds), heads
 
 
 def main() -> None:
@@ -80,18 +75,18 @@ def main() -> None:
     for tokens in args.tokens:
         dense_total = 0.0
         for freeze_a in (False, True):
-            kinds = breakdown(tokens, args.batch, freeze_a)
+            kinds, heads = breakdown(tokens, args.batch, freeze_a)
             total = sum(kinds.values())
             dense_total = dense_total or total
             head = kinds.get("attention maps", 0.0) + kinds.get("per-head q/k/v", 0.0)
-            bound = dense_total / (total - head * (1 - args.kept / 12))
+            bound = dense_total / (total - head * (1 - args.kept / heads))
             name = "freeze_a" if freeze_a else "dense"
             out[f"{tokens}/{name}"] = {"bytes": dict(kinds), "total": total, "head_share": head / total,
                                        "max_saving_vs_dense": bound}
             print(f"{tokens} tokens, batch {args.batch}, {name}: {total / 1e6:.1f} MB saved for the backward")
             for kind, nbytes in sorted(kinds.items(), key=lambda kv: -kv[1]):
                 print(f"  {kind:28s} {nbytes / 1e6:8.1f} MB  {100 * nbytes / total:5.1f}%")
-            print(f"  heads' share {100 * head / total:.1f}%: with {args.kept} of 12 heads in the graph, at most "
+            print(f"  heads' share {100 * head / total:.1f}%: with {args.kept} of {heads} heads in the graph, at most "
                   f"{bound:.2f}x less than dense")
     print(json.dumps(out))
 

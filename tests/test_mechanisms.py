@@ -237,10 +237,12 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
     rules out counting the parameters or counting a storage twice."""
     linear = torch.nn.Linear(8, 4)
     x = torch.randn(3, 8)
-    with saved_activation_bytes(linear) as saved:
+    storages: list = []
+    with saved_activation_bytes(linear, storages) as saved:
         y = linear(x)
         z = y * y  # saves y (one storage, counted once even though both operands are y)
     assert saved[0] == x.nbytes + y.nbytes
+    assert sorted(storages) == sorted([(x.nbytes, (3, 8)), (y.nbytes, (3, 4))])  # what each counted byte was
     z.sum().backward()
     linear.weight.requires_grad_(False)
     linear.bias.requires_grad_(False)

@@ -26,8 +26,11 @@ def count_flops(enabled: bool = True) -> Iterator[list[int]]:
 
 
 @contextmanager
-def saved_activation_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
+def saved_activation_bytes(
+    model: torch.nn.Module, storages: list[tuple[int, tuple[int, ...]]] | None = None
+) -> Iterator[list[int]]:
     """Bytes the autograd graph of the enclosed forward keeps for its backward; the total lands in box[0].
+    `storages`, when given, also receives (bytes, shape of the first tensor saved on it) per counted storage.
 
     Every tensor autograd saves passes through a `saved_tensors_hooks` pack hook; its storage is counted once
     (views of one storage share it) unless it is a parameter or buffer of `model` (weights are not activation
@@ -43,6 +46,8 @@ def saved_activation_bytes(model: torch.nn.Module) -> Iterator[list[int]]:
         key = storage.data_ptr()
         if key not in owned and key not in seen:
             seen[key] = storage.nbytes()
+            if storages is not None:
+                storages.append((seen[key], tuple(t.shape)))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
