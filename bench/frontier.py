@@ -58,6 +58,7 @@ CONVERGENCE_ROUNDS = {"dense": (30, 45)}
 
 SPARSE = {"heads.mode": "train_sparse"}
 FREEZE = {"lora.freeze_a": True}
+HEADWISE = {"lora.head_rank": 1}
 MIXED_NO_GRAD = {"heads.mode": "mixed", "heads.compute_sparsity": 0.25, "heads.frozen_autograd": False}
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -112,6 +113,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "remove-rolling-fa-a64-0.9": {"heads.sparsity": 0.9, "heads.schedule": "rolling", **FREEZE, "lora.alpha": 64.0},
     # is dense's alpha (16, alpha / r = 2) itself too small? the fairness check for the alpha-64 rows
     "dense-a64": {"lora.alpha": 64.0},
+    # head-wise LoRA (lora.head_rank, fedhead.models.headwise): every head its own rank-1 adapter, A and B both
+    # split by head, so A is trained and only the kept heads' rows of both are sent (a client keeping 2 of 12
+    # heads a block sends 2 x (384 + 32) values a projection against rank-8 LoRA's 6,144) and a head's training
+    # moves no other head: the heads computed without autograd stay exact (no shared-A drift, sb-rolling-0.9)
+    "dense-hw1": HEADWISE,
+    "sparse-rolling-hw1-0.9": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling", **HEADWISE},
+    "sb-rolling-hw1-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", "heads.schedule": "rolling",
+                           **HEADWISE},
+    "mixed-ng-rolling-hw1-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **HEADWISE},
 }
 
 

@@ -23,8 +23,10 @@ lane() {  # lane NAME ITEM...
     fi
   done
 }
-lane a dense@0 mixed-ng-rolling-fa-0.9@0 screen:mixed-ng-rolling-fa-r16-0.9 mixed-ng-rolling-fa-a64-0.9@0 \
-  sparse-rolling-fa-0.9@0 dense@1 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fa-0.7 &
-lane b sparse-rolling-0.9@0 sparse-0.9@0 screen:sparse-coverage-0.9 dense-freeze_a@0 sparse-rolling-0.9@1 \
-  sparse-rolling-0.9 mixed-ng-rolling-fa-0.9 sparse-0.9 &
+# Done (seed 0 or screens): dense, sparse-rolling-0.9, sparse-0.9, mixed-ng-rolling-fa-0.9, dense-freeze_a,
+# sparse-rolling-fa-0.9, the alpha-64 rows, screens of r16 and coverage. Head-wise LoRA screens first (session 10).
+lane a screen:mixed-ng-rolling-hw1-0.9 screen:dense-hw1 dense@1 dense remove-0.9 sparse-rolling-0.7 \
+  mixed-ng-rolling-fa-0.7 &
+lane b screen:sb-rolling-hw1-0.9 screen:sparse-rolling-hw1-0.9 sparse-rolling-0.9@1 sparse-rolling-0.9 \
+  mixed-ng-rolling-fa-0.9 sparse-0.9 &
 wait

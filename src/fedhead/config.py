@@ -78,6 +78,22 @@ class LoraSection(_Section):
         description="Freeze LoRA A at its seeded initial value (FFA-LoRA): only B is trained and sent, "
         "averaging is exact and every q/k/v adapter tensor is head-sliced.",
     )
+    head_rank: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Head-wise LoRA: every attention head of the target projections gets its own adapter of this "
+        "rank r_h (1-64), so A and B are both split by head and a client sends only its kept heads' rows of both "
+        "(no shared A to freeze); the update is scaled by alpha / r_h. None: standard LoRA of `rank` "
+        "(feed-forward targets keep `rank`). See fedhead.models.headwise.",
+    )
+
+    @model_validator(mode="after")
+    def _check_head_rank(self) -> LoraSection:
+        if self.head_rank is not None and set(self.target_modules) <= {"feed_forward"}:
+            raise ValueError("lora.head_rank makes attention heads' adapters head-wise; lora.target_modules has "
+                             "no attention projection (query, key, value, output)")
+        return self
 
 
 class DataSection(_Section):

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import BertForSequenceClassification, PreTrainedModel
 
 from fedhead.config import ConfigError
+from fedhead.models.headwise import standard_lora_
 from fedhead.models.modeling_pooled_classifier import PooledClassifier, PooledClassifierConfig
 from fedhead.trained import TrainedRun, load_trained
 
@@ -80,6 +81,7 @@ def export_run(run_dir: str | Path, out: str | Path, pruned: float | None = None
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} exists and is not an empty directory: export to a new one")
     run = load_trained(run_dir, device="cpu", tail_average=tail_average)
+    standard_lora_(run.lm.model)  # head-wise LoRA's compact factors -> block-diagonal ones, which peft can merge
     merged = run.lm.model.merge_and_unload().eval()  # the base model, each LoRA folded into its Linear
     if run.cfg.model.task == "classification":
         model, remote = _classifier(merged, run)

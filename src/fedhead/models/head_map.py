@@ -193,7 +193,10 @@ class HeadLayout:
     Built from a head map and the trainable parameter names of a LoRA model; every other trainable tensor
     (LoRA A of q/k/v unless frozen, LoRA B of o, the task head) is shared. `groups` gives, per sliced tensor,
     the query heads of one unit along its split dimension (> 1 only for key/value under grouped-query
-    attention; a name missing from it has 1). Use `index_of` and `row_weights`, which know the grouping.
+    attention; a name missing from it has 1). `units` gives, per sliced tensor, the indices one unit owns along
+    its split dimension (head_dim, or the per-head rank r_h for the head-wise LoRA factors A of q/k/v and B of o,
+    `fedhead.models.headwise`; a name missing from it has head_dim). Use `index_of` and `row_weights`, which know
+    both.
     """
 
     num_blocks: int
@@ -201,43 +204,59 @@ class HeadLayout:
     head_dim: int
     sliced: dict[str, tuple[int, int]] = field(default_factory=dict)
     groups: dict[str, int] = field(default_factory=dict)
+    units: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, head_map: HeadMap, trainable_names: list[str], prefix: str) -> HeadLayout:
-        """Match `<prefix><projection>.lora_B.*` (q/k/v) and `.lora_A.*` (o) among `trainable_names`."""
+    def from_model(cls, head_map: HeadMap, trainable_names: list[str], prefix: str,
+                   head_rank: int | None = None) -> HeadLayout:
+        """Match `<prefix><projection>.lora_B.*` (q/k/v) and `.lora_A.*` (o) among `trainable_names`; with
+        head-wise LoRA of rank `head_rank` also `.lora_A.*` (q/k/v, rows of r_h) and `.lora_B.*` (o, columns)."""
         sliced: dict[str, tuple[int, int]] = {}
         groups: dict[str, int] = {}
+        units: dict[str, int] = {}
         for b, block in enumerate(head_map.blocks):
             for role, path in block.projections.items():
-                part, dim = ("lora_A", 1) if role == "output" else ("lora_B", 0)
-                wanted = f"{prefix}{path}.{part}."
-                for name in trainable_names:
-                    if name.startswith(wanted) and name.endswith(".weight"):
-                        sliced[name] = (b, dim)
-                        if block.group_of(role) > 1:
-                            groups[name] = block.group_of(role)
-        return cls(head_map.num_blocks, head_map.num_heads, head_map.head_dim, sliced, groups)
+                # q/k/v split their output rows by head (B's rows; head-wise: also A's rows), o its input columns
+                # (A's columns; head-wise: also B's columns); the head-wise factor's unit is r_h, not head_dim
+                dim = 1 if role == "output" else 0
+                wanted = [("lora_A" if role == "output" else "lora_B", block.head_dim)]
+                if head_rank is not None:
+                    wanted.append(("lora_B" if role == "output" else "lora_A", head_rank))
+                for part, unit in wanted:
+                    start = f"{prefix}{path}.{part}."
+                    for name in trainable_names:
+                        if name.startswith(start) and name.endswith(".weight"):
+                            sliced[name] = (b, dim)
+                            if unit != head_map.head_dim:
+                                units[name] = unit
+                            if block.group_of(role) > 1:
+                                groups[name] = block.group_of(role)
+        return cls(head_map.num_blocks, head_map.num_heads, head_map.head_dim, sliced, groups, units)
 
     def group_of(self, name: str) -> int:
         """Query heads per unit along the split dimension of the sliced tensor `name`."""
         return self.groups.get(name, 1)
 
+    def unit_of(self, name: str) -> int:
+        """Indices one unit owns along the split dimension of the sliced tensor `name`."""
+        return self.units.get(name, self.head_dim)
+
     def index_of(self, name: str, kept_heads: torch.Tensor) -> torch.Tensor:
         """Indices kept along the split dimension of the sliced tensor `name` (`kept_heads`: bool [blocks, H])."""
         block, _ = self.sliced[name]
-        return unit_index(kept_heads[block], self.group_of(name), self.head_dim)
+        return unit_index(kept_heads[block], self.group_of(name), self.unit_of(name))
 
     def row_weights(self, name: str, head_weights: torch.Tensor) -> torch.Tensor:
-        """Per-head weights (..., H) -> weights (..., units * d) along the split dimension of `name`.
+        """Per-head weights (..., H) -> weights (..., units * unit size) along the split dimension of `name`.
 
         A unit of g query heads gets the mean of its heads' weights (heads the caller zeroed count as 0).
         """
         group = self.group_of(name)
         w = head_weights if group == 1 else head_weights.unflatten(-1, (-1, group)).mean(-1)  # (..., H // g)
-        return w.repeat_interleave(self.head_dim, dim=-1)  # (..., H // g * d)
+        return w.repeat_interleave(self.unit_of(name), dim=-1)  # (..., H // g * unit)
 
     def head_index(self, heads: torch.Tensor) -> torch.Tensor:
-        """Row/column indices owned by `heads` (1-D tensor of head ids) along a split dimension."""
+        """Row/column indices owned by `heads` (1-D tensor of head ids) along a split dimension of head_dim units."""
         return head_index(heads, self.head_dim)
 
     def kept_index(self, kept_heads: torch.Tensor, block: int) -> torch.Tensor:

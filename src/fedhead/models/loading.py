@@ -25,6 +25,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedhead.config import MINILM, SMOLLM2, Config
 from fedhead.models.head_map import HeadLayout, HeadMap, head_map_for
+from fedhead.models.headwise import headwise_patterns, make_headwise_
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -233,9 +234,14 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         task_type = "SEQ_2_SEQ_LM" if task == "seq2seq" else "CAUSAL_LM"
         if base.generation_config.pad_token_id is None:
             base.generation_config.pad_token_id = tokenizer.pad_token_id
+    head_rank = cfg.lora.head_rank
+    ranks, alphas = ({}, {}) if head_rank is None else headwise_patterns(
+        head_map, cfg.lora.target_modules, head_rank, cfg.lora.alpha, prefix=inner)
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
         lora_dropout=cfg.lora.dropout,
         target_modules=head_map.lora_target_regex(cfg.lora.target_modules, prefix=inner),
         modules_to_save=modules_to_save,
@@ -248,6 +254,8 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: every client rebuilds the same A from the seed
     model = get_peft_model(base, lora)
+    if head_rank is not None:
+        make_headwise_(model, head_map, cfg.lora.target_modules, head_rank, prefix=PEFT_PREFIX + inner)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model.name)
     if cfg.lora.freeze_a:
         for name, p in model.named_parameters():
@@ -255,7 +263,7 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
                 p.requires_grad_(False)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     prefix = PEFT_PREFIX + inner
-    layout = HeadLayout.from_model(head_map, trainable, prefix=prefix)
+    layout = HeadLayout.from_model(head_map, trainable, prefix=prefix, head_rank=head_rank)
     if not cfg.model.load_in_4bit:  # a 4-bit model was placed by bitsandbytes and cannot move
         model.to(resolve_device(cfg.device))
     return LoadedModel(model=model, tokenizer=tokenizer, head_map=head_map, layout=layout, prefix=prefix,

@@ -19,11 +19,13 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedhead.models.head_map import HeadLayout, HeadMap, UnsupportedModelError, unit_index
+from fedhead.models.head_map import HeadLayout, HeadMap, UnsupportedModelError, head_index
+from fedhead.models.headwise import HeadwiseDown, HeadwiseUp
 
 
 def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear keeping `index` of the output rows (dim=0) or input columns (dim=1); grads flags kept."""
+    """A new Linear (of the same class: a head-wise LoRA factor stays one) keeping `index` of the output rows
+    (dim=0) or input columns (dim=1); grads flags kept."""
     index = index.to(linear.weight.device)
     weight = linear.weight.detach().index_select(dim, index).clone()  # (out', in) or (out, in')
     bias = None
@@ -32,9 +34,11 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     with warnings.catch_warnings():  # a block that lost every head has a zero-sized projection
         warnings.simplefilter("ignore", UserWarning)
         new = torch.nn.utils.skip_init(
-            nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+            type(linear), weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
             dtype=weight.dtype,
         )
+    if isinstance(linear, HeadwiseUp | HeadwiseDown):
+        new.head_dim = linear.head_dim
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -68,13 +72,21 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _slice_projection(model: nn.Module, path: str, index: torch.Tensor, dim: int) -> None:
+def _slice_projection(model: nn.Module, path: str, kept_units: torch.Tensor, head_dim: int, dim: int) -> None:
+    """Keep the units `kept_units` (bool [U]) of the projection at `path` along `dim` (0: output rows, 1: input
+    columns): its weight and the LoRA factor split by head; a head-wise LoRA's other factor (A's rows of q/k/v,
+    B's columns of o) loses the same units' r_h rows or columns."""
+    index = head_index(kept_units.nonzero().flatten(), head_dim)
     module = model.get_submodule(path)
     if isinstance(module, LoraLayer):
         module.base_layer = slice_linear(module.base_layer, index, dim)
-        adapters = module.lora_B if dim == 0 else module.lora_A
-        for name in list(adapters.keys()):
-            adapters[name] = slice_linear(adapters[name], index, dim)
+        by_head, other = (module.lora_B, module.lora_A) if dim == 0 else (module.lora_A, module.lora_B)
+        for name in list(by_head.keys()):
+            headwise = isinstance(by_head[name], HeadwiseUp | HeadwiseDown)
+            by_head[name] = slice_linear(by_head[name], index, dim)
+            if headwise:
+                rank = by_head[name].in_features if dim == 0 else by_head[name].out_features  # r_h
+                other[name] = slice_linear(other[name], head_index(kept_units.nonzero().flatten(), rank), dim)
         if dim == 0:
             module.out_features = len(index)
         else:
@@ -106,8 +118,9 @@ def prune_heads_(
         if head_means is not None:
             _fold_mean_of_pruned(model, prefix + block.projections["output"], layout, kept_heads[b], head_means[b])
         for role, path in block.projections.items():
-            index = unit_index(kept_heads[b], block.group_of(role), block.head_dim)  # (kept units * head_dim,)
-            _slice_projection(model, prefix + path, index, 1 if role == "output" else 0)
+            group = block.group_of(role)
+            kept_units = kept_heads[b].reshape(-1, group).any(-1)  # (H // group,): a unit lives while a head does
+            _slice_projection(model, prefix + path, kept_units, block.head_dim, 1 if role == "output" else 0)
         _set_head_count(model, head_map, b, prefix, int(kept_heads[b].sum()), kept_heads[b])
 
 
@@ -126,8 +139,8 @@ def _fold_mean_of_pruned(
     if isinstance(module, LoraLayer):
         for name in module.active_adapters:
             if name in module.lora_A:
-                a, b = module.lora_A[name].weight, module.lora_B[name].weight
-                shift += (b @ (a @ context.to(a.dtype))) * module.scaling[name]
+                a, b = module.lora_A[name], module.lora_B[name]  # modules: head-wise factors are not plain matmuls
+                shift += b(a(context.to(a.weight.dtype)[None]))[0] * module.scaling[name]
     if base.bias is None:
         base.bias = nn.Parameter(shift.clone(), requires_grad=False)
     else:

@@ -34,6 +34,7 @@ from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.federated.tail_average import TailAverage, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
+from fedhead.models.headwise import is_headwise, standard_lora_
 from fedhead.models.loading import load_tokenizer
 from fedhead.models.slicing import prune_heads_
 from fedhead.run_metrics import client_head_masks, tail_mean
@@ -299,7 +300,11 @@ def drive_rounds(
 
 def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[str, Any]:
     load_state_(sim.lm.model, state)
-    sim.lm.model.save_pretrained(rd.path / "adapter")
+    model = sim.lm.model
+    if is_headwise(model):  # saved as the equivalent standard peft LoRA (rank U * r_h), which peft can load
+        model = copy.deepcopy(model)
+        standard_lora_(model)
+    model.save_pretrained(rd.path / "adapter")
     (rd.path / "adapter" / "labels.json").write_text(json.dumps(sim.data.label_names))
     summary = summarize(rd.metrics(), sim.cfg.metric)
     summary["seconds_total_last_session"] = seconds
