@@ -59,6 +59,7 @@ CONVERGENCE_ROUNDS = {"dense": (30, 45)}
 SPARSE = {"heads.mode": "train_sparse"}
 FREEZE = {"lora.freeze_a": True}
 HEADWISE = {"lora.head_rank": 1}
+SHARED_WINDOW = {"heads.schedule": "rolling", "heads.rolling_window": "shared"}
 MIXED_NO_GRAD = {"heads.mode": "mixed", "heads.compute_sparsity": 0.25, "heads.frozen_autograd": False}
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -122,6 +123,12 @@ ROWS: dict[str, dict[str, Any]] = {
     "sb-rolling-hw1-0.9": {"heads.sparsity": 0.9, "heads.mode": "sparse_backward", "heads.schedule": "rolling",
                            **HEADWISE},
     "mixed-ng-rolling-hw1-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **HEADWISE},
+    # FedRolex's own window (heads.rolling_window = "shared"): the round's clients all train the same 2 heads a
+    # block, so each trained head's update is averaged over 4 clients instead of coming from about one (the
+    # per-client windows rarely overlap); mixed-ng-rolling-hw1-0.9 sat near chance (0.34) through round 28
+    "mixed-ng-shared-hw1-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, **SHARED_WINDOW, **HEADWISE},
+    "mixed-ng-shared-fa-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, **SHARED_WINDOW, **FREEZE},
+    "sparse-shared-hw1-0.9": {"heads.sparsity": 0.9, **SPARSE, **SHARED_WINDOW, **HEADWISE},
 }
 
 

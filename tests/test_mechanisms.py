@@ -97,10 +97,25 @@ def test_rolling_windows_cover_every_head_evenly():
     assert torch.equal(counts, torch.ones(blocks, heads))  # 6 rounds x 2 heads: each head once
 
 
+def test_shared_rolling_window_is_fedrolex_rule():
+    """Shared windows: every client of a round keeps the same heads, and the window moves one head a round
+    (FedRolex: roll = round mod size), so over H rounds each head is kept k times by every client."""
+    blocks, heads, s = 2, 12, 0.9
+    counts = torch.zeros(blocks, heads)
+    for round_ in range(heads):
+        masks = [rolling_heads_mask(blocks, heads, s, round_, c, shared=True) for c in (0, 3, 7)]
+        assert all(torch.equal(m, masks[0]) for m in masks)
+        assert masks[0][0].nonzero().flatten().tolist() == sorted([round_ % heads, (round_ + 1) % heads])
+        counts += masks[0].float()
+    assert torch.equal(counts, torch.full((blocks, heads), 2.0))
+
+
 def test_rolling_schedule_in_a_client_update(sim):
     a, b = _update(sim, round_=1, schedule="rolling"), _update(sim, round_=2, schedule="rolling")
     assert torch.equal(a.kept_heads, rolling_heads_mask(2, 4, 0.75, 1, 1))
     assert not torch.equal(a.kept_heads, b.kept_heads)
+    shared = _update(sim, round_=2, schedule="rolling", rolling_window="shared")
+    assert torch.equal(shared.kept_heads, rolling_heads_mask(2, 4, 0.75, 2, 0, shared=True))
 
 
 def test_coverage_keeps_the_least_trained_of_the_acceptable_heads():
@@ -164,7 +179,8 @@ def test_options_that_do_not_apply_are_rejected(tiny_bert_dir, tmp_path):
                            ({"schedule": "coverage", "selection": "sample"}, "does not apply"),
                            ({"schedule": "coverage", "scope": "global"}, "per_block"),
                            ({"scale_kept": True, "mode": "train_sparse"}, "scale_kept"),
-                           ({"compensate": "mean", "mode": "sparse_backward"}, "compensate")]:
+                           ({"compensate": "mean", "mode": "sparse_backward"}, "compensate"),
+                           ({"rolling_window": "shared"}, "rolling_window")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(tiny_bert_dir, tmp_path, heads=heads)
 

@@ -312,6 +312,12 @@ class HeadsSection(_Section):
         "its top coverage_pool of heads by score, the k that the server counts as trained least often so far; "
         "the server sends its counts with the round). Both need scope = 'per_block'.",
     )
+    rolling_window: Literal["per_client", "shared"] = Field(
+        "per_client",
+        description="schedule = 'rolling': 'per_client' (client c's window starts at (t + c) * k mod H, so a "
+        "round's clients train different heads) or 'shared' (FedRolex's own rule: every client of round t keeps "
+        "the window starting at t mod H, so each trained head is averaged over all of the round's clients).",
+    )
     coverage_pool: float = Field(
         0.5, gt=0, le=1,
         description="schedule = 'coverage': the fraction of each block's heads, by the client's scores, it may "
@@ -363,6 +369,9 @@ class HeadsSection(_Section):
         if self.schedule != "importance" and self.scope != "per_block":
             raise ValueError(f"heads.schedule = '{self.schedule}' chooses heads in every block: it needs scope = "
                              "'per_block'")
+        if self.rolling_window != "per_client" and self.schedule != "rolling":
+            raise ValueError(f"heads.rolling_window places the rolling schedule's window; schedule = "
+                             f"'{self.schedule}' has none")
         if self.compensate != "none" and self.mode not in ("remove", "mixed"):
             raise ValueError(f"heads.compensate stands in for removed heads: mode = '{self.mode}' removes none "
                              "from the forward")

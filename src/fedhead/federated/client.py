@@ -210,7 +210,8 @@ def client_update(
         draw = torch.Generator().manual_seed(derived_seed(options.seed, round_, client_id, Stream.HEAD_SAMPLING))
         ranking = sampled_scores(scores, heads.temperature, draw)
     if heads.schedule == "rolling" and sparsity > 0:
-        kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id)  # trained and uploaded
+        kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id,  # trained and uploaded
+                                  shared=heads.rolling_window == "shared")
     elif heads.schedule == "coverage" and sparsity > 0:
         counts = torch.zeros(scores.shape, dtype=torch.int64) if head_counts is None else head_counts
         kept = coverage_heads_mask(scores.cpu(), counts.cpu(), sparsity, heads.coverage_pool)

@@ -57,17 +57,20 @@ def kept_heads_mask(
     return kept
 
 
-def rolling_heads_mask(blocks: int, heads: int, sparsity: float, round_: int, client: int) -> torch.Tensor:
+def rolling_heads_mask(blocks: int, heads: int, sparsity: float, round_: int, client: int,
+                       shared: bool = False) -> torch.Tensor:
     """FedRolex-style rolling window (Alam et al. 2022), per block: client c in round t keeps the
-    k = ceil((1 - s) * H) heads  (start + j) mod H, j = 0..k-1, with start = ((t + c) * k) mod H.
+    k = ceil((1 - s) * H) heads  (start + j) mod H, j = 0..k-1, with start = ((t + c) * k) mod H, or with
+    `shared` FedRolex's own start = t mod H for every client (its sub-model index roll = round mod size).
 
-    Consecutive clients of a round take adjacent windows and every window moves by k heads a round, so each
-    head is trained equally often over the rounds whatever the clients' data say about it.
+    Per client, consecutive clients of a round take adjacent windows and every window moves by k heads a round;
+    shared, the round's clients all train the same heads and the window moves by one head a round. Either way
+    each head is trained equally often over the rounds whatever the clients' data say about it.
     """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     k = heads_to_keep(heads, sparsity)
-    start = ((round_ + client) * k) % heads
+    start = round_ % heads if shared else ((round_ + client) * k) % heads
     window = (start + torch.arange(k)) % heads
     kept = torch.zeros(blocks, heads, dtype=torch.bool)
     kept[:, window] = True
