@@ -129,6 +129,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "mixed-ng-shared-hw1-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, **SHARED_WINDOW, **HEADWISE},
     "mixed-ng-shared-fa-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, **SHARED_WINDOW, **FREEZE},
     "sparse-shared-hw1-0.9": {"heads.sparsity": 0.9, **SPARSE, **SHARED_WINDOW, **HEADWISE},
+    # freeze_a with A at W's top right singular vectors (lora.init_a = "principal") instead of a random draw:
+    # does a frozen A that reads the input directions W already uses cost dense less than 10.6 points?
+    "dense-fa-principal": {**FREEZE, "lora.init_a": "principal"},
+    "mixed-ng-rolling-fapc-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE,
+                                  "lora.init_a": "principal"},
 }
 
 

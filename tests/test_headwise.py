@@ -239,3 +239,22 @@ def test_grouped_query_attention_prunes_headwise_units_like_gating():
     state = {n: p.detach() for n, p in pruned.named_parameters() if p.requires_grad}
     expected = gather_kept({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, kept, layout)
     assert all(state[n].shape == expected[n].shape for n in state)
+
+
+def test_principal_a_is_the_top_right_singular_vectors_of_w(tiny_bert_dir, tmp_path):
+    """lora.init_a = 'principal': A's rows span W's top input directions, at peft's row norm, with fixed signs
+    (two builds agree), and A is no longer peft's random draw."""
+    cfg = tiny_config(tiny_bert_dir, tmp_path, lora={"init_a": "principal", "freeze_a": True})
+    lm, again = build_model(cfg, 3), build_model(cfg, 3)
+    random = build_model(tiny_config(tiny_bert_dir, tmp_path, lora={"freeze_a": True}), 3)
+    q = lm.prefix + lm.head_map.blocks[0].projections["query"]
+    module = lm.model.get_submodule(q)
+    a = module.lora_A["default"].weight.detach()  # (r, in)
+    w = module.get_base_layer().weight.detach()
+    _, s, vh = torch.linalg.svd(w, full_matrices=False)
+    assert torch.allclose(a.norm(dim=1), torch.full((a.shape[0],), 3 ** -0.5), atol=1e-5)
+    assert torch.allclose((a @ vh[: a.shape[0]].T).abs() * 3 ** 0.5, torch.eye(a.shape[0]), atol=1e-4)
+    assert torch.equal(a, again.model.get_submodule(q).lora_A["default"].weight.detach())
+    assert not torch.allclose(a, random.model.get_submodule(q).lora_A["default"].weight.detach(), atol=1e-3)
+    with pytest.raises((ConfigError, ValueError), match="init_a"):
+        tiny_config(tiny_bert_dir, tmp_path, lora={"init_a": "principal", "head_rank": 1})

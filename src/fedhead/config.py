@@ -78,6 +78,13 @@ class LoraSection(_Section):
         description="Freeze LoRA A at its seeded initial value (FFA-LoRA): only B is trained and sent, "
         "averaging is exact and every q/k/v adapter tensor is head-sliced.",
     )
+    init_a: Literal["random", "principal"] = Field(
+        "random",
+        description="LoRA A's initial value: 'random' (peft's Kaiming-uniform, from the seed) or 'principal' (the "
+        "top-r right singular vectors of the frozen weight W, each row's sign fixed so its largest entry is "
+        "positive and scaled to peft's expected row norm 1 / sqrt(3)): the input directions W already reads. "
+        "Data-free and the same on every client; meant for freeze_a, where A stays at its init.",
+    )
     head_rank: int | None = Field(
         None,
         ge=1,
@@ -90,6 +97,9 @@ class LoraSection(_Section):
 
     @model_validator(mode="after")
     def _check_head_rank(self) -> LoraSection:
+        if self.head_rank is not None and self.init_a != "random":
+            raise ValueError("lora.init_a = 'principal' initialises standard LoRA's A; head-wise LoRA (head_rank) "
+                             "draws its own")
         if self.head_rank is not None and set(self.target_modules) <= {"feed_forward"}:
             raise ValueError("lora.head_rank makes attention heads' adapters head-wise; lora.target_modules has "
                              "no attention projection (query, key, value, output)")
@@ -456,6 +466,9 @@ class Config(_Section):
             raise ValueError(f"gpus_per_client reserves CUDA GPUs for simulated clients; device = '{self.device}' "
                              "does not use them")
         if self.model.load_in_4bit:
+            if self.lora.init_a == "principal":
+                raise ValueError("lora.init_a = 'principal' takes the SVD of the base weights; 4-bit weights "
+                                 "(model.load_in_4bit) are quantised")
             if self.device in ("cpu", "mps"):
                 raise ValueError(f"model.load_in_4bit needs a CUDA device (bitsandbytes), not '{self.device}'")
             if self.heads.mode != "train_sparse" and (self.heads.sparsity > 0 or self.heads.tiers):

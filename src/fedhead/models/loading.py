@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import (
     AutoModel,
@@ -212,6 +213,23 @@ def build_backbone_classifier(cfg: Config, num_labels: int, seed: int | None = N
     return SequenceClassifier(backbone, num_labels, cfg.model.pooling)
 
 
+@torch.no_grad()
+def principal_a_(model: nn.Module) -> None:
+    """Set every LoRA A (r x in) to the top-r right singular vectors of its frozen weight W = U S V^T:
+    A = V[:, :r]^T / sqrt(3) (peft's Kaiming-uniform rows have expected norm 1 / sqrt(3)), each row's sign
+    fixed so that its largest-magnitude entry is positive (SVD signs are arbitrary, and every client must build
+    the same A)."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach().float()  # (out, in)
+            _, _, vh = torch.linalg.svd(weight, full_matrices=False)  # (min(out, in), in)
+            for name in module.lora_A:
+                a = module.lora_A[name].weight
+                rows = vh[: a.shape[0]]  # (r, in)
+                signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))  # (r, 1)
+                a.copy_((rows * signs / 3 ** 0.5).to(a.dtype))
+
+
 def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Load tokenizer and model for `cfg.model.task`, add LoRA (A initialised from the seed), freeze the rest."""
     tokenizer = tokenizer or load_tokenizer(cfg)
@@ -256,6 +274,8 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
     model = get_peft_model(base, lora)
     if head_rank is not None:
         make_headwise_(model, head_map, cfg.lora.target_modules, head_rank, prefix=PEFT_PREFIX + inner)
+    if cfg.lora.init_a == "principal":
+        principal_a_(model)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model.name)
     if cfg.lora.freeze_a:
         for name, p in model.named_parameters():
