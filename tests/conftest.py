@@ -3,6 +3,7 @@ and the shared data."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -115,6 +116,29 @@ def gated_and_pruned(base, head_map, kept: torch.Tensor, prefix: str, attn: str 
     prune_heads_(pruned, head_map, kept, prefix)
     gate_heads(full, head_map, kept.float(), prefix)
     return full, pruned
+
+
+def pruned_and_gated_backward(lm, kept: torch.Tensor, batch: dict):
+    """Forward and backward `batch` through two copies of `lm.model` (eval mode): the heads not in `kept` gated to
+    zero (hooks removed afterwards), and physically pruned. Returns (gated output, pruned output, gated grads,
+    pruned grads); a trainable parameter outside the graph (e.g. LoRA A of a block with no head left) gets 0."""
+    from fedhead.models.slicing import gate_heads, prune_heads_
+
+    def grads(model):
+        return {n: torch.zeros_like(p) if p.grad is None else p.grad
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    full = copy.deepcopy(lm.model).eval()
+    handles = gate_heads(full, lm.head_map, kept.float(), lm.prefix)
+    ref = full(**batch)
+    ref.loss.backward()
+    for h in handles:
+        h.remove()
+    pruned = copy.deepcopy(lm.model).eval()
+    prune_heads_(pruned, lm.head_map, kept, lm.prefix)
+    out = pruned(**batch)
+    out.loss.backward()
+    return ref, out, grads(full), grads(pruned)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -8,7 +8,8 @@ from fedhead.heads.importance import real_token_mask
 from fedhead.heads.pruning import consensus_heads_mask, heads_to_keep, sampled_scores
 from fedhead.models import head_map_for
 from fedhead.models.head_map import UnsupportedModelError
-from fedhead.models.slicing import gate_heads, gather_kept, prune_heads_, scatter_kept
+from fedhead.models.slicing import gather_kept, prune_heads_, scatter_kept
+from tests.conftest import pruned_and_gated_backward
 
 
 def test_confidence_on_hand_built_attention():
@@ -93,27 +94,13 @@ KEPT = torch.tensor([[True, False, True, False], [False, False, False, False]]) 
 
 def test_pruned_forward_and_grads_equal_gated_full_model(tiny_lora):
     lm, batch = tiny_lora
-    full = copy.deepcopy(lm.model).eval()
-    handles = gate_heads(full, lm.head_map, KEPT.float(), lm.prefix)
-    ref = full(**batch)
-    ref.loss.backward()
-    for h in handles:
-        h.remove()
-    pruned = copy.deepcopy(lm.model).eval()
-    prune_heads_(pruned, lm.head_map, KEPT, lm.prefix)
-    out = pruned(**batch)
-    out.loss.backward()
+    ref, out, full_grads, pruned_grads = pruned_and_gated_backward(lm, KEPT, batch)
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
-    def grads(model):  # a parameter outside the graph (LoRA A of a block with no head left) has gradient 0
-        return {n: torch.zeros_like(p) if p.grad is None else p.grad
-                for n, p in model.named_parameters() if p.requires_grad}
-
-    full_grads, pruned_grads = grads(full), grads(pruned)
     assert set(full_grads) == set(pruned_grads)
     sliced_ref = gather_kept(full_grads, KEPT, lm.layout)
     for name, grad in pruned_grads.items():
         assert torch.allclose(grad, sliced_ref[name], atol=1e-5), name
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in full.parameters())
+    assert sum(g.numel() for g in pruned_grads.values()) < sum(g.numel() for g in full_grads.values())
 
 
 def test_scatter_is_inverse_of_gather(tiny_lora):

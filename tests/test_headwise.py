@@ -21,9 +21,9 @@ from fedhead.federated.state import load_state_, trainable_state
 from fedhead.models import build_model
 from fedhead.models.headwise import HeadwiseDown, HeadwiseUp, is_headwise, standard_lora_
 from fedhead.models.loading import build_backbone_classifier
-from fedhead.models.slicing import attach_frozen_heads, gate_heads, gather_kept, prune_heads_, scatter_kept
+from fedhead.models.slicing import attach_frozen_heads, gather_kept, prune_heads_, scatter_kept
 from fedhead.runners.local import Simulation
-from tests.conftest import tiny_config
+from tests.conftest import pruned_and_gated_backward, tiny_config
 
 ROLES = ["query", "key", "value", "output"]
 KEPT = torch.tensor([[True, False, True, False], [False, True, False, False]])  # tiny BERT: 2 blocks x 4 heads
@@ -121,25 +121,14 @@ def test_pruned_headwise_model_equals_the_gated_whole_one(hw):
     """Physical pruning slices A's r_h-rows (q/k/v) and B's r_h-columns (o) with the head's own rows and
     columns: the pruned model's logits and gradients are the gated whole model's."""
     _, lm, batch = hw
-    full = copy.deepcopy(lm.model).eval()
-    handles = gate_heads(full, lm.head_map, KEPT.float(), lm.prefix)
-    ref = full(**batch)
-    ref.loss.backward()
-    for h in handles:
-        h.remove()
-    pruned = copy.deepcopy(lm.model).eval()
-    prune_heads_(pruned, lm.head_map, KEPT, lm.prefix)
-    out = pruned(**batch)
-    out.loss.backward()
+    ref, out, full_grads, pruned_grads = pruned_and_gated_backward(lm, KEPT, batch)
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
-    full_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in full.named_parameters()
-                  if p.requires_grad}
     sliced = gather_kept(full_grads, KEPT, lm.layout)
-    for name, p in pruned.named_parameters():
-        if p.requires_grad:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            assert grad.shape == sliced[name].shape, name
-            assert torch.allclose(grad, sliced[name], atol=1e-5), name
+    for name, grad in pruned_grads.items():
+        assert grad.shape == sliced[name].shape, name
+        assert torch.allclose(grad, sliced[name], atol=1e-5), name
+    pruned = copy.deepcopy(lm.model)
+    prune_heads_(pruned, lm.head_map, KEPT, lm.prefix)
     o = pruned.get_submodule(lm.prefix + lm.head_map.blocks[1].projections["output"])
     assert isinstance(o.lora_A["default"], HeadwiseDown) and o.lora_B["default"].in_features == 2  # 1 head x r_h
 
