@@ -20,7 +20,8 @@ client from the same global state and times the same client's round (scoring, 8 
 loss) for each row in turn, round-robin, `--repeats` times, and records the median round time, the median
 seconds per local step, and the peak training memory the client reports (fedhead.federated.client.train_local:
 the bytes autograd saves for the backward, plus a gradient and AdamW's two moments per trainable value). Ratios
-are to dense in the same measurement (docs/results/frontier_costs.json).
+are to dense in the same measurement (docs/results/frontier_costs.json). Measuring a few new rows adds them to
+the file: dense is measured again in every batch and the old rows' times are rescaled by it (merge_costs).
 
 Finished runs are not run again and an interrupted run resumes from its checkpoint (run folders in
 bench/results/frontier/seed<S>/<row>/, not committed). Each finished run leaves a small record in
@@ -347,6 +348,21 @@ def measure_costs(rows: list[str], repeats: int, threads: int, client: int = 0, 
     }
 
 
+def merge_costs(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """`new`'s rows added to `old`'s, so measuring a few new rows keeps the others: only when both batches
+    measured the same client the same way (protocol) and dense is in `new`. Every ratio is to dense of the same
+    batch, so the old rows are rescaled by the ratio of the two batches' dense times (memory is deterministic
+    and kept as is); a different protocol replaces the file."""
+    if old is None or old.get("protocol") != new["protocol"] or "dense" not in old.get("rows", {}):
+        return new
+    scale = {key: new["rows"]["dense"][key] / old["rows"]["dense"][key]
+             for key in ("client_round_seconds_median", "client_step_seconds_median")}
+    rows = {row: {key: value * scale.get(key, 1.0) for key, value in values.items()}
+            for row, values in old["rows"].items() if row not in new["rows"]}
+    return {"protocol": new["protocol"], "rows": {**new["rows"], **rows},
+            "batches": old.get("batches", 1) + 1}
+
+
 def t_quantile(n: int) -> float:
     """Two-sided 95% Student t quantile with n - 1 degrees of freedom."""
     from scipy.stats import t
@@ -396,10 +412,13 @@ def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
             return float(np.mean([d / r for d, r in pairs]))
 
         first = by_seed[seeds[0]]
+        averaged = [by_seed[s].get("full_eval_tail_average") for s in seeds]
         out.append({
             "row": row, "seeds": seeds, "overrides": first["overrides"], "heads_pruned": first["heads_pruned"],
             "model": f"mean of last {first.get('tail_average_rounds')} rounds" if tail else "last round",
             "accuracy": float(acc.mean()), "drop": float(drops.mean()), "drop_sd": sd,
+            # the row's own tail-averaged model, recorded or not for dense (a screen's second column)
+            "tail_accuracy": (float(np.mean([a["accuracy"] for a in averaged])) if all(averaged) else None),
             "drop_low": float(drops.mean() - half), "drop_high": float(drops.mean() + half),
             "flops_saved": ratio("train_flops"), "upload_saved": ratio("bytes_up"),
             "download_saved": ratio("bytes_down"),
@@ -414,18 +433,22 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def table(results: Path, costs: Path = COSTS) -> str:
-    lines = ["| row | options | heads pruned | seeds | model scored | accuracy (9,815 pairs) "
+def table(results: Path, costs: Path = COSTS, tail_column: bool = False) -> str:
+    """The frontier table in Markdown; `tail_column` adds the row's mean-of-last-rounds model where its runs
+    recorded one (screens: dense's 30-round screen has none, so the paired drop stays on the last round)."""
+    tail_header = "| mean of last 5 rounds' models (unpaired) " if tail_column else ""
+    lines = ["| row | options | heads pruned | seeds | model scored | accuracy (9,815 pairs) " + tail_header +
              "| drop vs dense, paired (pt) "
              "| 95% interval | training FLOPs saved | upload saved | download saved | client round time saved "
              "| local step time saved | peak training memory saved |",
-             "|" + "---|" * 14]
+             "|" + "---|" * (15 if tail_column else 14)]
     for r in frontier_rows(results, costs):
         opts = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
         interval = "-" if math.isnan(r["drop_low"]) else f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]"
         sd = "" if math.isnan(r["drop_sd"]) else f" ± {r['drop_sd']:.1f}"
+        tail = ("-" if r["tail_accuracy"] is None else f"{r['tail_accuracy']:.4f}") + " | " if tail_column else ""
         lines.append(f"| {r['row']} | {opts} | {r['heads_pruned']:.0%} | {len(r['seeds'])} | {r['model']} | "
-                     f"{r['accuracy']:.4f} | "
+                     f"{r['accuracy']:.4f} | {tail}"
                      f"{r['drop']:+.1f}{sd} | {interval} | {_x(r['flops_saved'])} | {_x(r['upload_saved'])} | "
                      f"{_x(r['download_saved'])} | {_x(r['round_time_saved'])} | {_x(r['step_time_saved'])} | "
                      f"{_x(r['memory_saved'])} |")
@@ -515,8 +538,10 @@ def main() -> None:
         run(args.rows, args.seeds, args.threads, args.rounds, RUNS, RESULTS)
     elif args.command == "costs":
         rows = ["dense", *[r for r in args.rows if r != "dense"]]
-        COSTS.write_text(json.dumps(measure_costs(rows, args.repeats, args.threads), indent=1) + "\n")
-        print(f"wrote {COSTS.relative_to(ROOT)}")
+        measured = merge_costs(json.loads(COSTS.read_text()) if COSTS.exists() else None,
+                               measure_costs(rows, args.repeats, args.threads))
+        COSTS.write_text(json.dumps(measured, indent=1) + "\n")
+        print(f"wrote {COSTS.relative_to(ROOT)}: {', '.join(measured['rows'])}")
     elif args.command == "refresh":
         for results in (RESULTS, RESULTS.parent / "screen30"):
             for path in refresh(results):
@@ -524,14 +549,15 @@ def main() -> None:
     elif args.command == "screen":
         results = ROOT / "docs" / "results" / f"screen{args.rounds}"
         run(args.rows, args.seeds, args.threads, args.rounds, RUNS, results)
-        print(table(results))
+        print(table(results, tail_column=True))
     else:
         for results, name, title in (
                 (RESULTS, "frontier", "Frontier: 60 rounds, mean of the last 5 rounds' global models on 9,815 "
                  "pairs, 95% interval over seeds"),
                 (RESULTS.parent / "screen30", "screen30",
                  "Screening: 30 rounds, one seed, last-round model on 9,815 pairs")):
-            text = table(results) if results.exists() else "No run has finished the full protocol yet."
+            text = (table(results, tail_column=name == "screen30") if results.exists()
+                    else "No run has finished the full protocol yet.")
             if name == "frontier" and results.exists():
                 text += "\n\n" + convergence(results)
             (RESULTS.parent / f"{name}.md").write_text(text + "\n")

@@ -117,3 +117,35 @@ def test_learning_speed_is_averaged_over_the_clients_of_each_block_of_rounds(fro
     assert blocks[0]["local_loss_gain"] == pytest.approx((0.4 + 0.2 + 0.3) / 3)
     assert blocks[0]["train_loss"] == pytest.approx((0.9 + 0.7 + 0.5) / 3)
     assert blocks[1]["local_loss_gain"] == pytest.approx(0.0) and blocks[1]["train_loss"] == pytest.approx(0.4)
+
+
+def test_a_screen_table_shows_each_rows_own_tail_average_beside_the_paired_last_round(frontier, tmp_path):
+    _record(tmp_path, "dense", 0, 0.60, 1000, 900)  # dense's screen recorded no tail average
+    _record(tmp_path, "sparse-0.9", 0, 0.50, 1000, 100)
+    record = json.loads((tmp_path / "sparse-0.9.seed0.json").read_text())
+    record["full_eval_tail_average"] = {"accuracy": 0.55}
+    (tmp_path / "sparse-0.9.seed0.json").write_text(json.dumps(record))
+    row = next(r for r in frontier.frontier_rows(tmp_path, tmp_path / "none.json") if r["row"] == "sparse-0.9")
+    assert (row["model"], row["drop"], row["tail_accuracy"]) == ("last round", pytest.approx(10.0), 0.55)
+    lines = frontier.table(tmp_path, tmp_path / "none.json", tail_column=True).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == 16
+    assert "| 0.5000 | 0.5500 | +10.0 |" in next(line for line in lines if "| sparse-0.9 |" in line)
+    assert "| 0.6000 | - | +0.0 |" in next(line for line in lines if "| dense |" in line)
+
+
+def test_measuring_costs_of_new_rows_keeps_the_old_rows_on_the_new_batchs_scale(frontier):
+    def batch(rows: dict[str, float], memory: int = 100, client: int = 0) -> dict:
+        return {"protocol": {"client": client, "repeats": 3},
+                "rows": {r: {"client_round_seconds_median": t, "client_step_seconds_median": t / 10,
+                             "peak_memory_bytes": memory} for r, t in rows.items()}}
+
+    old = batch({"dense": 20.0, "remove-0.9": 10.0})
+    merged = frontier.merge_costs(old, batch({"dense": 30.0, "sb-0.9": 25.0}))  # a slower machine this time
+    assert set(merged["rows"]) == {"dense", "remove-0.9", "sb-0.9"}
+    # remove-0.9 saved 2x in its batch and still does against the new batch's dense
+    assert merged["rows"]["remove-0.9"]["client_round_seconds_median"] == pytest.approx(15.0)
+    assert merged["rows"]["remove-0.9"]["client_step_seconds_median"] == pytest.approx(1.5)
+    assert merged["rows"]["dense"]["client_round_seconds_median"] == 30.0
+    assert merged["batches"] == 2
+    replaced = frontier.merge_costs(old, batch({"dense": 30.0}, client=3))  # another client: not comparable
+    assert set(replaced["rows"]) == {"dense"}
