@@ -136,3 +136,60 @@ def test_attentions_by_block_t5(lora_t5, batch):
             assert torch.equal(keys, (batch["labels"] != -100) if k == tgt_len and q == tgt_len else source_real)
             if h:
                 assert torch.allclose(attn.sum(-1), torch.ones(2, h, q))
+
+
+def test_headwise_lora_on_t5_prunes_exactly_and_equals_its_standard_lora(batch):
+    """Head-wise LoRA (`lora.head_rank`) on T5's q/k/v/o, every block kind (encoder self, decoder self and
+    cross-attention): the compact factors equal their block-diagonal standard LoRA, and physically pruning both
+    factors of every projection gives the gated whole model's logits and kept-head gradients of both factors."""
+    import copy
+
+    from fedhead.models.headwise import HeadwiseDown, HeadwiseUp, headwise_patterns, make_headwise_, standard_lora_
+
+    torch.manual_seed(1)
+    cfg = T5Config(vocab_size=32128, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
+                   num_decoder_layers=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5ForConditionalGeneration(cfg)
+    head_map = head_map_for(model)
+    r_h = 2
+    ranks, alphas = headwise_patterns(head_map, list(ROLES), r_h, 8.0, prefix="")
+    # the default rank and alpha differ from the patterns': a pattern that missed its module would show
+    lora = get_peft_model(model, LoraConfig(r=3, lora_alpha=5.0, rank_pattern=ranks, alpha_pattern=alphas,
+                                            target_modules=head_map.lora_target_regex(list(ROLES))))
+    make_headwise_(lora, head_map, list(ROLES), r_h, prefix=PREFIX)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    lora.eval()
+    q0 = lora.get_submodule(PREFIX + head_map.blocks[3].projections["query"])  # a cross-attention block
+    assert isinstance(q0.lora_B["default"], HeadwiseUp)
+    assert q0.r["default"] == 4 * r_h and q0.scaling["default"] == 8.0 / r_h  # alpha / r_h, each head
+    assert isinstance(lora.get_submodule(PREFIX + head_map.blocks[3].projections["output"]).lora_A["default"],
+                      HeadwiseDown)
+    with torch.no_grad():
+        ref = lora(**batch).logits
+        standard = copy.deepcopy(lora)
+        standard_lora_(standard)
+        assert (standard(**batch).logits - ref).abs().max() < 1e-5
+    kept = torch.tensor(MASKS["partial_first"], dtype=torch.bool)
+    full, pruned = gated_and_pruned(lora, head_map, kept, PREFIX)
+    out_full, out_pruned = full(**batch), pruned(**batch)
+    assert (out_pruned.logits - out_full.logits).abs().max() < 1e-5
+    out_full.loss.backward()
+    out_pruned.loss.backward()
+    trainable = [n for n, p in full.named_parameters() if p.requires_grad]
+    layout = HeadLayout.from_model(head_map, trainable, PREFIX, head_rank=r_h)
+    assert len(layout.sliced) == 8 * head_map.num_blocks  # both factors of q/k/v/o in every block
+
+    def grads(m):
+        return {n: p.grad if p.grad is not None else torch.zeros_like(p)
+                for n, p in m.named_parameters() if p.requires_grad}
+
+    expected, actual = gather_kept(grads(full), kept, layout), grads(pruned)
+    assert expected.keys() == actual.keys()
+    for name, grad in actual.items():
+        assert grad.shape == expected[name].shape, name
+        assert torch.allclose(grad, expected[name], rtol=0, atol=1e-5), name
+    a_q = f"{PREFIX}{head_map.blocks[0].projections['query']}.lora_A.default.weight"
+    assert actual[a_q].shape[0] == int(kept[0].sum()) * r_h and float(actual[a_q].abs().sum()) > 0
