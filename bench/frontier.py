@@ -135,6 +135,10 @@ ROWS: dict[str, dict[str, Any]] = {
     "dense-fa-principal": {**FREEZE, "lora.init_a": "principal"},
     "mixed-ng-rolling-fapc-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE,
                                   "lora.init_a": "principal"},
+    # A frozen at the principal directions of its inputs on random tokens (lora.init_a = "input_principal"):
+    # bench/frozen_a_subspace.py puts 0.059 of dense's trained update in its row space (W's principal: 0.043)
+    "mixed-ng-rolling-fain-0.9": {"heads.sparsity": 0.9, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE,
+                                  "lora.init_a": "input_principal"},
     # the compute-saving row's survivor (60 rounds, seed 0: 0.4633 against the random frozen A's 0.4317), at 70%
     "mixed-ng-rolling-fapc-0.7": {"heads.sparsity": 0.7, **MIXED_NO_GRAD, "heads.schedule": "rolling", **FREEZE,
                                   "lora.init_a": "principal"},

@@ -13,9 +13,11 @@ averaged over the LoRA modules (and listed per projection role). Candidates, eac
 - `activations`: the top-r principal directions of the module's inputs on `--examples` training pairs at the
   initial model (EVA, Paischer et al. 2024);
 - `gradient`: the top-r right singular vectors of dL/dW summed over the same pairs at the initial model (B = 0:
-  the pretrained model with the fresh task head; LoRA-GA, Wang et al. 2024).
-The last two read the pooled training data, which no federated server has: they measure what a client-side
-sketch could reach, not something fedhead builds.
+  the pretrained model with the fresh task head; LoRA-GA, Wang et al. 2024);
+- `input_principal_N`: the same as `activations` on N random token sequences instead of text
+  (`lora.init_a = "input_principal"`, data-free).
+`activations` and `gradient` read the pooled training data, which no federated server has: they measure what a
+client-side sketch could reach, not something fedhead builds.
 
     .venv/bin/python bench/frozen_a_subspace.py bench/results/frontier/seed0/dense \
         --json docs/results/frozen_a_subspace.json
@@ -34,7 +36,7 @@ from peft.tuners.lora import LoraLayer
 from fedhead.data.batching import collate
 from fedhead.data.tasks import load_task_data
 from fedhead.models import build_model
-from fedhead.models.loading import principal_a_
+from fedhead.models.loading import INPUT_PRINCIPAL_SEQUENCES, input_principal_a_, principal_a_
 from fedhead.trained import load_trained
 
 
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a finished dense run (its final global model is the target)")
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--random-sequences", type=int, nargs="+", default=[INPUT_PRINCIPAL_SEQUENCES],
+                        help="random token sequences for the input_principal candidates")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -116,6 +120,11 @@ def main() -> None:
 
     candidates = {"random": rows_of(other), "run_init": rows_of(initial), "principal": rows_of(principal),
                   "activations": act, "gradient": grad}
+    for sequences in args.random_sequences:
+        text_free = build_model(cfg, labels, run.lm.tokenizer)
+        input_principal_a_(text_free.model, run.lm.tokenizer, cfg.model.task, cfg.model.max_length,
+                           cfg.model.max_target_length, cfg.seed, sequences=sequences)
+        candidates[f"input_principal_{sequences}"] = rows_of(text_free)
     per_module = {name: {c: captured(update_of(module).detach(), rows[name]) for c, rows in candidates.items()}
                   for name, module in trained.items()}
     roles = sorted({name.rsplit(".", 1)[-1] for name in per_module})

@@ -247,3 +247,41 @@ def test_principal_a_is_the_top_right_singular_vectors_of_w(tiny_bert_dir, tmp_p
     assert not torch.allclose(a, random.model.get_submodule(q).lora_A["default"].weight.detach(), atol=1e-3)
     with pytest.raises((ConfigError, ValueError), match="init_a"):
         tiny_config(tiny_bert_dir, tmp_path, lora={"init_a": "principal", "head_rank": 1})
+
+
+def test_input_principal_a_reads_where_real_inputs_vary_without_seeing_text(minilm_path, tmp_path):
+    """lora.init_a = 'input_principal': A's rows are the top principal directions of each projection's inputs
+    on seeded random tokens (orthogonal, at peft's row norm, the same on every build). Fit on random tokens, they
+    still hold more of the variance of the inputs real MultiNLI pairs produce than W's principal directions or
+    peft's random A: the property that makes it a better frozen A."""
+    lms = {init: build_model(tiny_config(minilm_path, tmp_path, lora={"init_a": init, "freeze_a": True}), 3)
+           for init in ("input_principal", "principal", "random")}
+    lm = lms["input_principal"]
+    again = build_model(tiny_config(minilm_path, tmp_path, lora={"init_a": "input_principal", "freeze_a": True}), 3)
+    pairs = [("A man inspects the uniform of a figure in some East Asian country.", "The man is sleeping."),
+             ("An older and younger man smiling.", "Two men are smiling and laughing at the cats playing."),
+             ("A soccer game with multiple males playing.", "Some men are playing a sport."),
+             ("A black race car starts up in front of a crowd of people.", "A man is driving down a lonely road.")]
+    batch = dict(lm.tokenizer([p for p, _ in pairs], [h for _, h in pairs], padding=True, return_tensors="pt"))
+    inputs: dict[str, torch.Tensor] = {}
+    paths = [lm.prefix + block.projections["query"] for block in lm.head_map.blocks]
+    model = lm.model.eval()
+    hooks = [model.get_submodule(p).get_base_layer().register_forward_hook(
+        lambda _, i, __, p=p: inputs.__setitem__(p, i[0][batch["attention_mask"].bool()])) for p in paths]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+
+    def held(init: str, path: str) -> float:  # share of the real inputs' energy in A's row space
+        a = lms[init].model.get_submodule(path).lora_A["default"].weight.detach()
+        q, _ = torch.linalg.qr(a.T)
+        return float((inputs[path] @ q).pow(2).sum() / inputs[path].pow(2).sum())
+
+    a = model.get_submodule(paths[0]).lora_A["default"].weight.detach()
+    assert torch.allclose(a @ a.T * 3, torch.eye(a.shape[0]), atol=1e-4)
+    assert torch.equal(a, again.model.get_submodule(paths[0]).lora_A["default"].weight.detach())
+    shares = {init: sum(held(init, p) for p in paths) / len(paths) for init in lms}
+    assert shares["input_principal"] > 1.5 * max(shares["principal"], shares["random"]), shares
+    with pytest.raises((ConfigError, ValueError), match="input_principal"):
+        tiny_config(minilm_path, tmp_path, lora={"init_a": "input_principal", "head_rank": 1})

@@ -78,12 +78,14 @@ class LoraSection(_Section):
         description="Freeze LoRA A at its seeded initial value (FFA-LoRA): only B is trained and sent, "
         "averaging is exact and every q/k/v adapter tensor is head-sliced.",
     )
-    init_a: Literal["random", "principal"] = Field(
+    init_a: Literal["random", "principal", "input_principal"] = Field(
         "random",
-        description="LoRA A's initial value: 'random' (peft's Kaiming-uniform, from the seed) or 'principal' (the "
-        "top-r right singular vectors of the frozen weight W, each row's sign fixed so its largest entry is "
-        "positive and scaled to peft's expected row norm 1 / sqrt(3)): the input directions W already reads. "
-        "Data-free and the same on every client; meant for freeze_a, where A stays at its init.",
+        description="LoRA A's initial value: 'random' (peft's Kaiming-uniform, from the seed), 'principal' (the "
+        "top-r right singular vectors of the frozen weight W: the input directions W already reads) or "
+        "'input_principal' (the top-r principal directions of the projection's inputs while the frozen model "
+        "reads 64 random token sequences drawn from the seed: where its inputs vary most). Each row's sign is "
+        "fixed so its largest entry is positive, scaled to peft's expected row norm 1 / sqrt(3). Both are "
+        "data-free and the same on every client; meant for freeze_a, where A stays at its init.",
     )
     head_rank: int | None = Field(
         None,
@@ -98,8 +100,8 @@ class LoraSection(_Section):
     @model_validator(mode="after")
     def _check_head_rank(self) -> LoraSection:
         if self.head_rank is not None and self.init_a != "random":
-            raise ValueError("lora.init_a = 'principal' initialises standard LoRA's A; head-wise LoRA (head_rank) "
-                             "draws its own")
+            raise ValueError(f"lora.init_a = '{self.init_a}' initialises standard LoRA's A; head-wise LoRA "
+                             "(head_rank) draws its own")
         if self.head_rank is not None and set(self.target_modules) <= {"feed_forward"}:
             raise ValueError("lora.head_rank makes attention heads' adapters head-wise; lora.target_modules has "
                              "no attention projection (query, key, value, output)")

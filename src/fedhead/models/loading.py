@@ -213,21 +213,86 @@ def build_backbone_classifier(cfg: Config, num_labels: int, seed: int | None = N
     return SequenceClassifier(backbone, num_labels, cfg.model.pooling)
 
 
+def _set_a_rows_(a: torch.Tensor, rows: torch.Tensor) -> None:
+    """A = rows / sqrt(3) (peft's Kaiming-uniform rows have expected norm 1 / sqrt(3)), each row's sign fixed so
+    that its largest-magnitude entry is positive (eigen- and singular vectors have arbitrary signs, and every
+    client must build the same A)."""
+    signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))  # (r, 1)
+    a.copy_((rows * signs / 3 ** 0.5).to(a.dtype))
+
+
 @torch.no_grad()
 def principal_a_(model: nn.Module) -> None:
     """Set every LoRA A (r x in) to the top-r right singular vectors of its frozen weight W = U S V^T:
-    A = V[:, :r]^T / sqrt(3) (peft's Kaiming-uniform rows have expected norm 1 / sqrt(3)), each row's sign
-    fixed so that its largest-magnitude entry is positive (SVD signs are arbitrary, and every client must build
-    the same A)."""
+    A = V[:, :r]^T / sqrt(3), signs fixed (`_set_a_rows_`)."""
     for module in model.modules():
         if isinstance(module, LoraLayer):
             weight = module.get_base_layer().weight.detach().float()  # (out, in)
             _, _, vh = torch.linalg.svd(weight, full_matrices=False)  # (min(out, in), in)
             for name in module.lora_A:
-                a = module.lora_A[name].weight
-                rows = vh[: a.shape[0]]  # (r, in)
-                signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))  # (r, 1)
-                a.copy_((rows * signs / 3 ** 0.5).to(a.dtype))
+                _set_a_rows_(module.lora_A[name].weight, vh[: module.lora_A[name].weight.shape[0]])
+
+
+INPUT_PRINCIPAL_SEQUENCES = 64  # random token sequences the frozen model reads for `input_principal_a_`
+
+
+def random_token_inputs(tokenizer: PreTrainedTokenizerBase, sequences: int, length: int,
+                        generator: torch.Generator) -> torch.Tensor:
+    """`sequences` x `length` token ids drawn uniformly from the vocabulary without its special tokens, framed by
+    the tokenizer's start and end tokens where it has them ([CLS] ... [SEP]; <s> ... </s>): text-free input."""
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    frame = [t for t in (first, last) if t is not None]
+    ids = vocab[torch.randint(len(vocab), (sequences, length - len(frame)), generator=generator)]
+    parts = ([torch.full((sequences, 1), first)] if first is not None else []) + [ids]
+    parts += [torch.full((sequences, 1), last)] if last is not None else []
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, length: int,
+                       target_length: int, seed: int, sequences: int = INPUT_PRINCIPAL_SEQUENCES,
+                       batch_size: int = 32) -> None:
+    """Set every LoRA A (r x in) to the top-r principal directions of its projection's inputs while the frozen
+    model (B = 0: LoRA adds nothing yet) reads `sequences` random token sequences drawn from `seed`:
+    with X the inputs (tokens x in) over every sequence, X^T X = V L V^T (eigenvalues descending),
+    A = V[:, :r]^T / sqrt(3), signs fixed (`_set_a_rows_`). Text-free, so every client builds the same A
+    without data; `length` tokens a sequence (seq2seq: `target_length` decoder tokens, also random)."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    device = next(model.parameters()).device
+    cov = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+           for n, m in modules.items()}
+
+    def accumulate(name: str):
+        def hook(_, inputs, __):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            cov[name] += x.T @ x
+        return hook
+
+    hooks = [m.get_base_layer().register_forward_hook(accumulate(n)) for n, m in modules.items()]
+    generator = torch.Generator().manual_seed(seed)
+    ids = random_token_inputs(tokenizer, sequences, length, generator)
+    decoder = random_token_inputs(tokenizer, sequences, target_length, generator)
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(ids), batch_size):
+            batch = {"input_ids": ids[start : start + batch_size].to(device)}
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            if task == "seq2seq":
+                batch["decoder_input_ids"] = decoder[start : start + batch_size].to(device)
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    for name, module in modules.items():
+        _, vectors = torch.linalg.eigh(cov[name])  # eigenvalues ascending
+        for adapter in module.lora_A:
+            a = module.lora_A[adapter].weight
+            _set_a_rows_(a, vectors[:, -a.shape[0]:].flip(1).T.float())
 
 
 def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
@@ -276,6 +341,8 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         make_headwise_(model, head_map, cfg.lora.target_modules, head_rank, prefix=PEFT_PREFIX + inner)
     if cfg.lora.init_a == "principal":
         principal_a_(model)
+    elif cfg.lora.init_a == "input_principal":
+        input_principal_a_(model, tokenizer, task, cfg.model.max_length, cfg.model.max_target_length, cfg.seed)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model.name)
     if cfg.lora.freeze_a:
         for name, p in model.named_parameters():
