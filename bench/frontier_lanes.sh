@@ -27,9 +27,8 @@ lane() {  # lane NAME ITEM...
 # sparse-rolling-fa-0.9, the alpha-64 rows, dense-fa-principal and mixed-ng-rolling-fapc-0.9 (60 rounds), and the
 # screens in docs/results/screen30/. A principal frozen A beat the random one at 60 rounds (0.4633 against 0.4317
 # in the compute-saving row), so the compute-saving row's seeds and its 70% row are the principal-A ones.
-# Before its seeds: A at the inputs' principal directions on random tokens (init_a = input_principal), screened
-# at 30 rounds (session 11, a third job beside the lanes) and extended to 60 here; if it beats the principal A,
-# it takes the row's seeds.
+# A at the inputs' principal directions on random tokens (init_a = input_principal) was screened at 30 rounds
+# (session 11) and learned no better than a random frozen A: not extended.
 lane a dense@1 dense remove-0.9 sparse-rolling-0.7 mixed-ng-rolling-fapc-0.7 &
-lane b sparse-rolling-0.9@1 sparse-rolling-0.9 mixed-ng-rolling-fain-0.9@0 mixed-ng-rolling-fapc-0.9 sparse-0.9 &
+lane b sparse-rolling-0.9@1 sparse-rolling-0.9 mixed-ng-rolling-fapc-0.9 sparse-0.9 &
 wait
