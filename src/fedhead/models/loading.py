@@ -246,9 +246,9 @@ def random_token_inputs(tokenizer: PreTrainedTokenizerBase, sequences: int, leng
     last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     frame = [t for t in (first, last) if t is not None]
     ids = vocab[torch.randint(len(vocab), (sequences, length - len(frame)), generator=generator)]
-    parts = ([torch.full((sequences, 1), first)] if first is not None else []) + [ids]
-    parts += [torch.full((sequences, 1), last)] if last is not None else []
-    return torch.cat(parts, dim=1)
+    start = [torch.full((sequences, 1), first)] if first is not None else []
+    end = [torch.full((sequences, 1), last)] if last is not None else []
+    return torch.cat([*start, ids, *end], dim=1)
 
 
 @torch.no_grad()
@@ -274,14 +274,14 @@ def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tas
     hooks = [m.get_base_layer().register_forward_hook(accumulate(n)) for n, m in modules.items()]
     generator = torch.Generator().manual_seed(seed)
     ids = random_token_inputs(tokenizer, sequences, length, generator)
-    decoder = random_token_inputs(tokenizer, sequences, target_length, generator)
+    decoder = random_token_inputs(tokenizer, sequences, target_length, generator) if task == "seq2seq" else None
     training = model.training
     model.eval()
     try:
         for start in range(0, len(ids), batch_size):
             batch = {"input_ids": ids[start : start + batch_size].to(device)}
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-            if task == "seq2seq":
+            if decoder is not None:
                 batch["decoder_input_ids"] = decoder[start : start + batch_size].to(device)
             model(**batch)
     finally:
