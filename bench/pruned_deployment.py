@@ -11,7 +11,16 @@ whole and the pruned model timed in the same process (compare the ratio, not the
     python bench/pruned_deployment.py bench/results/frontier/seed0/remove-0.9 --sparsities 0.5 0.7 0.9
     python bench/pruned_deployment.py RUN_DIR --pairs 2000     # fewer evaluation pairs: screening only
 
-Writes docs/results/pruned_deployment/<run name>.seed<S>.json (the run's folder name and seed).
+With --ranking, the heads are instead ranked on the model itself, scored (`fedhead.heads.importance.
+score_heads`) on the first --score-examples training pairs of the run's task: `confidence` (the method's score:
+the lowest-scored heads go), `confidence_reversed` (the most confident heads go: does the score carry
+information?), `gradient`, `random` (seeded). A dense run's clients never score their heads, so its consensus has
+no ranking (`consensus_mask_of_run` refuses it); rank such a run this way:
+
+    python bench/pruned_deployment.py bench/results/frontier/seed0/dense --tail-average --pairs 2000 \
+        --sparsities 0.25 0.5 --ranking confidence confidence_reversed gradient random
+
+Writes docs/results/pruned_deployment/<run name>.seed<S>[.pairs<P>][.tail][.ranked].json.
 """
 
 from __future__ import annotations
@@ -28,8 +37,11 @@ import torch
 from common import ROOT, load_finished_run
 
 from fedhead.data.batching import collate
+from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import evaluate
+from fedhead.heads.importance import score_heads
+from fedhead.heads.pruning import kept_heads_mask
 from fedhead.models.slicing import prune_heads_
 from fedhead.run_metrics import client_head_masks
 from fedhead.runners.run_dir import RunDir
@@ -52,8 +64,32 @@ def inference_cost(model: torch.nn.Module, batch: dict[str, torch.Tensor], repea
     return flops[0], statistics.median(times[1:])
 
 
+RANKINGS = ("confidence", "confidence_reversed", "gradient", "random")
+
+
+def head_rankings(run, rankings: list[str], examples: int) -> dict[str, torch.Tensor]:
+    """Per ranking, scores [blocks, heads] of `run`'s global model (higher: kept first), scored on the first
+    `examples` training pairs of its task in batches of 32."""
+    lm = run.lm
+    train = load_task_data(run.cfg, lm.tokenizer).train.select(range(examples))
+    batches = []
+    for start in range(0, examples, 32):
+        rows = train[start:start + 32]
+        rows.pop("references", None)
+        batches.append(collate(rows, lm.tokenizer))
+    special = lm.tokenizer.all_special_ids
+    out = {}
+    for name in rankings:
+        method = "confidence" if name.startswith("confidence") else name
+        scores, _ = score_heads(lm.model, lm.head_map, batches, method, special_ids=special, prefix=lm.prefix,
+                                generator=torch.Generator().manual_seed(run.cfg.seed))
+        out[name] = -scores if name == "confidence_reversed" else scores
+    return out
+
+
 def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | None, repeats: int,
-            tail_average: bool = False) -> dict[str, Any]:
+            tail_average: bool = False, rankings: list[str] | None = None,
+            score_examples: int = 128) -> dict[str, Any]:
     rd = RunDir(run_dir)
     run, eval_pairs = load_finished_run(run_dir, pairs, tail_average)
     lm, cfg = run.lm, run.cfg
@@ -65,19 +101,27 @@ def measure(run_dir: Path, sparsities: list[float], window: int, pairs: int | No
     out: dict[str, Any] = {"run": run_dir.name, "seed": cfg.seed, "round": run.round, "window": window,
                            "model": "tail_average" if tail_average else "last_round",
                            "updates": int(kept.shape[0]), "pairs": len(eval_pairs), "models": []}
-    for s in [0.0, *sparsities]:
+    ranked = head_rankings(run, rankings, score_examples) if rankings else {}
+    if ranked:
+        out["score_examples"] = score_examples
+    whole = torch.ones(hm.num_blocks, hm.num_heads, dtype=torch.bool)
+    variants = [(0.0, "whole", whole)]
+    for s in sparsities:
+        if ranked:
+            variants += [(s, name, kept_heads_mask(scores, s, "per_block")) for name, scores in ranked.items()]
+        else:
+            variants.append((s, "consensus", consensus_mask_of_run(run_dir, s, window)))
+    for s, ranking, mask in variants:
         model = copy.deepcopy(lm.model)
-        whole = torch.ones(hm.num_blocks, hm.num_heads, dtype=torch.bool)
-        mask = consensus_mask_of_run(run_dir, s, window) if s > 0 else whole
         if s > 0:
             prune_heads_(model, hm, mask, lm.prefix)
         flops, seconds = inference_cost(model, batch, repeats)
         result = evaluate(model, eval_pairs, lm.tokenizer, cfg.federated.eval_batch_size)
-        out["models"].append({"sparsity": s, "kept_heads": int(mask.sum()), "accuracy": result["accuracy"],
-                              "eval_loss": result["eval_loss"], "inference_flops": flops,
-                              "inference_seconds": seconds, "mask": mask.int().tolist()})
-        print(f"{run_dir.name}: sparsity {s:.1f} ({int(mask.sum())} heads) accuracy {result['accuracy']:.4f}, "
-              f"{flops / 1e9:.1f} GFLOPs, {1000 * seconds:.0f} ms a batch", flush=True)
+        out["models"].append({"sparsity": s, "ranking": ranking, "kept_heads": int(mask.sum()),
+                              "accuracy": result["accuracy"], "eval_loss": result["eval_loss"],
+                              "inference_flops": flops, "inference_seconds": seconds, "mask": mask.int().tolist()})
+        print(f"{run_dir.name}: sparsity {s:.2f} by {ranking} ({int(mask.sum())} heads) accuracy "
+              f"{result['accuracy']:.4f}, {flops / 1e9:.1f} GFLOPs, {1000 * seconds:.0f} ms a batch", flush=True)
     return out
 
 
@@ -91,17 +135,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tail-average", action="store_true",
                         help="Prune the run's tail-averaged model (federated.tail_average_rounds), not its last one.")
+    parser.add_argument("--ranking", nargs="+", choices=RANKINGS, default=None,
+                        help="Rank heads on the model itself instead of by the clients' consensus (see above).")
+    parser.add_argument("--score-examples", type=int, default=128, help="--ranking: training pairs scored.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for run_dir in args.runs:
-        result = measure(run_dir, args.sparsities, args.window, args.pairs, args.repeats, args.tail_average)
+        result = measure(run_dir, args.sparsities, args.window, args.pairs, args.repeats, args.tail_average,
+                         args.ranking, args.score_examples)
         whole = result["models"][0]
         for m in result["models"]:
             m["accuracy_drop_points"] = 100 * (whole["accuracy"] - m["accuracy"])
             m["inference_flops_saved"] = whole["inference_flops"] / m["inference_flops"]
             m["latency_saved"] = whole["inference_seconds"] / m["inference_seconds"]
-        suffix = ("" if args.pairs is None else f".pairs{args.pairs}") + (".tail" if args.tail_average else "")
+        suffix = (("" if args.pairs is None else f".pairs{args.pairs}") + (".tail" if args.tail_average else "")
+                  + (".ranked" if args.ranking else ""))
         path = RESULTS / f"{result['run']}.seed{result['seed']}{suffix}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")

@@ -213,23 +213,39 @@ def test_pruned_evaluation_is_the_model_pruned_by_hand(pruned_run, sparsity):
     assert f"kept_heads {kept} of {pruned['total_heads']}" in result.stdout.splitlines()
 
 
-def test_pruned_evaluation_of_a_run_whose_clients_kept_every_head(mnli_run):
-    """Every client kept every head (sparsity 0): the consensus is the heads of highest mean score."""
+def test_pruned_evaluation_of_a_run_whose_clients_kept_and_scored_every_head(tiny_bert_dir, mnli_run, tmp_path):
+    """Every client kept every head (sparsity 0) but scored them (the server weighs heads by importance): the
+    consensus is the heads of highest mean score."""
     # Prepare
-    run_dir, data = mnli_run / "run", mnli_run / "three.jsonl"
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"eval_size": EVAL_SIZE}, federated={
+        "rounds": 1, "local_steps": 1, "aggregation": "head_weighted", "aggregation_weights": "importance"})
+    run_dir, data = tmp_path / "run", mnli_run / "three.jsonl"
+    run_simulation(cfg, run_dir)
     metrics = [m for m in read_metrics(run_dir) if m.get("round", 0) > 0]
     scores = torch.tensor([c["head_scores"] for m in metrics for c in m["clients"]], dtype=torch.float64)
+    assert len(set(scores.flatten().tolist())) > 1  # scored, not the unscored ones
     expected = kept_heads_mask(scores.mean(0), 0.5, "per_block")
     accuracy, loss, _ = _scores_by_hand(run_dir, data, expected)
     # Execute
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(data), "--pruned", "0.5",
-                                      "--window", "1", "--out", str(mnli_run / "all-kept.json")])
+                                      "--window", "1", "--out", str(tmp_path / "all-kept.json")])
     # Assert
     assert result.exit_code == 0, result.output
-    saved = json.loads((mnli_run / "all-kept.json").read_text())
+    saved = json.loads((tmp_path / "all-kept.json").read_text())
     assert torch.equal(torch.tensor(saved["pruned"]["mask"], dtype=torch.bool), expected)
     assert saved["metrics"]["accuracy"] == accuracy
     assert saved["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-5)
+
+
+def test_pruned_evaluation_refuses_a_run_whose_clients_neither_pruned_nor_scored(mnli_run):
+    """A dense FedAvg run's clients keep every head without scoring them: no ranking, so no arbitrary mask."""
+    # Execute
+    result = CliRunner().invoke(app, ["evaluate", str(mnli_run / "run"), "--data", str(mnli_run / "three.jsonl"),
+                                      "--pruned", "0.5"])
+    # Assert
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "kept every head and did not score them" in error[0], result.output
 
 
 @pytest.mark.parametrize("case", ["zero", "one", "negative", "no metrics"])

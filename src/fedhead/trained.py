@@ -108,7 +108,8 @@ def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5)
     """The heads a pruned deployment of the run's global model keeps: bool [blocks, heads], ceil((1 - sparsity) *
     heads) of every block, ranked by how often the client updates of the last `window` rounds kept them, ties by
     their mean head score (`consensus_heads_mask`, per block). A run whose clients kept every head (sparsity 0)
-    gives the heads of highest mean score.
+    gives the heads of highest mean score; if they did not score them either (a dense run scores heads only when
+    the server weighs heads by importance), nothing ranks the heads and the run is refused.
 
     Args:
         run_dir: a run directory whose metrics.jsonl holds at least one round of client updates.
@@ -116,7 +117,8 @@ def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5)
         window: how many of the last rounds' updates vote (>= 1).
 
     Raises:
-        ConfigError: a sparsity outside (0, 1), a window < 1, no run directory, or no client update in its metrics.
+        ConfigError: a sparsity outside (0, 1), a window < 1, no run directory, no client update in its metrics,
+            or updates that kept every head with equal scores.
     """
     if not 0 < sparsity < 1:
         raise ConfigError(f"pruned sparsity must be in (0, 1), got {sparsity}")
@@ -124,4 +126,8 @@ def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5)
         raise ConfigError(f"the consensus window must be at least one round, got {window}")
     read_run_config(run_dir)
     kept, scores = client_head_masks(RunDir(run_dir).metrics(), window)
+    if bool(kept.all()) and bool((scores == scores.flatten()[0]).all()):
+        raise ConfigError(f"the client updates of the last {window} rounds kept every head and did not score them: "
+                          "nothing ranks the heads for a pruned deployment (bench/pruned_deployment.py --ranking "
+                          "scores them on the model itself)")
     return consensus_heads_mask(kept, scores, sparsity)
