@@ -149,3 +149,14 @@ def test_measuring_costs_of_new_rows_keeps_the_old_rows_on_the_new_batchs_scale(
     assert merged["batches"] == 2
     replaced = frontier.merge_costs(old, batch({"dense": 30.0}, client=3))  # another client: not comparable
     assert set(replaced["rows"]) == {"dense"}
+
+
+def test_the_readme_copy_keeps_only_the_protocol_rows(frontier, tmp_path):
+    for row in ("dense", "sparse-0.9", "dense-freeze_a"):
+        _record(tmp_path, row, 0, 0.5, 1000, 100)
+    assert "dense-freeze_a" not in frontier.PROTOCOL_ROWS
+    short = frontier.table(tmp_path, tmp_path / "no_costs.json", only=frontier.PROTOCOL_ROWS)
+    full = frontier.table(tmp_path, tmp_path / "no_costs.json")
+    assert "| sparse-0.9 |" in short and "| dense-freeze_a |" not in short
+    assert "| dense-freeze_a |" in full
+    assert set(frontier.PROTOCOL_ROWS) <= set(frontier.ROWS)
