@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from common import ROOT, load_finished_run
 
-from fedhead.data.batching import collate
+from fedhead.data.batching import batches_of, collate
 from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import evaluate
@@ -71,12 +71,7 @@ def head_rankings(run, rankings: list[str], examples: int) -> dict[str, torch.Te
     """Per ranking, scores [blocks, heads] of `run`'s global model (higher: kept first), scored on the first
     `examples` training pairs of its task in batches of 32."""
     lm = run.lm
-    train = load_task_data(run.cfg, lm.tokenizer).train.select(range(examples))
-    batches = []
-    for start in range(0, examples, 32):
-        rows = train[start:start + 32]
-        rows.pop("references", None)
-        batches.append(collate(rows, lm.tokenizer))
+    batches = batches_of(load_task_data(run.cfg, lm.tokenizer).train, list(range(examples)), 32, lm.tokenizer)
     special = lm.tokenizer.all_special_ids
     out = {}
     for name in rankings:
