@@ -13,7 +13,8 @@ row's accuracy minus the `dense` row's, both continued from the same model on th
 
 Each row scores on the first `--pairs` validation_matched pairs at round 0 (the start: the same for every row,
 which checks the load), every 5 rounds, and the mean of the last 5 rounds' models. Run folders:
-bench/results/warm_start/seed<S>/<row>/ (not committed); records: docs/results/warm_start/<row>.seed<S>.json.
+bench/results/warm_start/[from-<source>/]seed<S>/<row>/ (not committed); records: docs/results/warm_start/
+<row>[.from-<source>].seed<S>.json (the tag only for a source that is not a dense run).
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ def source_state(source: Path) -> State:
     return state
 
 
+def source_tag(source: Path) -> str:
+    """The folder that keeps runs from different sources apart ('' for a dense run: its runs and records carry
+    no tag)."""
+    return "" if source.name == "dense" else f"from-{source.name}"
+
+
 def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> dict[str, Any]:
     """Continue `source`'s model for `rounds` rounds with `row`'s options; returns the row's record."""
     seed = read_run_config(source).seed
     overrides = {**ROWS[row], **PROTOCOL, "federated.rounds": rounds, "federated.eval_every": 5,
                  "data.eval_size": pairs, "seed": seed, "threads": threads}
     cfg = load_config(BASE, overrides)
-    out = RUNS / f"seed{seed}" / row
+    out = RUNS / source_tag(source) / f"seed{seed}" / row
     sim = Simulation.setup(cfg)
     load_state_(sim.lm.model, source_state(source))  # before a resume too: a frozen A is not checkpointed
     resume = (out / "checkpoint.safetensors").exists()
@@ -63,8 +70,9 @@ def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> di
                            resume=resume)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = {m["round"]: m["accuracy"] for m in metrics if "accuracy" in m}
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     return {
-        "row": row, "options": ROWS[row], "seed": seed, "source": str(source.relative_to(ROOT)),
+        "row": row, "options": ROWS[row], "seed": seed, "source": str(shown),
         "rounds": rounds, "pairs": pairs, "start_accuracy": curve[0], "accuracy_by_round": curve,
         "last_round_accuracy": curve[rounds], "tail_average_accuracy": metrics[-1]["tail_average_accuracy"],
         "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"], "train_flops": summary["train_flops"],
@@ -82,7 +90,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for row in args.rows:
         record = run_row(row, args.source.resolve(), args.rounds, args.pairs, args.threads)
-        path = RESULTS / f"{row}.seed{record['seed']}.json"
+        tag = source_tag(args.source.resolve())
+        path = RESULTS / f"{row}{'.' + tag if tag else ''}.seed{record['seed']}.json"
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"{row}: start {record['start_accuracy']:.4f}, round {args.rounds} {record['last_round_accuracy']:.4f}, "
               f"mean of last 5 rounds' models {record['tail_average_accuracy']:.4f} on {args.pairs} pairs -> {path}",
