@@ -66,9 +66,9 @@ def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> di
     sim = Simulation.setup(cfg)
     load_state_(sim.lm.model, source_state(source))  # before a resume too: a frozen A is not checkpointed
     resume = (out / "checkpoint.safetensors").exists()
-    summary = drive_rounds(sim, RunDir(out), lambda state, r, rng, stats: run_round(sim, state, r, rng, stats),
-                           resume=resume)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rd = RunDir(out)
+    summary = drive_rounds(sim, rd, lambda state, r, rng, stats: run_round(sim, state, r, rng, stats), resume=resume)
+    metrics = rd.metrics()
     curve = {m["round"]: m["accuracy"] for m in metrics if "accuracy" in m}
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     return {
