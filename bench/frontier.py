@@ -387,6 +387,17 @@ def t_quantile(n: int) -> float:
     return float(t.ppf(0.975, n - 1))
 
 
+def paired_drop(dense: Any, row: Any) -> tuple[float, float, float, float]:
+    """Points lost against dense, paired by seed: d_s = 100 (dense_s - row_s); the mean of d, its sd and the 95% t
+    interval mean -/+ t(0.975, n - 1) sd / sqrt(n) (sd and interval NaN for one seed)."""
+    drops = 100 * (np.asarray(dense, dtype=float) - np.asarray(row, dtype=float))
+    n = len(drops)
+    sd = float(np.std(drops, ddof=1)) if n > 1 else math.nan
+    half = t_quantile(n) * sd / math.sqrt(n) if n > 1 else math.nan
+    mean = float(drops.mean())
+    return mean, sd, mean - half, mean + half
+
+
 def load_records(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
     by_row: dict[str, dict[int, dict[str, Any]]] = {}
     for path in sorted(results.glob("*.json")):
@@ -417,10 +428,7 @@ def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
         tail = all(r.get("full_eval_tail_average") for s in seeds for r in (by_seed[s], dense[s]))
         key = "full_eval_tail_average" if tail else "full_eval"
         acc = np.array([by_seed[s][key]["accuracy"] for s in seeds])
-        drops = 100 * (np.array([dense[s][key]["accuracy"] for s in seeds]) - acc)
-        n = len(seeds)
-        sd = float(np.std(drops, ddof=1)) if n > 1 else math.nan
-        half = t_quantile(n) * sd / math.sqrt(n) if n > 1 else math.nan
+        drop, sd, low, high = paired_drop([dense[s][key]["accuracy"] for s in seeds], acc)
 
         def ratio(key: str, seeds: list[int] = seeds, by_seed: dict = by_seed) -> float | None:
             pairs = [(dense[s].get(key), by_seed[s].get(key)) for s in seeds]
@@ -433,10 +441,10 @@ def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
         out.append({
             "row": row, "seeds": seeds, "overrides": first["overrides"], "heads_pruned": first["heads_pruned"],
             "model": f"mean of last {first.get('tail_average_rounds')} rounds" if tail else "last round",
-            "accuracy": float(acc.mean()), "drop": float(drops.mean()), "drop_sd": sd,
+            "accuracy": float(acc.mean()), "drop": drop, "drop_sd": sd,
             # the row's own tail-averaged model, recorded or not for dense (a screen's second column)
             "tail_accuracy": (float(np.mean([a["accuracy"] for a in averaged])) if all(averaged) else None),
-            "drop_low": float(drops.mean() - half), "drop_high": float(drops.mean() + half),
+            "drop_low": low, "drop_high": high,
             "flops_saved": ratio("train_flops"), "upload_saved": ratio("bytes_up"),
             "download_saved": ratio("bytes_down"),
             "round_time_saved": cost_ratio(row, "client_round_seconds_median"),

@@ -12,9 +12,14 @@ row's accuracy minus the `dense` row's, both continued from the same model on th
     python bench/warm_start.py --source bench/results/frontier/seed1/dense --rows ...
 
 Each row scores on the first `--pairs` validation_matched pairs at round 0 (the start: the same for every row,
-which checks the load), every 5 rounds, and the mean of the last 5 rounds' models. Run folders:
-bench/results/warm_start/[from-<source>/]seed<S>/<row>/ (not committed); records: docs/results/warm_start/
-<row>[.from-<source>].seed<S>.json (the tag only for a source that is not a dense run).
+which checks the load), every 5 rounds, and the mean of the last 5 rounds' models; after the last round its
+last-round and tail-averaged models are also scored on all 9,815 pairs (a frozen A taken from the source: the
+checkpoint does not hold it). Run folders: bench/results/warm_start/[from-<source>/]seed<S>/<row>/ (not committed);
+records: docs/results/warm_start/<row>[.from-<source>].seed<S>.json (the tag only for a source that is not a dense
+run). `--table` pairs the records from dense sources with dense of the same seed (full set, tail-averaged models:
+drop mean, sd, 95% t interval) and writes docs/results/warm_start.md.
+
+    python bench/warm_start.py --table
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import ROOT
-from frontier import BASE, PROTOCOL, ROWS
+import numpy as np
+from common import ROOT, load_finished_run
+from frontier import BASE, PROTOCOL, ROWS, paired_drop
 
 from fedhead.config import load_config
+from fedhead.federated.client import evaluate
 from fedhead.federated.state import State, load_state_
-from fedhead.federated.tail_average import tail_average_of_checkpoint
+from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
 from fedhead.runners.local import Simulation, drive_rounds, run_round
 from fedhead.runners.run_dir import RunDir
 from fedhead.trained import read_run_config
@@ -37,6 +44,7 @@ from fedhead.trained import read_run_config
 RUNS = ROOT / "bench" / "results" / "warm_start"
 RESULTS = ROOT / "docs" / "results" / "warm_start"
 SOURCE = ROOT / "bench" / "results" / "frontier" / "seed0" / "dense"
+TABLE = ROOT / "docs" / "results" / "warm_start.md"
 
 
 def source_state(source: Path) -> State:
@@ -56,6 +64,23 @@ def source_tag(source: Path) -> str:
     return "" if source.name == "dense" else f"from-{source.name}"
 
 
+def full_eval(run_dir: Path, source: Path, tail_average: bool) -> dict[str, float]:
+    """The finished warm-start run's last-round (or tail-averaged) global model on every evaluation pair. Its
+    frozen tensors (a frozen A) are the source's: the run's checkpoint holds only what it trained."""
+    rd = RunDir(run_dir)
+    name = f"full_eval.r{read_run_config(run_dir).federated.rounds}{'.tail_average' if tail_average else ''}.json"
+    if (run_dir / name).exists():
+        return rd.read_json(name)
+    run, pairs = load_finished_run(run_dir, None, tail_average)
+    saved, meta = rd.load_checkpoint()
+    trained = tail_average_of_checkpoint(saved, meta) if tail_average else without_tail_average(saved)
+    load_state_(run.lm.model, {k: v for k, v in source_state(source).items() if k not in trained})
+    result = {**evaluate(run.lm.model, pairs, run.lm.tokenizer, run.cfg.federated.eval_batch_size),
+              "pairs": len(pairs)}
+    rd.write_json(name, result)
+    return result
+
+
 def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> dict[str, Any]:
     """Continue `source`'s model for `rounds` rounds with `row`'s options; returns the row's record."""
     seed = read_run_config(source).seed
@@ -68,6 +93,7 @@ def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> di
     resume = (out / "checkpoint.safetensors").exists()
     rd = RunDir(out)
     summary = drive_rounds(sim, rd, lambda state, r, rng, stats: run_round(sim, state, r, rng, stats), resume=resume)
+    last, averaged = full_eval(out, source, False), full_eval(out, source, True)
     metrics = rd.metrics()
     curve = {m["round"]: m["accuracy"] for m in metrics if "accuracy" in m}
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
@@ -75,18 +101,53 @@ def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> di
         "row": row, "options": ROWS[row], "seed": seed, "source": str(shown),
         "rounds": rounds, "pairs": pairs, "start_accuracy": curve[0], "accuracy_by_round": curve,
         "last_round_accuracy": curve[rounds], "tail_average_accuracy": metrics[-1]["tail_average_accuracy"],
+        "full_eval": last, "full_eval_tail_average": averaged,
         "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"], "train_flops": summary["train_flops"],
     }
 
 
+def table(results: Path = RESULTS) -> str:
+    """Markdown: each row continued from dense seeds' models, its full-set accuracy (tail-averaged model) and its
+    drop against dense's continuation of the same seed: mean, sd and 95% t interval over the paired seeds."""
+    records: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted(results.glob("*.seed*.json")):
+        r = json.loads(path.read_text())
+        if "from-" not in path.name and "full_eval_tail_average" in r:
+            records.setdefault(r["row"], {})[r["seed"]] = r
+    dense = records.get("dense", {})
+    lines = ["| continued from dense's model (20 rounds) | seeds | start | accuracy (all 9,815 pairs) | drop vs dense "
+             "| sd | 95% interval |", "|---|---|---|---|---|---|---|"]
+    for row, by_seed in sorted(records.items(), key=lambda kv: kv[0] != "dense"):
+        seeds = sorted(s for s in by_seed if s in dense)
+        if not seeds:
+            continue
+        acc = [by_seed[s]["full_eval_tail_average"]["accuracy"] for s in seeds]
+        dense_acc = [dense[s]["full_eval_tail_average"]["accuracy"] for s in seeds]
+        drop, sd, low, high = paired_drop(dense_acc, acc)
+        start = np.mean([by_seed[s]["start_accuracy"] for s in seeds])
+        each = ", ".join(f"{100 * (d - a):.1f}" for d, a in zip(dense_acc, acc, strict=True))
+        lines.append(f"| `{row}` | {', '.join(map(str, seeds))} | {start:.4f} ({by_seed[seeds[0]]['pairs']:,} pairs) "
+                     f"| {np.mean(acc):.4f} | {drop:.1f} ({each}) | {sd:.1f} | [{low:+.1f}, {high:+.1f}] |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", required=True, choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS))
+    parser.add_argument("--table", action="store_true", help=f"write {TABLE.relative_to(ROOT)} from the records")
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.table:
+        text = table()
+        TABLE.write_text("# Warm start: 20 rounds from dense's trained model\n\n`python bench/warm_start.py --table` "
+                         "from [warm_start/](warm_start/); the run commands are in bench/warm_start.py.\n\n" + text)
+        print(text, end="")
+        return
+    if not args.rows:
+        parser.error("--rows is required (or --table)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for row in args.rows:
         record = run_row(row, args.source.resolve(), args.rounds, args.pairs, args.threads)
@@ -94,7 +155,8 @@ def main() -> None:
         path = RESULTS / f"{row}{'.' + tag if tag else ''}.seed{record['seed']}.json"
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"{row}: start {record['start_accuracy']:.4f}, round {args.rounds} {record['last_round_accuracy']:.4f}, "
-              f"mean of last 5 rounds' models {record['tail_average_accuracy']:.4f} on {args.pairs} pairs -> {path}",
+              f"mean of last 5 rounds' models {record['tail_average_accuracy']:.4f} on {args.pairs} pairs, "
+              f"{record['full_eval_tail_average']['accuracy']:.4f} on all -> {path}",
               flush=True)
 
 

@@ -160,3 +160,28 @@ def test_the_readme_copy_keeps_only_the_protocol_rows(frontier, tmp_path):
     assert "| sparse-0.9 |" in short and "| dense-freeze_a |" not in short
     assert "| dense-freeze_a |" in full
     assert set(frontier.PROTOCOL_ROWS) <= set(frontier.ROWS)
+
+
+def test_the_warm_start_table_pairs_full_set_scores_from_dense_sources_only(frontier, tmp_path):
+    spec = importlib.util.spec_from_file_location("warm_start", ROOT / "bench" / "warm_start.py")
+    warm_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm_start)
+
+    def record(name: str, row: str, seed: int, full: float | None) -> None:
+        r = {"row": row, "seed": seed, "pairs": 2000, "start_accuracy": 0.6}
+        if full is not None:
+            r["full_eval_tail_average"] = {"accuracy": full}
+        (tmp_path / name).write_text(json.dumps(r))
+
+    for seed, (dense, row) in enumerate([(0.60, 0.59), (0.58, 0.55), (0.62, 0.60)]):
+        record(f"dense.seed{seed}.json", "dense", seed, dense)
+        record(f"pruned.seed{seed}.json", "pruned", seed, row)
+    record("dense.seed3.json", "dense", 3, 0.6)
+    record("pruned.from-other.seed3.json", "pruned", 3, 0.1)  # another source's run: not paired with dense's
+    record("late.seed0.json", "late", 0, None)  # no full-set score yet: left out
+    text = warm_start.table(tmp_path)
+    (line,) = [x for x in text.splitlines() if x.startswith("| `pruned`")]
+    half = 4.302653 * 1.0 / math.sqrt(3)
+    assert "| 0, 1, 2 |" in line and "| 0.5800 |" in line and "2.0 (1.0, 3.0, 2.0) | 1.0 |" in line
+    assert f"[{2 - half:+.1f}, {2 + half:+.1f}]" in line
+    assert "late" not in text
