@@ -179,9 +179,16 @@ def test_the_warm_start_table_pairs_full_set_scores_from_dense_sources_only(fron
     record("dense.seed3.json", "dense", 3, 0.6)
     record("pruned.from-other.seed3.json", "pruned", 3, 0.1)  # another source's run: not paired with dense's
     record("late.seed0.json", "late", 0, None)  # no full-set score yet: left out
-    text = warm_start.table(tmp_path)
+    sources = tmp_path / "frontier"  # the source runs' own records: their scores are the start column
+    sources.mkdir()
+    for seed, start in enumerate([0.59, 0.57, 0.62, 0.6]):
+        _record(sources, "dense", seed, 0.0, 1000, 900)
+        record = json.loads((sources / f"dense.seed{seed}.json").read_text())
+        record["full_eval_tail_average"] = {"accuracy": start}
+        (sources / f"dense.seed{seed}.json").write_text(json.dumps(record))
+    text = warm_start.table(tmp_path, sources)
     (line,) = [x for x in text.splitlines() if x.startswith("| `pruned`")]
     half = 4.302653 * 1.0 / math.sqrt(3)
-    assert "| 0, 1, 2 |" in line and "| 0.5800 |" in line and "2.0 (1.0, 3.0, 2.0) | 1.0 |" in line
+    assert "| 0, 1, 2 | 0.5933 | 0.5800 |" in line and "2.0 (1.0, 3.0, 2.0) | 1.0 |" in line
     assert f"[{2 - half:+.1f}, {2 + half:+.1f}]" in line
     assert "late" not in text
