@@ -117,8 +117,9 @@ def table(results: Path = RESULTS, sources: Path = FRONTIER_RECORDS) -> str:
         if "from-" not in path.name and "full_eval_tail_average" in r:
             records.setdefault(r["row"], {})[r["seed"]] = r
     dense = records.get("dense", {})
-    lines = ["| continued from dense's model (20 rounds) | seeds | start: the source model "
-             "| after 20 rounds | drop vs dense (each seed) | sd | 95% interval |", "|---|---|---|---|---|---|---|"]
+    rounds = "/".join(str(n) for n in sorted({r.get("rounds", 20) for by in records.values() for r in by.values()}))
+    lines = [f"| continued from dense's model ({rounds} rounds) | seeds | start: the source model "
+             f"| after {rounds} rounds | drop vs dense (each seed) | sd | 95% interval |", "|---" * 7 + "|"]
     for row, by_seed in sorted(records.items(), key=lambda kv: kv[0] != "dense"):
         seeds = sorted(s for s in by_seed if s in dense)
         if not seeds:
@@ -145,9 +146,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         text = table()
-        TABLE.write_text("# Warm start: 20 rounds from dense's trained model\n\n`python bench/warm_start.py --table` "
-                         "from [warm_start/](warm_start/); the run commands are in bench/warm_start.py. Accuracy on "
-                         "all 9,815 validation_matched pairs, each model the mean of its run's last 5 rounds' global "
+        TABLE.write_text("# Warm start: federated rounds from dense's trained model\n\n"
+                         "`python bench/warm_start.py --table` from [warm_start/](warm_start/); the run commands "
+                         "are in bench/warm_start.py. Accuracy on all 9,815 validation_matched pairs, each model the mean of its run's last 5 rounds' global "
                          "models.\n\n" + text)
         print(text, end="")
         return
