@@ -146,10 +146,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         text = table()
-        TABLE.write_text("# Warm start: federated rounds from dense's trained model\n\n"
-                         "`python bench/warm_start.py --table` from [warm_start/](warm_start/); the run commands "
-                         "are in bench/warm_start.py. Accuracy on all 9,815 validation_matched pairs, each model the mean of its run's last 5 rounds' global "
-                         "models.\n\n" + text)
+        TABLE.write_text(
+            "# Warm start: federated rounds from dense's trained model\n\n`python bench/warm_start.py --table` from "
+            "[warm_start/](warm_start/); the run commands are in bench/warm_start.py. Accuracy on all 9,815 "
+            "validation_matched pairs, each model the mean of its run's last 5 rounds' global models.\n\n" + text)
         print(text, end="")
         return
     if not args.rows:
