@@ -65,9 +65,9 @@ def source_tag(source: Path) -> str:
     return "" if source.name == "dense" else f"from-{source.name}"
 
 
-def full_eval(run_dir: Path, source: Path, tail_average: bool) -> dict[str, float]:
+def full_eval(run_dir: Path, start: State, tail_average: bool) -> dict[str, float]:
     """The finished warm-start run's last-round (or tail-averaged) global model on every evaluation pair. Its
-    frozen tensors (a frozen A) are the source's: the run's checkpoint holds only what it trained."""
+    frozen tensors (a frozen A) come from `start`, the source's state: the checkpoint holds only what it trained."""
     rd = RunDir(run_dir)
     name = f"full_eval.r{read_run_config(run_dir).federated.rounds}{'.tail_average' if tail_average else ''}.json"
     if (run_dir / name).exists():
@@ -75,7 +75,7 @@ def full_eval(run_dir: Path, source: Path, tail_average: bool) -> dict[str, floa
     run, pairs = load_finished_run(run_dir, None, tail_average)
     saved, meta = rd.load_checkpoint()
     trained = tail_average_of_checkpoint(saved, meta) if tail_average else without_tail_average(saved)
-    load_state_(run.lm.model, {k: v for k, v in source_state(source).items() if k not in trained})
+    load_state_(run.lm.model, {k: v for k, v in start.items() if k not in trained})
     result = {**evaluate(run.lm.model, pairs, run.lm.tokenizer, run.cfg.federated.eval_batch_size),
               "pairs": len(pairs)}
     rd.write_json(name, result)
@@ -90,11 +90,12 @@ def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> di
     cfg = load_config(BASE, overrides)
     out = RUNS / source_tag(source) / f"seed{seed}" / row
     sim = Simulation.setup(cfg)
-    load_state_(sim.lm.model, source_state(source))  # before a resume too: a frozen A is not checkpointed
+    start = source_state(source)
+    load_state_(sim.lm.model, start)  # before a resume too: a frozen A is not checkpointed
     resume = (out / "checkpoint.safetensors").exists()
     rd = RunDir(out)
     summary = drive_rounds(sim, rd, lambda state, r, rng, stats: run_round(sim, state, r, rng, stats), resume=resume)
-    last, averaged = full_eval(out, source, False), full_eval(out, source, True)
+    last, averaged = full_eval(out, start, False), full_eval(out, start, True)
     metrics = rd.metrics()
     curve = {m["round"]: m["accuracy"] for m in metrics if "accuracy" in m}
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source

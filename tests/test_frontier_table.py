@@ -183,9 +183,9 @@ def test_the_warm_start_table_pairs_full_set_scores_from_dense_sources_only(fron
     sources.mkdir()
     for seed, start in enumerate([0.59, 0.57, 0.62, 0.6]):
         _record(sources, "dense", seed, 0.0, 1000, 900)
-        record = json.loads((sources / f"dense.seed{seed}.json").read_text())
-        record["full_eval_tail_average"] = {"accuracy": start}
-        (sources / f"dense.seed{seed}.json").write_text(json.dumps(record))
+        source = json.loads((sources / f"dense.seed{seed}.json").read_text())
+        source["full_eval_tail_average"] = {"accuracy": start}
+        (sources / f"dense.seed{seed}.json").write_text(json.dumps(source))
     text = warm_start.table(tmp_path, sources)
     (line,) = [x for x in text.splitlines() if x.startswith("| `pruned`")]
     half = 4.302653 * 1.0 / math.sqrt(3)
