@@ -29,9 +29,9 @@ lane() {  # lane NAME ITEM...
 # in the compute-saving row), so the compute-saving row's seeds and its 70% row are the principal-A ones.
 # A at the inputs' principal directions on random tokens (init_a = input_principal) was screened at 30 rounds
 # (session 11) and learned no better than a random frozen A: not extended.
-# Seed 0 of every row first (a whole one-seed frontier at 90% and 70% soonest), then seeds 1 and 2.
-lane a dense@1 dense@2 remove-0.9@0 sparse-rolling-0.7@0 remove-0.9@1 sparse-rolling-0.7@1 remove-0.9@2 \
-  sparse-rolling-0.7@2 sparse-0.9@2 &
-lane b sparse-rolling-0.9@1 sparse-rolling-0.9@2 mixed-ng-rolling-fapc-0.9@1 mixed-ng-rolling-fapc-0.7@0 \
-  mixed-ng-rolling-fapc-0.9@2 sparse-0.9@1 mixed-ng-rolling-fapc-0.7@1 mixed-ng-rolling-fapc-0.7@2 &
+# Seed 0 of every row first (a whole one-seed frontier at 90% and 70% soonest), then seeds 1 and 2. Done so far:
+# dense@0-2, sparse-rolling-0.9@0-2, mixed-ng-rolling-fapc-0.9@0-2, remove-0.9@0-1, sparse-0.9@0,
+# sparse-rolling-0.7@0, mixed-ng-rolling-fapc-0.7@0. The rest, 90% first:
+lane a sparse-0.9@1 remove-0.9@2 mixed-ng-rolling-fapc-0.7@2 &
+lane b sparse-0.9@2 sparse-rolling-0.7@1 mixed-ng-rolling-fapc-0.7@1 sparse-rolling-0.7@2 &
 wait
