@@ -4,20 +4,20 @@ The paper's t5-small was pre-trained on a mixture that includes MNLI; MiniLM has
 two: every row starts from a finished frontier run's model that already solves MNLI (by default dense seed 0's
 mean of its last 5 rounds' global models: every LoRA factor and the classifier, A included) and trains `--rounds`
 more rounds of the frontier protocol (bench/frontier.py: same federation and seed as that run) with the row's
-options. With `lora.freeze_a` the row's A stays frozen at the source run's *trained* A (the source state is
-loaded before the first round and again on resume, since a frozen A is not checkpointed). The paired drop is the
-row's accuracy minus the `dense` row's, both continued from the same model on the same pairs.
+options and `model.init_from` set to that run (the library's warm start, `fedhead run --init-from RUN_DIR`):
+with `lora.freeze_a` the row's A stays frozen at the source run's *trained* A. The paired drop is the row's
+accuracy minus the `dense` row's, both continued from the same model on the same pairs.
 
     python bench/warm_start.py --rows dense mixed-ng-rolling-fa-0.9 --threads 1     # resumable
     python bench/warm_start.py --source bench/results/frontier/seed1/dense --rows ...
 
-Each row scores on the first `--pairs` validation_matched pairs at round 0 (the start: the same for every row,
-which checks the load), every 5 rounds, and the mean of the last 5 rounds' models; after the last round its
-last-round and tail-averaged models are also scored on all 9,815 pairs (a frozen A taken from the source: the
-checkpoint does not hold it). Run folders: bench/results/warm_start/[from-<source>/]seed<S>/<row>/ (not committed);
-records: docs/results/warm_start/<row>[.from-<source>].seed<S>.json (the tag only for a source that is not a dense
-run). `--table` pairs the records from dense sources with dense of the same seed (full set, tail-averaged models:
-drop mean, sd, 95% t interval) and writes docs/results/warm_start.md.
+Each row scores on the first `--pairs` validation_matched pairs at round 0 (the start: the same for every row, which
+checks the load), every 5 rounds, and the mean of the last 5 rounds' models; after the last round its last-round and
+tail-averaged models are also scored on all 9,815 pairs. Run folders:
+bench/results/warm_start/[from-<source>/]seed<S>/<row>/ (not committed); records:
+docs/results/warm_start/<row>[.from-<source>].seed<S>.json (the tag only for a source that is not a dense run).
+`--table` pairs the records from dense sources with dense of the same seed (full set, tail-averaged models: drop
+mean, sd, 95% t interval) and writes docs/results/warm_start.md.
 
     python bench/warm_start.py --table
 """
@@ -30,15 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ROOT, load_finished_run
+from common import ROOT
 from frontier import BASE, PROTOCOL, ROWS, paired_drop, record_path
 from frontier import RESULTS as FRONTIER_RECORDS
+from frontier import full_eval as score_on_every_pair
 
 from fedhead.config import load_config
-from fedhead.federated.client import evaluate
-from fedhead.federated.state import State, load_state_
-from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
-from fedhead.runners.local import Simulation, drive_rounds, run_round
+from fedhead.runners.local import run_simulation
 from fedhead.runners.run_dir import RunDir
 from fedhead.trained import read_run_config
 
@@ -48,54 +46,32 @@ SOURCE = ROOT / "bench" / "results" / "frontier" / "seed0" / "dense"
 TABLE = ROOT / "docs" / "results" / "warm_start.md"
 
 
-def source_state(source: Path) -> State:
-    """The tail-averaged global state of the finished run `source` (every trainable tensor it had)."""
-    checkpoint = RunDir(source).load_checkpoint()
-    if checkpoint is None:
-        raise SystemExit(f"{source} has no checkpoint: not a finished run")
-    state = tail_average_of_checkpoint(*checkpoint)
-    if state is None:
-        raise SystemExit(f"{source} has no complete tail average (federated.tail_average_rounds, last round)")
-    return state
-
-
 def source_tag(source: Path) -> str:
     """The folder that keeps runs from different sources apart ('' for a dense run: its runs and records carry
     no tag)."""
     return "" if source.name == "dense" else f"from-{source.name}"
 
 
-def full_eval(run_dir: Path, start: State, tail_average: bool) -> dict[str, float]:
-    """The finished warm-start run's last-round (or tail-averaged) global model on every evaluation pair. Its
-    frozen tensors (a frozen A) come from `start`, the source's state: the checkpoint holds only what it trained."""
+def full_eval(run_dir: Path, tail_average: bool) -> dict[str, float]:
+    """The finished warm-start run's last-round (or tail-averaged) global model on every evaluation pair, kept in
+    the run folder so that a rerun does not score it again."""
     rd = RunDir(run_dir)
     name = f"full_eval.r{read_run_config(run_dir).federated.rounds}{'.tail_average' if tail_average else ''}.json"
-    if (run_dir / name).exists():
-        return rd.read_json(name)
-    run, pairs = load_finished_run(run_dir, None, tail_average)
-    saved, meta = rd.load_checkpoint()
-    trained = tail_average_of_checkpoint(saved, meta) if tail_average else without_tail_average(saved)
-    load_state_(run.lm.model, {k: v for k, v in start.items() if k not in trained})
-    result = {**evaluate(run.lm.model, pairs, run.lm.tokenizer, run.cfg.federated.eval_batch_size),
-              "pairs": len(pairs)}
-    rd.write_json(name, result)
-    return result
+    if not (run_dir / name).exists():
+        rd.write_json(name, score_on_every_pair(run_dir, tail_average))
+    return rd.read_json(name)
 
 
 def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> dict[str, Any]:
     """Continue `source`'s model for `rounds` rounds with `row`'s options; returns the row's record."""
     seed = read_run_config(source).seed
     overrides = {**ROWS[row], **PROTOCOL, "federated.rounds": rounds, "federated.eval_every": 5,
-                 "data.eval_size": pairs, "seed": seed, "threads": threads}
+                 "data.eval_size": pairs, "seed": seed, "threads": threads, "model.init_from": str(source)}
     cfg = load_config(BASE, overrides)
     out = RUNS / source_tag(source) / f"seed{seed}" / row
-    sim = Simulation.setup(cfg)
-    start = source_state(source)
-    load_state_(sim.lm.model, start)  # before a resume too: a frozen A is not checkpointed
-    resume = (out / "checkpoint.safetensors").exists()
+    summary = run_simulation(cfg, out, resume=(out / "checkpoint.safetensors").exists())
+    last, averaged = full_eval(out, False), full_eval(out, True)
     rd = RunDir(out)
-    summary = drive_rounds(sim, rd, lambda state, r, rng, stats: run_round(sim, state, r, rng, stats), resume=resume)
-    last, averaged = full_eval(out, start, False), full_eval(out, start, True)
     metrics = rd.metrics()
     curve = {m["round"]: m["accuracy"] for m in metrics if "accuracy" in m}
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source

@@ -64,6 +64,7 @@ def _overrides(**fields: Any) -> dict[str, Any]:
         "sparsity": "heads.sparsity",
         "clients": "partition.num_clients",
         "clients_per_round": "federated.clients_per_round",
+        "init_from": "model.init_from",
     }
     return {names[k]: v for k, v in fields.items() if v is not None}
 
@@ -96,6 +97,8 @@ def run(
     sparsity: Annotated[float | None, typer.Option(help="Override heads.sparsity.")] = None,
     clients: Annotated[int | None, typer.Option(help="Override partition.num_clients.")] = None,
     clients_per_round: Annotated[int | None, typer.Option(help="Override federated.clients_per_round.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Warm start from this finished run's global model (model.init_from).")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any option as dotted.key=value (JSON values), repeatable.")
     ] = None,
@@ -123,7 +126,7 @@ def run(
             if not (resume / "config.json").is_file():
                 raise ConfigError(f"{resume} is not a run directory (no config.json)")
             others = _overrides(seed=seed, out=out, name=name, sparsity=sparsity, clients=clients,
-                                clients_per_round=clients_per_round)
+                                clients_per_round=clients_per_round, init_from=init_from)
             if config is not None or set_ or others:
                 raise ConfigError("--resume continues the run with its own config.json; only --rounds may be given "
                                   "with it (to extend a finished run)")
@@ -138,7 +141,7 @@ def run(
         else:
             overrides = {**_parse_set(set_ or []), **_overrides(
                 rounds=rounds, seed=seed, out=out, name=name, sparsity=sparsity, clients=clients,
-                clients_per_round=clients_per_round)}
+                clients_per_round=clients_per_round, init_from=None if init_from is None else str(init_from))}
             cfg = load_config(config, overrides)
             run_dir = Path(cfg.out) / (cfg.run_name or "run")
         summary = _run_with_progress(cfg, run_dir, resume is not None, quiet, run_simulation, overwrite, tensorboard)

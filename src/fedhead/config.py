@@ -61,6 +61,13 @@ class ModelSection(_Section):
         description="Attention kernel for training (eager: as fast on CPU, and its FLOPs are counted exactly; "
         "the FLOP counter misses CPU sdpa kernels); importance scoring always uses eager attention.",
     )
+    init_from: str | None = Field(
+        None, min_length=1,
+        description="Warm start: a run directory (relative paths from the working directory) whose global model "
+        "every model of this run starts from: all its LoRA factors (A included: with lora.freeze_a, A stays at "
+        "that run's A) and its classifier, the tail average when it has a complete one, else its last round. "
+        "Same model, task, labels and LoRA shape; every process that builds the model (each Flower node) must "
+        "read it. None: LoRA's own initialisation.")
 
 
 class LoraSection(_Section):
@@ -459,6 +466,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_federation(self) -> Config:
+        if self.model.init_from is not None and self.run_name is not None and \
+                Path(self.model.init_from).resolve() == (Path(self.out) / self.run_name).resolve():
+            raise ValueError(f"model.init_from is this run's own directory ({self.model.init_from}): a run starts "
+                             "from another run's model")
         if self.federated.clients_per_round > self.partition.num_clients:
             raise ValueError(
                 f"federated.clients_per_round ({self.federated.clients_per_round}) exceeds "

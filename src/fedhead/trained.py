@@ -6,6 +6,8 @@ state loaded into it: the state that resuming continues from, written after ever
 has a model too. The frozen parts (the base weights, and LoRA A with `lora.freeze_a`) come from the model
 files and the seed exactly as in training. Label names come from partition.json, written when the run started.
 
+`starting_state` is what a warm-started run (`model.init_from`) begins from: that run's adapter tensors.
+
 `consensus_mask_of_run` is the head mask a pruned deployment of that model keeps: the consensus
 (`fedhead.heads.pruning.consensus_heads_mask`) of the kept-head masks its clients uploaded in the last rounds,
 as metrics.jsonl records them.
@@ -13,6 +15,7 @@ as metrics.jsonl records them.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fedhead.config import Config, ConfigError, config_from_dict
-from fedhead.federated.state import load_state_
+from fedhead.federated.state import State, load_state_
 from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
@@ -102,6 +105,43 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
     load_state_(lm.model, state)
     lm.model.eval()
     return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)
+
+
+ADAPTER = (".lora_A.", ".lora_B.", ".modules_to_save.")  # a parameter name holding one of these is the adapter's
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether the model parameter `name` belongs to the adapter (LoRA A or B, a fully trained module such as the
+    classifier) rather than to the frozen base model."""
+    return any(marker in name for marker in ADAPTER)
+
+
+def starting_state(run_dir: str | Path) -> State:
+    """The adapter a run with `model.init_from = run_dir` starts from: every adapter parameter of that run's global
+    model (`is_adapter_parameter`: LoRA A and B, the classifier), including the ones it froze, on the CPU. The
+    model is the tail average when the run has a complete one, else its last checkpointed round; it is rebuilt
+    with `load_trained`, so a run that itself started from another run brings that run's frozen tensors along.
+
+    Raises:
+        ConfigError: `run_dir` is no run directory or has no checkpoint (`load_trained`).
+    """
+    path = Path(run_dir).resolve()
+    read_run_config(path)
+    checkpoint = path / "checkpoint.safetensors"
+    return _starting_state(str(path), checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0)
+
+
+@functools.lru_cache(maxsize=2)  # every Flower client of a simulation builds the model: read the source once
+def _starting_state(path: str, checkpoint_mtime: int) -> State:
+    del checkpoint_mtime  # in the key only: a source that moved on is read again
+    loaded = RunDir(path).load_checkpoint()
+    averaged = loaded is not None and tail_average_of_checkpoint(*loaded) is not None
+    threads = torch.get_num_threads()
+    try:  # load_trained sets the source's threads; this run keeps its own
+        source = load_trained(path, device="cpu", tail_average=averaged)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: p.detach().clone() for name, p in source.lm.model.named_parameters() if is_adapter_parameter(name)}
 
 
 def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5) -> torch.Tensor:

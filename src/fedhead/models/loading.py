@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fedhead.config import MINILM, SMOLLM2, Config
+from fedhead.config import MINILM, SMOLLM2, Config, ConfigError
 from fedhead.models.head_map import HeadLayout, HeadMap, head_map_for
 from fedhead.models.headwise import headwise_patterns, make_headwise_
 
@@ -295,6 +295,30 @@ def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tas
             _set_a_rows_(a, vectors[:, -a.shape[0]:].flip(1).T.float())
 
 
+def start_from_run_(model: nn.Module, run_dir: str | Path) -> None:
+    """`model.init_from`: copy the adapter of `run_dir`'s global model (`fedhead.trained.starting_state`: LoRA A and
+    B, the classifier) into `model`, whose adapter parameters must have the same names and shapes.
+
+    Raises:
+        ConfigError: no run directory or checkpoint at `run_dir`, or an adapter of other names or shapes (another
+            model, LoRA rank or targets, number of labels).
+    """
+    from fedhead.federated.state import load_state_
+    from fedhead.trained import is_adapter_parameter, starting_state  # fedhead.trained builds models
+
+    state = starting_state(run_dir)
+    ours = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
+    differ = sorted(set(ours) ^ set(state)) or sorted(n for n in ours if ours[n].shape != state[n].shape)
+    if differ:
+        name = differ[0]
+        theirs = tuple(state[name].shape) if name in state else "none"
+        raise ConfigError(f"model.init_from: the adapter of {run_dir} does not fit this run's model ({len(differ)} "
+                          f"parameters differ, e.g. {name}: {theirs} there, "
+                          f"{tuple(ours[name].shape) if name in ours else 'none'} here); the runs need the same "
+                          "model, task, labels and LoRA rank and targets")
+    load_state_(model, state)
+
+
 def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
     """Load tokenizer and model for `cfg.model.task`, add LoRA (A initialised from the seed), freeze the rest."""
     tokenizer = tokenizer or load_tokenizer(cfg)
@@ -348,6 +372,8 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.requires_grad_(False)
+    if cfg.model.init_from is not None:
+        start_from_run_(model, cfg.model.init_from)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     prefix = PEFT_PREFIX + inner
     layout = HeadLayout.from_model(head_map, trainable, prefix=prefix, head_rank=head_rank)
