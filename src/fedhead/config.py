@@ -67,7 +67,7 @@ class ModelSection(_Section):
         "every model of this run starts from: all its LoRA factors (A included: with lora.freeze_a, A stays at "
         "that run's A) and its classifier, the tail average when it has a complete one, else its last round. "
         "Same model, task, labels and LoRA shape; every process that builds the model (each Flower node) must "
-        "read it. None: LoRA's own initialisation.")
+        "read it. Replaces lora.init_a. None: LoRA's own initialisation.")
 
 
 class LoraSection(_Section):

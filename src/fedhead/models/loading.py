@@ -363,9 +363,10 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
     model = get_peft_model(base, lora)
     if head_rank is not None:
         make_headwise_(model, head_map, cfg.lora.target_modules, head_rank, prefix=PEFT_PREFIX + inner)
-    if cfg.lora.init_a == "principal":
+    init_a = "from_run" if cfg.model.init_from is not None else cfg.lora.init_a  # from_run: start_from_run_ below
+    if init_a == "principal":
         principal_a_(model)
-    elif cfg.lora.init_a == "input_principal":
+    elif init_a == "input_principal":
         input_principal_a_(model, tokenizer, task, cfg.model.max_length, cfg.model.max_target_length, cfg.seed)
     model.peft_config["default"].base_model_name_or_path = resolve_model_path(cfg.model.name)
     if cfg.lora.freeze_a:
