@@ -33,10 +33,19 @@ from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners import flower_engine as fe
 from fedhead.runners.flower_app import nodes_config
-from fedhead.runners.flower_client import NodeIdentity, client_app, node_identity, payload_of, payload_record
+from fedhead.runners.flower_client import (
+    _LOADED,
+    NodeIdentity,
+    client_app,
+    node_data,
+    node_identity,
+    payload_of,
+    payload_record,
+)
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
 from fedhead.runners.flower_strategy import FedHeadStrategy, central_evaluation, select_among
 from fedhead.runners.local import Simulation, run_simulation
+from fedhead.trained import starting_state
 from tests.conftest import MNLI_TRAIN, ROOT, tiny_config, write_tiny_toml
 
 LABELS = ["contradiction", "entailment", "neutral"]
@@ -212,6 +221,41 @@ def test_strategy_start_device_local_nodes_train_their_own_files_and_a_misfit_is
     assert [m["clients"] for m in result.train_metrics_clientapp.values()] == [2, 2]
     final = result.arrays.to_torch_state_dict()
     assert final.keys() == initial.keys() and not all(torch.equal(final[k], initial[k]) for k in initial)
+
+
+def test_warm_started_devices_build_the_source_model_and_one_without_the_source_is_recorded(
+        tiny_bert_dir, tmp_path, task_identity):
+    """model.init_from in a deployment: the server and every device rebuild the source run's adapter (a frozen A
+    never travels, so a device must read it); a device that cannot read the source answers error 4000."""
+    # Prepare: a 1-round source run; a warm-started device run with A frozen and two device files
+    source_dir = tmp_path / "source"
+    run_simulation(tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 1, "local_steps": 1,
+                                                                    "learning_rate": 5e-3}), source_dir)
+    cfg = tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(source_dir)}, lora={"freeze_a": True},
+                      data={"train": "", "labels": LABELS, "eval_size": 16}, partition={"num_clients": 2},
+                      federated={"clients_per_round": 2}, run_name="warm")
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(12, {"neutral"}))
+    nodes = {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1}}
+    sim = Simulation.setup(cfg, training_data=False)
+    source = starting_state(source_dir)
+    initial = trainable_state(sim.lm.model)
+    # Execute: one round; then the source moves away and a fresh device process tries again
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+    strategy.start(grid=LoopGrid(client_app, nodes), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    device = node_data(cfg.model_dump_json(), node_identity(nodes[7])).lm.model
+    source_dir.rename(tmp_path / "moved")
+    _LOADED.clear()
+    again = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+    again.start(grid=LoopGrid(client_app, nodes), initial_arrays=ArrayRecord(initial), num_rounds=1)
+    # Assert: the server's start and the device's frozen A are the source's; without it, both devices fail
+    assert initial.keys() < source.keys() and all(torch.equal(initial[k], source[k]) for k in initial)
+    frozen_a = {n: p for n, p in device.named_parameters() if ".lora_A." in n}
+    assert frozen_a and all(torch.equal(p, source[n]) for n, p in frozen_a.items())
+    assert strategy.history[0]["failed"] == [] and len(strategy.history[0]["clients"]) == 2
+    reasons = [f["reason"] for f in again.history[0]["failed"]]
+    assert len(reasons) == 2 and all(r.startswith(f"error {NODE_CONFIG_ERROR}: ") and "model.init_from" in r
+                                     and "no such run directory" in r for r in reasons)
 
 
 def test_coverage_schedule_counts_travel_with_the_train_messages(tiny_bert_dir, tmp_path, task_identity):

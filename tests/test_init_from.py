@@ -82,7 +82,7 @@ def test_the_source_without_a_tail_average_gives_its_last_round(source_run, tiny
 def test_sources_that_do_not_fit_are_refused(source_run, tiny_bert_dir, tmp_path):
     with pytest.raises(ConfigError, match="does not fit.*LoRA rank"):
         build_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(source_run)}, lora={"rank": 4}), 3)
-    with pytest.raises(ConfigError, match="no such run directory"):
+    with pytest.raises(ConfigError, match="model.init_from: .* no such run directory"):
         build_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(tmp_path / "nowhere")}), 3)
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "config.json").write_text((source_run / "config.json").read_text())
@@ -101,4 +101,4 @@ def test_cli_warm_start(source_run, tiny_bert_dir, tmp_path):
     assert stored["model"]["init_from"] == str(source_run)
     bad = CliRunner().invoke(app, ["run", str(toml), "--out", str(tmp_path), "--name", "bad", "--init-from",
                                    str(tmp_path / "nowhere"), "--quiet"])
-    assert bad.exit_code != 0 and "no such run directory" in bad.output
+    assert bad.exit_code != 0 and "model.init_from" in bad.output and "no such run directory" in bad.output

@@ -306,7 +306,10 @@ def start_from_run_(model: nn.Module, run_dir: str | Path) -> None:
     from fedhead.federated.state import load_state_
     from fedhead.trained import is_adapter_parameter, starting_state  # fedhead.trained builds models
 
-    state = starting_state(run_dir)
+    try:
+        state = starting_state(run_dir)
+    except ConfigError as err:
+        raise ConfigError(f"model.init_from: {err}") from None
     ours = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
     differ = sorted(set(ours) ^ set(state)) or sorted(n for n in ours if ours[n].shape != state[n].shape)
     if differ:
