@@ -13,6 +13,7 @@ over seeds.
     python bench/frontier.py screen --rounds 30 --rows ...   # one seed, fewer rounds: screening only
     python bench/frontier.py costs --rows dense sparse-0.9 ...   # client time and memory, one controlled batch
     python bench/frontier.py refresh        # rewrite the records from the run folders (new record fields)
+    python bench/frontier.py status         # the protocol's missing runs, and how far the unfinished ones are
 
 The client time and memory columns come from `costs`, not from the runs' own timings (two runs share the two
 cores here, so their wall-clock times measure the neighbour as much as the row): one process builds every row's
@@ -537,6 +538,33 @@ def figure(results: Path, out: Path, title: str) -> Path:
     return out
 
 
+def status(results: Path = RESULTS, runs: Path = RUNS, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
+    """What the protocol still needs: each protocol row's recorded seeds and missing ones, and every run folder
+    without a record with its progress (rounds done of its total, the median seconds a round took over its last
+    5 rounds, from metrics.jsonl, and the rounds' time left at that pace, full-set scoring not included)."""
+    records = load_records(results)
+    lines = ["| protocol row | seeds recorded | missing |", "|---|---|---|"]
+    for row in PROTOCOL_ROWS:
+        done = sorted(records.get(row, {}))
+        missing = [s for s in seeds if s not in done]
+        lines.append(f"| {row} | {', '.join(map(str, done)) or '-'} | {', '.join(map(str, missing)) or '-'} |")
+    progress = []
+    for metrics_file in sorted(runs.glob("seed*/*/metrics.jsonl")):
+        run_dir = metrics_file.parent
+        row, seed = run_dir.name, int(run_dir.parent.name.removeprefix("seed"))
+        if row in records and seed in records[row]:
+            continue
+        rounds = [m for m in RunDir(run_dir).metrics() if m.get("round", 0) > 0]
+        total = json.loads((run_dir / "config.json").read_text())["federated"]["rounds"]
+        done = rounds[-1]["round"] if rounds else 0
+        pace = float(np.median([sum(v for k, v in m.items() if k.startswith("seconds_")) for m in rounds[-5:]])
+                     ) if rounds else float("nan")
+        progress.append(f"{row}@{seed}: round {done}/{total}, " + (
+            f"{pace:.0f} s a round, about {(total - done) * pace / 60:.0f} min of rounds left" if done < total
+            else "rounds done, no record yet (full-set scoring, or a record kept elsewhere: screens)"))
+    return "\n".join(lines + ["", *(progress or ["no run in progress"])])
+
+
 def _update_readme(name: str, text: str) -> None:
     """Rewrite the README's copy of a table, between `<!-- NAME:start -->` and `<!-- NAME:end -->`."""
     readme = ROOT / "README.md"
@@ -561,6 +589,7 @@ def main() -> None:
     costs.add_argument("--repeats", type=int, default=3)
     costs.add_argument("--threads", type=int, default=1)
     sub.add_parser("table")
+    sub.add_parser("status", help="the protocol's missing runs and the progress of unfinished ones")
     sub.add_parser("refresh", help="rewrite the records from the run folders that still hold their runs")
     args = parser.parse_args()
     if args.command == "run":
@@ -571,6 +600,8 @@ def main() -> None:
                                measure_costs(rows, args.repeats, args.threads))
         COSTS.write_text(json.dumps(measured, indent=1) + "\n")
         print(f"wrote {COSTS.relative_to(ROOT)}: {', '.join(measured['rows'])}")
+    elif args.command == "status":
+        print(status())
     elif args.command == "refresh":
         for results in (RESULTS, RESULTS.parent / "screen30"):
             for path in refresh(results):

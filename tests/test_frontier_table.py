@@ -192,3 +192,26 @@ def test_the_warm_start_table_pairs_full_set_scores_from_dense_sources_only(fron
     assert "| 0, 1, 2 | 0.5933 | 0.5800 |" in line and "2.0 (1.0, 3.0, 2.0) | 1.0 |" in line
     assert f"[{2 - half:+.1f}, {2 + half:+.1f}]" in line
     assert "late" not in text
+
+
+def test_status_names_the_missing_runs_and_the_progress_of_unfinished_ones(frontier, tmp_path):
+    results, runs = tmp_path / "records", tmp_path / "runs"
+    results.mkdir()
+    for seed in (0, 1, 2):
+        _record(results, "dense", seed, 0.6, 1000, 900)
+    _record(results, "sparse-0.9", 0, 0.55, 1000, 100)
+    unfinished = runs / "seed1" / "sparse-0.9"  # 3 of 60 rounds done, 60 s + 2 s, 70 + 2, 64 + 2 a round
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.json").write_text(json.dumps({"federated": {"rounds": 60}}))
+    (unfinished / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": r, "seconds_clients": c, "seconds_aggregate": 2.0}) + "\n"
+        for r, c in [(0, 0.0), (1, 60.0), (2, 70.0), (3, 64.0)]))
+    recorded = runs / "seed0" / "dense"  # has its record: not listed
+    recorded.mkdir(parents=True)
+    (recorded / "config.json").write_text(json.dumps({"federated": {"rounds": 60}}))
+    (recorded / "metrics.jsonl").write_text(json.dumps({"round": 60, "seconds_clients": 1.0}) + "\n")
+    text = frontier.status(results, runs)
+    assert "| dense | 0, 1, 2 | - |" in text and "| sparse-0.9 | 0 | 1, 2 |" in text
+    assert "| remove-0.9 | - | 0, 1, 2 |" in text
+    assert "sparse-0.9@1: round 3/60, 66 s a round, about 63 min of rounds left" in text
+    assert "dense@0" not in text
