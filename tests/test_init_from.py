@@ -13,8 +13,9 @@ from fedhead.cli import app
 from fedhead.config import ConfigError
 from fedhead.federated.client import evaluate
 from fedhead.models import build_model
+from fedhead.models.loading import is_adapter_parameter
 from fedhead.runners.local import Simulation, run_simulation
-from fedhead.trained import is_adapter_parameter, load_trained, starting_state
+from fedhead.trained import build_run_model, load_trained, starting_state
 from tests.conftest import read_metrics, strip_timings, tiny_config, write_tiny_toml
 
 
@@ -80,14 +81,18 @@ def test_the_source_without_a_tail_average_gives_its_last_round(source_run, tiny
 
 
 def test_sources_that_do_not_fit_are_refused(source_run, tiny_bert_dir, tmp_path):
-    with pytest.raises(ConfigError, match="does not fit.*LoRA rank"):
-        build_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(source_run)}, lora={"rank": 4}), 3)
-    with pytest.raises(ConfigError, match="model.init_from: .* no such run directory"):
-        build_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(tmp_path / "nowhere")}), 3)
+    with pytest.raises(ConfigError, match="init_from.*does not fit.*LoRA rank"):
+        build_run_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(source_run)}, lora={"rank": 4}),
+                        3)
+    with pytest.raises(ConfigError, match="init_from.*no such run directory"):
+        build_run_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(tmp_path / "nowhere")}), 3)
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "config.json").write_text((source_run / "config.json").read_text())
-    with pytest.raises(ConfigError, match="partition.json|checkpoint"):
-        build_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(tmp_path / "started")}), 3)
+    with pytest.raises(ConfigError, match="init_from.*(partition.json|checkpoint)"):
+        build_run_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(tmp_path / "started")}), 3)
+    # models know nothing of run directories: building a warm-started run's model without its adapter is refused
+    with pytest.raises(ConfigError, match="build_run_model"):
+        build_model(tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(source_run)}), 3)
     with pytest.raises(ConfigError, match="own directory"):
         tiny_config(tiny_bert_dir, tmp_path, model={"init_from": str(tmp_path / "tiny")})  # out / run_name
 

@@ -40,13 +40,13 @@ def score_and_plot(cfg: Config, out: Path, samples: int) -> Path:
     from fedhead.data.batching import batches_of
     from fedhead.data.tasks import load_task_data
     from fedhead.heads.importance import score_heads
-    from fedhead.models import build_model
     from fedhead.models.loading import load_tokenizer
+    from fedhead.trained import build_run_model
 
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     tokenizer = load_tokenizer(cfg)
     data = load_task_data(cfg, tokenizer)
-    lm = build_model(cfg, data.num_labels, tokenizer)
+    lm = build_run_model(cfg, data.num_labels, tokenizer)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data.train), generator=gen)[:samples].tolist()
     batches = batches_of(data.train, order, cfg.federated.eval_batch_size, lm.tokenizer)

@@ -1,7 +1,7 @@
 """A run's trained global model, loaded back from its run directory (what `fedhead evaluate` and `fedhead export`
 start from).
 
-The model is the run's config (config.json) rebuilt with `build_model`, then its last checkpoint's trainable
+The model is the run's config (config.json) rebuilt with `build_run_model`, then its last checkpoint's trainable
 state loaded into it: the state that resuming continues from, written after every round, so an unfinished run
 has a model too. The frozen parts (the base weights, and LoRA A with `lora.freeze_a`) come from the model
 files and the seed exactly as in training. Label names come from partition.json, written when the run started.
@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import Config, ConfigError, config_from_dict
 from fedhead.federated.state import State, load_state_
 from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
-from fedhead.models.loading import load_tokenizer
+from fedhead.models.loading import is_adapter_parameter, load_tokenizer
 from fedhead.run_metrics import client_head_masks
-from fedhead.runners.local import MOMENTS
-from fedhead.runners.run_dir import RunDir
+from fedhead.runners.run_dir import MOMENTS, RunDir
 
 
 @dataclass
@@ -101,19 +101,27 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg)
-    lm = build_model(cfg, len(label_names), tokenizer)
+    lm = build_run_model(cfg, len(label_names), tokenizer)
     load_state_(lm.model, state)
     lm.model.eval()
     return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)
 
 
-ADAPTER = (".lora_A.", ".lora_B.", ".modules_to_save.")  # a parameter name holding one of these is the adapter's
+def build_run_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None
+                    ) -> LoadedModel:
+    """The model of a run: `build_model`, started from the adapter of the run `model.init_from` names
+    (`starting_state`) when it names one. Every driver builds its run's model here.
 
-
-def is_adapter_parameter(name: str) -> bool:
-    """Whether the model parameter `name` belongs to the adapter (LoRA A or B, a fully trained module such as the
-    classifier) rather than to the frozen base model."""
-    return any(marker in name for marker in ADAPTER)
+    Raises:
+        ConfigError: `model.init_from` names no run directory, an unfinished run (no checkpoint), or a run whose
+            adapter does not fit this run's model.
+    """
+    if cfg.model.init_from is None:
+        return build_model(cfg, num_labels, tokenizer)
+    try:
+        return build_model(cfg, num_labels, tokenizer, adapter=starting_state(cfg.model.init_from))
+    except ConfigError as err:
+        raise ConfigError(f"model.init_from = {cfg.model.init_from}: {err}") from None
 
 
 def starting_state(run_dir: str | Path) -> State:

@@ -295,35 +295,45 @@ def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tas
             _set_a_rows_(a, vectors[:, -a.shape[0]:].flip(1).T.float())
 
 
-def start_from_run_(model: nn.Module, run_dir: str | Path) -> None:
-    """`model.init_from`: copy the adapter of `run_dir`'s global model (`fedhead.trained.starting_state`: LoRA A and
-    B, the classifier) into `model`, whose adapter parameters must have the same names and shapes.
+ADAPTER = (".lora_A.", ".lora_B.", ".modules_to_save.")  # a parameter name holding one of these is the adapter's
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether the model parameter `name` belongs to the adapter (LoRA A or B, a fully trained module such as the
+    classifier) rather than to the frozen base model."""
+    return any(marker in name for marker in ADAPTER)
+
+
+@torch.no_grad()
+def start_adapter_(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy `adapter` (tensors by parameter name, every adapter parameter of `model` and no other) into `model`.
 
     Raises:
-        ConfigError: no run directory or checkpoint at `run_dir`, or an adapter of other names or shapes (another
-            model, LoRA rank or targets, number of labels).
+        ConfigError: an adapter of other names or shapes (another model, LoRA rank or targets, number of labels).
     """
-    from fedhead.federated.state import load_state_
-    from fedhead.trained import is_adapter_parameter, starting_state  # fedhead.trained builds models
-
-    try:
-        state = starting_state(run_dir)
-    except ConfigError as err:
-        raise ConfigError(f"model.init_from: {err}") from None
     ours = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
-    differ = sorted(set(ours) ^ set(state)) or sorted(n for n in ours if ours[n].shape != state[n].shape)
+    differ = sorted(set(ours) ^ set(adapter)) or sorted(n for n in ours if ours[n].shape != adapter[n].shape)
     if differ:
         name = differ[0]
-        theirs = tuple(state[name].shape) if name in state else "none"
-        raise ConfigError(f"model.init_from: the adapter of {run_dir} does not fit this run's model ({len(differ)} "
-                          f"parameters differ, e.g. {name}: {theirs} there, "
-                          f"{tuple(ours[name].shape) if name in ours else 'none'} here); the runs need the same "
-                          "model, task, labels and LoRA rank and targets")
-    load_state_(model, state)
+        theirs = tuple(adapter[name].shape) if name in adapter else "none"
+        raise ConfigError(f"its adapter does not fit this run's model ({len(differ)} parameters differ, e.g. {name}: "
+                          f"{theirs} there, {tuple(ours[name].shape) if name in ours else 'none'} here); the runs "
+                          "need the same model, task, labels and LoRA rank and targets")
+    for name, value in adapter.items():
+        ours[name].copy_(value)
 
 
-def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> LoadedModel:
-    """Load tokenizer and model for `cfg.model.task`, add LoRA (A initialised from the seed), freeze the rest."""
+def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
+                adapter: dict[str, torch.Tensor] | None = None) -> LoadedModel:
+    """Load tokenizer and model for `cfg.model.task`, add LoRA (A initialised from the seed, or the whole adapter
+    from `adapter`: `start_adapter_`), freeze the rest.
+
+    A run with `model.init_from` needs its source's adapter: build it with `fedhead.trained.build_run_model`, which
+    reads that run (models know nothing of run directories); without `adapter` it is refused (ConfigError).
+    """
+    if cfg.model.init_from is not None and adapter is None:
+        raise ConfigError(f"model.init_from = {cfg.model.init_from}: build this run's model with "
+                          "fedhead.trained.build_run_model, which reads that run's adapter")
     tokenizer = tokenizer or load_tokenizer(cfg)
     task = cfg.model.task
     if task == "classification":
@@ -366,7 +376,7 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
     model = get_peft_model(base, lora)
     if head_rank is not None:
         make_headwise_(model, head_map, cfg.lora.target_modules, head_rank, prefix=PEFT_PREFIX + inner)
-    init_a = "from_run" if cfg.model.init_from is not None else cfg.lora.init_a  # from_run: start_from_run_ below
+    init_a = "given" if adapter is not None else cfg.lora.init_a  # given: start_adapter_ below
     if init_a == "principal":
         principal_a_(model)
     elif init_a == "input_principal":
@@ -376,8 +386,8 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.requires_grad_(False)
-    if cfg.model.init_from is not None:
-        start_from_run_(model, cfg.model.init_from)
+    if adapter is not None:
+        start_adapter_(model, adapter)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     prefix = PEFT_PREFIX + inner
     layout = HeadLayout.from_model(head_map, trainable, prefix=prefix, head_rank=head_rank)

@@ -29,10 +29,11 @@ from fedhead.data.tasks import load_device_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import decode_state, encode_update
 from fedhead.federated.state import load_state_
-from fedhead.models import LoadedModel, build_model
+from fedhead.models import LoadedModel
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR
 from fedhead.runners.local import Simulation
+from fedhead.trained import build_run_model
 
 PAYLOAD = "payload"
 STYPE = "safetensors"  # the Array holds fedhead's safetensors bytes as they are
@@ -68,7 +69,7 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
 
     Args:
         msg: the train message (its "arrays" hold the global state, its "config" the round and client id).
-        lm: the LoRA model of the run (`fedhead.models.build_model`), as the server built it.
+        lm: the LoRA model of the run (`fedhead.trained.build_run_model`), as the server built it.
         data: this client's training rows.
         cfg: the run's options; None: the config the message carries (the server's).
     Returns:
@@ -177,7 +178,7 @@ def node_data(config_json: str, identity: NodeIdentity) -> NodeData:
             torch.set_num_threads(cfg.threads or torch.get_num_threads())
             tokenizer = load_tokenizer(cfg)
             rows = load_device_data(cfg, identity.data, tokenizer)
-            _LOADED[key] = (cfg, build_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
+            _LOADED[key] = (cfg, build_run_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
     cfg, lm, source = _LOADED[key]
     data = source.client_data(int(identity.client_id or 0)) if isinstance(source, Simulation) else source
     return NodeData(cfg, lm, data)

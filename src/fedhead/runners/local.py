@@ -33,13 +33,14 @@ from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.federated.tail_average import TailAverage, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
-from fedhead.models import LoadedModel, build_model
+from fedhead.models import LoadedModel
 from fedhead.models.headwise import is_headwise, standard_lora_
 from fedhead.models.loading import load_tokenizer
 from fedhead.models.slicing import prune_heads_
 from fedhead.run_metrics import client_head_masks, tail_mean
-from fedhead.runners.run_dir import RunDir
+from fedhead.runners.run_dir import MOMENTS, RunDir
 from fedhead.seeds import SERVER, Stream, derived_seed, failure_draws
+from fedhead.trained import build_run_model
 
 log = logging.getLogger("fedhead")
 
@@ -62,7 +63,7 @@ class Simulation:
         tokenizer = load_tokenizer(cfg)
         read = cfg if training_data else cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})})
         data = load_task_data(read, tokenizer)
-        lm = build_model(cfg, data.num_labels, tokenizer)
+        lm = build_run_model(cfg, data.num_labels, tokenizer)
         if data.train is None:
             return cls(cfg, lm, data, [])
         labels = class_labels(data)
@@ -190,7 +191,6 @@ def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats,
     return result.state, result.metrics
 
 
-MOMENTS = "server_optimizer/"  # prefix of the server optimiser's tensors in a checkpoint
 
 
 def run_simulation(

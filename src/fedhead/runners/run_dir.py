@@ -22,6 +22,7 @@ from fedhead.run_metrics import read_metrics
 
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
+MOMENTS = "server_optimizer/"  # prefix of the server optimiser's tensors in a checkpoint
 METRICS = "metrics.jsonl"
 RUN_FILES = ("config.json", METRICS, CHECKPOINT, PREVIOUS, "summary.json", "partition.json", "adapter")
 
