@@ -98,7 +98,7 @@ def run(
     clients: Annotated[int | None, typer.Option(help="Override partition.num_clients.")] = None,
     clients_per_round: Annotated[int | None, typer.Option(help="Override federated.clients_per_round.")] = None,
     init_from: Annotated[Path | None, typer.Option(
-        help="Warm start from this finished run's global model (model.init_from).")] = None,
+        help="Warm start from this run's global model (model.init_from).")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Any option as dotted.key=value (JSON values), repeatable.")
     ] = None,

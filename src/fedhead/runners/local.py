@@ -191,8 +191,6 @@ def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats,
     return result.state, result.metrics
 
 
-
-
 def run_simulation(
     cfg: Config,
     run_dir: str | Path,
