@@ -2,9 +2,10 @@
 start from).
 
 The model is the run's config (config.json) rebuilt with `build_run_model`, then its last checkpoint's trainable
-state loaded into it: the state that resuming continues from, written after every round, so an unfinished run
-has a model too. The frozen parts (the base weights, and LoRA A with `lora.freeze_a`) come from the model
-files and the seed exactly as in training (a frozen A of a warm-started run: from the run it started from). Label names come from partition.json, written when the run started.
+state loaded into it: the state that resuming continues from, written after every round, so an unfinished run has a
+model too. The frozen parts (the base weights, and LoRA A with `lora.freeze_a`) come from the model files and the
+seed exactly as in training (a frozen A of a warm-started run: from the run it started from). Label names come from
+partition.json, written when the run started.
 
 `starting_state` is what a warm-started run (`model.init_from`) begins from: that run's adapter tensors.
 
