@@ -3,7 +3,9 @@
 # with seeds 0 1 2 (60 rounds), ROW@S with seed S only, screen:ROW screens it (30 rounds, seed 0,
 # docs/results/screen30/). dense-freeze_a@0 and sparse-rolling-fa-0.9@0 (its 30-round screen extended to 60)
 # split the compute-saving row's gap: A frozen on dense, then with sparse heads. Resumable: finished runs are
-# skipped and an interrupted one resumes from its checkpoint, so after a stop run this again.
+# skipped and an interrupted one resumes from its checkpoint, so after a stop run this again. The run folders
+# (bench/results/, not committed) live only as long as the checkout: a fresh clone keeps the records alone, so
+# an unfinished run starts over there (`python bench/frontier.py status` shows what is missing and how far runs are).
 # Logs: bench/logs/lane-{a,b}.log.
 #
 #     nohup bash bench/frontier_lanes.sh &        # then: python bench/frontier.py table
