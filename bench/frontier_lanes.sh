@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The frontier protocol as two lanes of one-thread jobs (2 cores), each a queue run in order: ROW runs the row
+# The frontier protocol as lanes of one-thread jobs (2 cores), each a queue run in order: ROW runs the row
 # with seeds 0 1 2 (60 rounds), ROW@S with seed S only, screen:ROW screens it (30 rounds, seed 0,
 # docs/results/screen30/). dense-freeze_a@0 and sparse-rolling-fa-0.9@0 (its 30-round screen extended to 60)
 # split the compute-saving row's gap: A frozen on dense, then with sparse heads. Resumable: finished runs are
 # skipped and an interrupted one resumes from its checkpoint, so after a stop run this again. The run folders
 # (bench/results/, not committed) live only as long as the checkout: a fresh clone keeps the records alone, so
 # an unfinished run starts over there (`python bench/frontier.py status` shows what is missing and how far runs are).
-# Logs: bench/logs/lane-{a,b}.log.
+# Logs: bench/logs/lane-<name>.log.
 #
 #     nohup bash bench/frontier_lanes.sh &        # then: python bench/frontier.py table
 set -u
@@ -32,8 +32,10 @@ lane() {  # lane NAME ITEM...
 # A at the inputs' principal directions on random tokens (init_a = input_principal) was screened at 30 rounds
 # (session 11) and learned no better than a random frozen A: not extended.
 # Seed 0 of every row first (a whole one-seed frontier at 90% and 70% soonest), then seeds 1 and 2. Done so far:
-# dense@0-2, sparse-rolling-0.9@0-2, mixed-ng-rolling-fapc-0.9@0-2, remove-0.9@0-1, sparse-0.9@0,
-# sparse-rolling-0.7@0, mixed-ng-rolling-fapc-0.7@0. The rest, 90% first:
-lane a sparse-0.9@1 remove-0.9@2 mixed-ng-rolling-fapc-0.7@2 &
-lane b sparse-0.9@2 sparse-rolling-0.7@1 mixed-ng-rolling-fapc-0.7@1 sparse-rolling-0.7@2 &
+# every 90% row (dense, sparse-0.9, remove-0.9, sparse-rolling-0.9, mixed-ng-rolling-fapc-0.9) with seeds 0-2,
+# sparse-rolling-0.7@0-1, mixed-ng-rolling-fapc-0.7@0. The three left, one lane each (three one-thread jobs on 2
+# cores: about 2 hours, inside one session):
+lane a sparse-rolling-0.7@2 &
+lane b mixed-ng-rolling-fapc-0.7@1 &
+lane c mixed-ng-rolling-fapc-0.7@2 &
 wait
