@@ -31,7 +31,7 @@ from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import is_adapter_parameter, load_tokenizer
 from fedhead.run_metrics import client_head_masks
-from fedhead.runners.run_dir import MOMENTS, RunDir
+from fedhead.runners.run_dir import CHECKPOINT, MOMENTS, RunDir
 
 
 @dataclass
@@ -64,13 +64,14 @@ def read_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"{file} is damaged ({type(err).__name__}: {' '.join(str(err).split())})") from None
 
 
-def load_trained(run_dir: str | Path, device: str | None = None, tail_average: bool = False) -> TrainedRun:
+def load_trained(run_dir: str | Path, device: str | None = None, tail_average: bool | None = False) -> TrainedRun:
     """Rebuild the global model of `run_dir` from its config and last checkpoint (see the module docstring).
 
     Args:
         run_dir: a run directory (config.json, partition.json, checkpoint.safetensors).
         device: where to put the model ('cpu', 'cuda', ...; default: the run's `device`).
-        tail_average: the tail-averaged model (`federated.tail_average_rounds`) instead of the last round's.
+        tail_average: the tail-averaged model (`federated.tail_average_rounds`) instead of the last round's; None:
+            the tail-averaged one when the checkpoint holds a complete one, else the last round's.
 
     Raises:
         ConfigError: no run directory, a damaged config.json or partition.json, no checkpoint yet, or (with
@@ -93,12 +94,12 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
                           "a round")
     saved, meta = checkpoint
     state = {k: v for k, v in without_tail_average(saved).items() if not k.startswith(MOMENTS)}
-    if tail_average:
+    if tail_average is not False:
         averaged = tail_average_of_checkpoint(saved, meta)
-        if averaged is None:
+        if averaged is None and tail_average:
             raise ConfigError(f"{path} has no complete tail average: the run needs federated.tail_average_rounds "
                               "> 0 and to have finished its last round")
-        state = averaged
+        state = state if averaged is None else averaged
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg)
@@ -135,19 +136,16 @@ def starting_state(run_dir: str | Path) -> State:
         ConfigError: `run_dir` is no run directory or has no checkpoint (`load_trained`).
     """
     path = Path(run_dir).resolve()
-    read_run_config(path)
-    checkpoint = path / "checkpoint.safetensors"
+    checkpoint = path / CHECKPOINT
     return _starting_state(str(path), checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0)
 
 
 @functools.lru_cache(maxsize=2)  # every Flower client of a simulation builds the model: read the source once
 def _starting_state(path: str, checkpoint_mtime: int) -> State:
     del checkpoint_mtime  # in the key only: a source that moved on is read again
-    loaded = RunDir(path).load_checkpoint()
-    averaged = loaded is not None and tail_average_of_checkpoint(*loaded) is not None
     threads = torch.get_num_threads()
     try:  # load_trained sets the source's threads; this run keeps its own
-        source = load_trained(path, device="cpu", tail_average=averaged)
+        source = load_trained(path, device="cpu", tail_average=None)
     finally:
         torch.set_num_threads(threads)
     return {name: p.detach().clone() for name, p in source.lm.model.named_parameters() if is_adapter_parameter(name)}
