@@ -508,6 +508,28 @@ def convergence(results: Path) -> str:
             f"{' / '.join(spans)}: {change:+.1f} points.")
 
 
+# mechanisms against their baseline, paired by seed: (row, baseline)
+CONTRASTS = (("sparse-rolling-0.9", "sparse-0.9"),)
+
+
+def contrasts(results: Path, pairs: tuple[tuple[str, str], ...] = CONTRASTS) -> str:
+    """Each mechanism row against its baseline row, paired by seed on the tail-averaged full-set accuracy: the
+    baseline's drop minus the row's (`paired_drop(row, baseline)`: above 0, the mechanism gains), per seed, with
+    mean, sd and 95% t interval."""
+    records, lines = load_records(results), []
+    for row, baseline in pairs:
+        seeds = sorted(set(records.get(row, {})) & set(records.get(baseline, {})))
+        if len(seeds) < 2:
+            continue
+        acc = {name: [records[name][s]["full_eval_tail_average"]["accuracy"] for s in seeds]
+               for name in (row, baseline)}
+        gain, sd, low, high = paired_drop(acc[row], acc[baseline])
+        each = ", ".join(f"{100 * (a - b):.1f}" for a, b in zip(acc[row], acc[baseline], strict=True))
+        lines.append(f"`{row}` against `{baseline}`, paired by seed ({', '.join(map(str, seeds))}): {gain:+.1f} "
+                     f"points ({each}; sd {sd:.1f}, 95% [{low:+.1f}, {high:+.1f}]).")
+    return " ".join(lines)
+
+
 def figure(results: Path, out: Path, title: str) -> Path:
     """Accuracy drop (with its 95% interval when a row has several seeds) against the training FLOPs and the
     upload bytes each row needs, as fractions of dense's (dense at (1, 0)); one point per row."""
@@ -620,7 +642,7 @@ def main() -> None:
                     else "No run has finished the full protocol yet.")
             short = text
             if name == "frontier" and results.exists():
-                text += "\n\n" + convergence(results)
+                text += "\n\n" + convergence(results) + "\n\n" + contrasts(results)
                 short = (table(results, only=PROTOCOL_ROWS) + "\n\nThe decomposition rows (A frozen on dense, and "
                          "the like) are in [docs/results/frontier.md](docs/results/frontier.md). " +
                          convergence(results))

@@ -215,3 +215,17 @@ def test_status_names_the_missing_runs_and_the_progress_of_unfinished_ones(front
     assert "| remove-0.9 | - | 0, 1, 2 |" in text
     assert "sparse-0.9@1: round 3/60, 66 s a round, about 63 min of rounds left" in text
     assert "dense@0" not in text
+
+
+def test_contrasts_pair_a_mechanism_with_its_baseline_by_seed(frontier, tmp_path):
+    for seed, (rolling, top_k) in enumerate([(0.58, 0.55), (0.50, 0.49), (0.56, 0.56)]):
+        for row, acc in (("sparse-rolling-0.9", rolling), ("sparse-0.9", top_k)):
+            _record(tmp_path, row, seed, acc, 1000, 100)
+            record = json.loads((tmp_path / f"{row}.seed{seed}.json").read_text())
+            record["full_eval_tail_average"] = {"accuracy": acc}
+            (tmp_path / f"{row}.seed{seed}.json").write_text(json.dumps(record))
+    _record(tmp_path, "sparse-rolling-0.9", 3, 0.9, 1000, 100)  # no baseline seed 3: not paired
+    text = frontier.contrasts(tmp_path)
+    half = 4.302653 * math.sqrt(((3 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2 + (4 / 3) ** 2) / 2) / math.sqrt(3)
+    assert "paired by seed (0, 1, 2): +1.3 points (3.0, 1.0, 0.0;" in text
+    assert f"95% [{4 / 3 - half:+.1f}, {4 / 3 + half:+.1f}]" in text
