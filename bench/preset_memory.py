@@ -9,7 +9,7 @@ of the model the client holds (float32; the frozen base included). Both are devi
 CPU (on CUDA a client reports `torch.cuda.max_memory_allocated` instead).
 
     python bench/preset_memory.py                       # every preset whose model is available offline
-    python bench/preset_memory.py --presets quickstart e2e_nlg --json docs/results/preset_memory.json
+    python bench/preset_memory.py --presets fedhead_full --json docs/results/preset_memory.json  # re-measure one
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def measure(preset: str, steps: int) -> dict:
             "total_bytes": weights + peak}
 
 
+HEADER = ("| preset | model | mode, sparsity | batch x tokens | weights MB | peak training MB | total MB |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def table_row(r: dict) -> str:
+    """One preset's line of the table in docs/usage.md ("Memory a client needs, per preset")."""
+    return (f"| {r['preset']} | {r['model']} | {r['mode']}, {r['sparsity']:g} | {r['batch_size']} x "
+            f"{r['max_length']} | {r['weights_bytes'] / 1e6:.0f} | {r['peak_training_bytes'] / 1e6:.0f} | "
+            f"{r['total_bytes'] / 1e6:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=OFFLINE)
@@ -50,14 +61,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [measure(p, args.steps) for p in args.presets]
-    print("| preset | model | mode, sparsity | batch x tokens | weights MB | peak training MB | total MB |")
-    print("|---|---|---|---|---|---|---|")
+    print(HEADER)
     for r in rows:
-        print(f"| {r['preset']} | {r['model']} | {r['mode']}, {r['sparsity']:g} | {r['batch_size']} x "
-              f"{r['max_length']} | {r['weights_bytes'] / 1e6:.0f} | {r['peak_training_bytes'] / 1e6:.0f} | "
-              f"{r['total_bytes'] / 1e6:.0f} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        print(table_row(r))
+    if args.json:  # the presets measured now replace their old records; the others are kept
+        kept = json.loads(args.json.read_text()) if args.json.exists() else []
+        merged = {r["preset"]: r for r in (*kept, *rows)}
+        order = [p for p in OFFLINE if p in merged] + [p for p in merged if p not in OFFLINE]
+        args.json.write_text(json.dumps([merged[p] for p in order], indent=1) + "\n")
 
 
 if __name__ == "__main__":
