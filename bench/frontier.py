@@ -508,8 +508,10 @@ def convergence(results: Path) -> str:
             f"{' / '.join(spans)}: {change:+.1f} points.")
 
 
-# mechanisms against their baseline, paired by seed: (row, baseline)
-CONTRASTS = (("sparse-rolling-0.9", "sparse-0.9"),)
+# a change against its baseline, paired by seed: (row, baseline). The rolling schedule against top-k heads, and
+# 70% against 90% head sparsity (what pruning fewer heads buys back) for the two rows that have both.
+CONTRASTS = (("sparse-rolling-0.9", "sparse-0.9"), ("sparse-rolling-0.7", "sparse-rolling-0.9"),
+             ("mixed-ng-rolling-fapc-0.7", "mixed-ng-rolling-fapc-0.9"))
 
 
 def contrasts(results: Path, pairs: tuple[tuple[str, str], ...] = CONTRASTS) -> str:

@@ -31,11 +31,11 @@ lane() {  # lane NAME ITEM...
 # in the compute-saving row), so the compute-saving row's seeds and its 70% row are the principal-A ones.
 # A at the inputs' principal directions on random tokens (init_a = input_principal) was screened at 30 rounds
 # (session 11) and learned no better than a random frozen A: not extended.
-# Seed 0 of every row first (a whole one-seed frontier at 90% and 70% soonest), then seeds 1 and 2. Done so far:
-# every 90% row (dense, sparse-0.9, remove-0.9, sparse-rolling-0.9, mixed-ng-rolling-fapc-0.9) with seeds 0-2,
-# sparse-rolling-0.7@0-1, mixed-ng-rolling-fapc-0.7@0. The three left, one lane each (three one-thread jobs on 2
-# cores: about 2 hours, inside one session):
-lane a sparse-rolling-0.7@2 &
-lane b mixed-ng-rolling-fapc-0.7@1 &
-lane c mixed-ng-rolling-fapc-0.7@2 &
+# The protocol is complete (session 16): its 7 rows (frontier.PROTOCOL_ROWS) with seeds 0-2 each. The lanes below
+# are the whole protocol, so in a checkout that has the records they skip every run and end at once (`python
+# bench/frontier.py status` shows none missing); from empty records they run all 21 runs, two one-thread lanes
+# (about 55-63 s a round for train_sparse here, 38-41 s for remove, + about 8 minutes of scoring a run: 10-13
+# hours a lane). To rerun one run, delete its record and `python bench/frontier.py run --rows ROW --seeds S`.
+lane a dense sparse-0.9 remove-0.9 sparse-rolling-0.7 &
+lane b sparse-rolling-0.9 mixed-ng-rolling-fapc-0.9 mixed-ng-rolling-fapc-0.7 &
 wait
