@@ -39,7 +39,9 @@ def measure(preset: str, steps: int) -> dict:
     return {"preset": preset, "model": cfg.model.name, "task": cfg.model.task, "mode": cfg.heads.mode,
             "sparsity": cfg.heads.sparsity, "batch_size": cfg.federated.batch_size,
             "max_length": cfg.model.max_length, "weights_bytes": weights, "peak_training_bytes": peak,
-            "total_bytes": weights + peak}
+            "total_bytes": weights + peak,
+            # the options that move memory, as measured (tests/test_readme.py checks the presets still have them)
+            "heads": cfg.heads.model_dump(mode="json"), "lora": cfg.lora.model_dump(mode="json")}
 
 
 HEADER = ("| preset | model | mode, sparsity | batch x tokens | weights MB | peak training MB | total MB |\n"

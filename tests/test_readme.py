@@ -29,8 +29,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_preset_memory_table_measures_the_presets_as_they_are():
-    """docs/results/preset_memory.json was measured on each preset's current mode, sparsity, batch and length
-    (a preset changed since fails here: re-run bench/preset_memory.py), and docs/usage.md shows those records."""
+    """docs/results/preset_memory.json was measured on each preset's current model, batch, length and head and
+    LoRA options (a preset changed since fails here: re-run bench/preset_memory.py --presets P --json ...), and
+    docs/usage.md shows those records."""
     import importlib.util
     import json
     import sys
@@ -50,4 +51,8 @@ def test_preset_memory_table_measures_the_presets_as_they_are():
         measured = (record["model"], record["mode"], record["sparsity"], record["batch_size"], record["max_length"])
         assert measured == (cfg.model.name, cfg.heads.mode, cfg.heads.sparsity, cfg.federated.batch_size,
                             cfg.model.max_length), record["preset"]
+        for section, options in (("heads", cfg.heads), ("lora", cfg.lora)):  # options added since: not judged
+            now = options.model_dump(mode="json")
+            changed = {k: (v, now[k]) for k, v in record[section].items() if k in now and now[k] != v}
+            assert not changed, f"{record['preset']}: {section} options (measured, now) {changed}"
         assert preset_memory.table_row(record) in usage, record["preset"]
