@@ -4,8 +4,10 @@ and the shared data."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,16 @@ def pruned_and_gated_backward(lm, kept: torch.Tensor, batch: dict):
     out = pruned(**batch)
     out.loss.backward()
     return ref, out, grads(full), grads(pruned)
+
+
+def load_bench(name: str):
+    """The module bench/<name>.py (bench scripts are no package; they import their neighbour common.py)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,25 +3,18 @@ interval, and cost ratios, computed from committed per-run records alone."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))  # frontier.py imports its neighbour common.py
-    spec = importlib.util.spec_from_file_location("frontier", ROOT / "bench" / "frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("frontier")
 
 
 def _record(folder: Path, row: str, seed: int, accuracy: float, flops: int, up: int) -> None:
@@ -163,9 +156,7 @@ def test_the_readme_copy_keeps_only_the_protocol_rows(frontier, tmp_path):
 
 
 def test_the_warm_start_table_pairs_full_set_scores_from_dense_sources_only(frontier, tmp_path):
-    spec = importlib.util.spec_from_file_location("warm_start", ROOT / "bench" / "warm_start.py")
-    warm_start = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(warm_start)
+    warm_start = load_bench("warm_start")
 
     def record(name: str, row: str, seed: int, full: float | None) -> None:
         r = {"row": row, "seed": seed, "pairs": 2000, "start_accuracy": 0.6}

@@ -1,5 +1,5 @@
 from fedhead.config import config_reference
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_bench
 
 
 def test_config_reference_is_current():
@@ -32,25 +32,19 @@ def test_preset_memory_table_measures_the_presets_as_they_are():
     """docs/results/preset_memory.json was measured on each preset's current model, batch, length and head and
     LoRA options (a preset changed since fails here: re-run bench/preset_memory.py --presets P --json ...), and
     docs/usage.md shows those records."""
-    import importlib.util
     import json
-    import sys
 
     from fedhead.config import load_config
 
-    sys.path.insert(0, str(ROOT / "bench"))  # preset_memory.py imports its neighbour common.py
-    spec = importlib.util.spec_from_file_location("preset_memory", ROOT / "bench" / "preset_memory.py")
-    preset_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(preset_memory)
+    preset_memory = load_bench("preset_memory")
     records = json.loads((ROOT / "docs" / "results" / "preset_memory.json").read_text())
     assert [r["preset"] for r in records] == preset_memory.OFFLINE
     usage = (ROOT / "docs" / "usage.md").read_text()
     assert preset_memory.HEADER in usage
     for record in records:
         cfg = load_config(ROOT / "configs" / f"{record['preset']}.toml")
-        measured = (record["model"], record["mode"], record["sparsity"], record["batch_size"], record["max_length"])
-        assert measured == (cfg.model.name, cfg.heads.mode, cfg.heads.sparsity, cfg.federated.batch_size,
-                            cfg.model.max_length), record["preset"]
+        measured = (record["model"], record["batch_size"], record["max_length"])  # mode, sparsity: in heads
+        assert measured == (cfg.model.name, cfg.federated.batch_size, cfg.model.max_length), record["preset"]
         for section, options in (("heads", cfg.heads), ("lora", cfg.lora)):  # options added since: not judged
             now = options.model_dump(mode="json")
             changed = {k: (v, now[k]) for k, v in record[section].items() if k in now and now[k] != v}
