@@ -104,8 +104,32 @@ class LoraSection(_Section):
         "(feed-forward targets keep `rank`). See fedhead.models.headwise.",
     )
 
+    layers: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Attention blocks that get LoRA adapters, as indices in the model's head map (BERT / LLaMA: "
+        "layer i is block i; T5: the encoder's self-attention blocks, then each decoder layer's self- and "
+        "cross-attention); 'feed_forward' targets follow the layers of these blocks. The blocks below the lowest "
+        "adapted one hold nothing to train, so they run without autograd: no backward through them and no "
+        "activations kept for it (fewer training FLOPs, less memory, less upload). Pruned heads are chosen in "
+        "every block. None: every block.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if any(b < 0 for b in value):
+            raise ValueError(f"lora.layers are block indices from 0: {value}")
+        if len(set(value)) < len(value):
+            raise ValueError(f"lora.layers repeats a block: {value}")
+        return sorted(value)
+
     @model_validator(mode="after")
     def _check_head_rank(self) -> LoraSection:
+        if self.head_rank is not None and self.layers is not None:
+            raise ValueError("lora.layers with lora.head_rank is not supported: head-wise LoRA adapts every block")
         if self.head_rank is not None and self.init_a != "random":
             raise ValueError(f"lora.init_a = '{self.init_a}' initialises standard LoRA's A; head-wise LoRA "
                              "(head_rank) draws its own")
@@ -212,6 +236,28 @@ class FederatedSection(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of evaluation.")
+    tier_local_steps: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Per-tier local steps (fewer for slow devices, the usual answer of FL systems to stragglers): "
+        "client c takes tier_local_steps[c % len(tier_local_steps)] optimizer steps (the tiers of heads.tiers "
+        "when both are set); overrides local_steps. None: every client takes local_steps.",
+    )
+    activation_checkpointing: bool | list[bool] = Field(
+        False,
+        description="Activation checkpointing of the client's transformer layers (transformers' "
+        "activation_checkpointing_enable with use_reentrant = False, as Flower's LLM fine-tuning template): each "
+        "layer's activations are recomputed in the backward instead of kept, so training memory falls and training "
+        "FLOPs rise by about one forward; gradients are unchanged. A list gives it per tier: client c uses "
+        "activation_checkpointing[c % len].",
+    )
+    upload_bits: Literal[32, 8, 4] = Field(
+        32,
+        description="Quantised upload: 8 or 4 sends each client's update as its delta (trained minus received) "
+        "quantised in groups of 64 values (a float32 scale a group, stochastic rounding, 4-bit values packed two a "
+        "byte), with error feedback: what rounding lost is kept by the client (its residual) and added to its next "
+        "delta; the server dequantises (fedhead.federated.compression). 32: float32 values, exact.",
+    )
     tail_average_rounds: int = Field(
         0, ge=0,
         description="Also keep the tail average: the mean of the global trainable states after the last W rounds "
@@ -253,6 +299,31 @@ class FederatedSection(_Section):
     server_beta1: float = Field(0.9, ge=0, lt=1, description="adam / yogi: first-moment decay.")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="adam / yogi: second-moment decay.")
     server_tau: float = Field(1e-3, gt=0, description="adam / yogi: adaptivity tau added to sqrt(v).")
+
+    @field_validator("tier_local_steps")
+    @classmethod
+    def _positive_steps(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(s < 1 for s in value):
+            raise ValueError(f"federated.tier_local_steps must be >= 1: {value}")
+        return value
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _some_tiers(cls, value: bool | list[bool]) -> bool | list[bool]:
+        if isinstance(value, list) and not value:
+            raise ValueError("federated.activation_checkpointing: a list needs one value a tier")
+        return value
+
+    def local_steps_of(self, client_id: int) -> int | None:
+        """Optimizer steps of `client_id`: its tier's (tier_local_steps) or local_steps (None: local_epochs)."""
+        if self.tier_local_steps:
+            return self.tier_local_steps[client_id % len(self.tier_local_steps)]
+        return self.local_steps
+
+    def checkpointing_of(self, client_id: int) -> bool:
+        """Whether `client_id` trains with activation checkpointing (its tier's value when a list)."""
+        value = self.activation_checkpointing
+        return value[client_id % len(value)] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _check_tail_average(self) -> FederatedSection:

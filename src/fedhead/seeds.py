@@ -18,6 +18,7 @@ class Stream(IntEnum):
     HEAD_SAMPLING = 2  # heads.selection = "sample": the Gumbel draw of kept heads
     DP_NOISE = 3  # the server's Gaussian noise (client -1: the server)
     FAILURES = 7  # robust.dropout_probability: which selected clients fail in a round (simulation only)
+    QUANTIZATION = 8  # federated.upload_bits: the stochastic rounding of a client's upload
 
 
 SERVER = -1  # the client index of the server's own draws

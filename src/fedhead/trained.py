@@ -31,7 +31,7 @@ from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import is_adapter_parameter, load_tokenizer
 from fedhead.run_metrics import client_head_masks
-from fedhead.runners.run_dir import CHECKPOINT, MOMENTS, RunDir
+from fedhead.runners.run_dir import CHECKPOINT, RunDir, checkpoint_parts
 
 
 @dataclass
@@ -93,7 +93,7 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
         raise ConfigError(f"{path} has no readable checkpoint (checkpoint.safetensors): the run has not finished "
                           "a round")
     saved, meta = checkpoint
-    state = {k: v for k, v in without_tail_average(saved).items() if not k.startswith(MOMENTS)}
+    state = checkpoint_parts(without_tail_average(saved))[0]
     if tail_average is not False:
         averaged = tail_average_of_checkpoint(saved, meta)
         if averaged is None and tail_average:

@@ -53,3 +53,37 @@ def saved_activation_bytes(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield box
     box[0] = sum(seen.values())
+
+
+@contextmanager
+def saved_bytes_by_module(model: torch.nn.Module, modules: list[torch.nn.Module]) -> Iterator[list[int]]:
+    """Bytes the autograd graph of the enclosed forward keeps for its backward while each of `modules` runs
+    (box[i] for modules[i]; counted as `saved_activation_bytes` does, each storage once). With activation
+    checkpointing, the largest of these is what the backward holds again while it recomputes one layer."""
+    box = [0] * len(modules)
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: set[int] = set()
+    current: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if current and key not in owned and key not in seen:
+            seen.add(key)
+            box[current[-1]] += storage.nbytes()
+        return t
+
+    def enter(i: int):
+        return lambda *_: current.append(i)
+
+    def leave(*_: object) -> None:
+        current.pop()
+
+    handles = [h for i, m in enumerate(modules)
+               for h in (m.register_forward_pre_hook(enter(i)), m.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield box
+    finally:
+        for h in handles:
+            h.remove()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import torch
@@ -23,14 +23,15 @@ from transformers import PreTrainedTokenizerBase
 from fedhead.config import Config, FederatedSection, GenerationSection, HeadsSection
 from fedhead.data.batching import batches_of, collate, to_device
 from fedhead.data.generation import IGNORE, prompts_batch
-from fedhead.federated.accounting import count_flops, saved_activation_bytes
+from fedhead.federated.accounting import count_flops, saved_activation_bytes, saved_bytes_by_module
+from fedhead.federated.compression import compress
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State, load_state_, trainable_state
 from fedhead.heads.importance import score_heads
 from fedhead.heads.mean_context import HeadContextMeans
 from fedhead.heads.pruning import coverage_heads_mask, kept_heads_mask, rolling_heads_mask, sampled_scores
 from fedhead.metrics import score_generations
-from fedhead.models.loading import LoadedModel, device_of
+from fedhead.models.loading import LoadedModel, device_of, enable_activation_checkpointing_
 from fedhead.models.slicing import (
     attach_frozen_heads,
     gather_kept,
@@ -69,12 +70,28 @@ class ClientOptions:
     training: LocalTraining  # how it trains the kept heads
     seed: int  # every random draw of the round derives from (seed, round, client)
     always_score: bool = False  # the server weighs heads by their scores even when nothing is pruned
+    tier_local_steps: tuple[int, ...] | None = None  # client c: tier_local_steps[c % len] steps
+    checkpointing: tuple[bool, ...] = (False,)  # client c: activation checkpointing if checkpointing[c % len]
+    upload_bits: int = 32  # 8 / 4: quantised upload with error feedback (fedhead.federated.compression)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientOptions:
         fed = cfg.federated
         always = fed.aggregation == "head_weighted" and fed.aggregation_weights != "data_size"
-        return cls(cfg.heads, LocalTraining.from_config(fed), cfg.seed, always)
+        ckpt = fed.activation_checkpointing
+        return cls(cfg.heads, LocalTraining.from_config(fed), cfg.seed, always,
+                   tuple(fed.tier_local_steps) if fed.tier_local_steps else None,
+                   tuple(ckpt) if isinstance(ckpt, list) else (ckpt,), fed.upload_bits)
+
+    def training_of(self, client_id: int) -> LocalTraining:
+        """How `client_id` trains: its tier's local steps when tier_local_steps is set."""
+        if self.tier_local_steps is None:
+            return self.training
+        return replace(self.training, local_steps=self.tier_local_steps[client_id % len(self.tier_local_steps)])
+
+    def checkpointing_of(self, client_id: int) -> bool:
+        """Whether `client_id` trains with activation checkpointing."""
+        return self.checkpointing[client_id % len(self.checkpointing)]
 
 
 @dataclass
@@ -95,11 +112,16 @@ def train_local(
     tokenizer: PreTrainedTokenizerBase,
     generator: torch.Generator,
     frozen_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    checkpointed: list[torch.nn.Module] | None = None,
 ) -> TrainResult:
     """AdamW on the trainable parameters for `local_steps` steps (or `local_epochs` passes), counting FLOPs.
 
     frozen_rows: parameter name -> (mask of trainable entries, original values); other entries get no
     gradient and are restored after every step (train_sparse mode).
+    checkpointed: the layers under activation checkpointing (`enable_activation_checkpointing_`); the peak memory
+    then adds, to what the forward keeps, the largest layer's activations, which the backward holds again while
+    it recomputes that layer (measured once per batch shape by a forward of the batch without checkpointing,
+    not counted in FLOPs or seconds).
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     device = device_of(model)
@@ -113,18 +135,23 @@ def train_local(
         torch.cuda.reset_peak_memory_stats(device)
         held = torch.cuda.memory_allocated(device)
     flops_by_shape: dict[tuple[int, ...], int] = {}  # FLOPs depend only on the batch shape: count each once
+    recomputed: dict[tuple[int, ...], int] = {}  # checkpointing: the largest layer's activations, by batch shape
     for _ in range(steps):
         if pos >= len(order):  # a new pass over the local data in a fresh seeded order
             order, pos = torch.randperm(n, generator=generator).tolist(), 0
         batch = to_device(collate(data[order[pos : pos + batch_size]], tokenizer), device)
         pos += batch_size
         shape = tuple(batch["input_ids"].shape)
+        if checkpointed and shape not in recomputed:
+            measured = time.perf_counter()
+            recomputed[shape] = _largest_recomputed_layer(model, checkpointed, batch)
+            start += time.perf_counter() - measured  # the measurement is no part of the client's training time
         with count_flops(shape not in flops_by_shape) as counted, saved_activation_bytes(model) as saved:
             loss = model(**batch).loss
         with count_flops(shape not in flops_by_shape) as counted_backward:
             loss.backward()
         counted[0] += counted_backward[0]
-        activations = max(activations, saved[0])
+        activations = max(activations, saved[0] + recomputed.get(shape, 0))
         flops_by_shape.setdefault(shape, counted[0])
         flops += flops_by_shape[shape]
         if frozen_rows:
@@ -142,6 +169,20 @@ def train_local(
     if on_cuda:
         peak = torch.cuda.max_memory_allocated(device) - held
     return TrainResult(sum(losses) / max(len(losses), 1), steps, flops, time.perf_counter() - start, peak)
+
+
+def _largest_recomputed_layer(model: torch.nn.Module, layers: list[torch.nn.Module], batch: dict) -> int:
+    """Bytes the largest of `layers` keeps for its backward when not checkpointed: what the backward of a
+    checkpointed model holds again while it recomputes that layer (a forward of `batch` with checkpointing off)."""
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        with saved_bytes_by_module(model, layers) as by_layer:
+            model(**batch)
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+    return max(by_layer, default=0)
 
 
 def _frozen_rows(work_state: dict[str, torch.Tensor], trained: torch.Tensor, computed: torch.Tensor,
@@ -177,15 +218,18 @@ def client_update(
     client_id: int,
     round_: int,
     head_counts: torch.Tensor | None = None,
+    residual: State | None = None,
 ) -> ClientUpdate:
     """Run one client's round (see the module docstring); `lm.model` is left holding `global_state`.
 
     options: what the round depends on (a run's Config is read through `ClientOptions.from_config`).
     head_counts: heads.schedule = "coverage": [blocks, heads], how often the server has seen each head trained
-    (None: never)."""
+    (None: never).
+    residual: federated.upload_bits < 32: this client's error-feedback residual from its last round (None: none
+    yet); the update carries the new one (`ClientUpdate.residual`), which the client keeps."""
     if isinstance(options, Config):
         options = ClientOptions.from_config(options)
-    heads, training = options.heads, options.training
+    heads, training = options.heads, options.training_of(client_id)
     sparsity = heads.sparsity_of(client_id, round_)
     load_state_(lm.model, global_state)
     gen = torch.Generator().manual_seed(derived_seed(options.seed, round_, client_id, Stream.CLIENT_DATA))
@@ -239,8 +283,9 @@ def client_update(
             handles += scale_kept_context(work, lm.head_map, computed, lm.prefix)
     on_device = {n: p.detach() for n, p in work.named_parameters() if p.requires_grad}
     frozen = _frozen_rows(on_device, kept, computed, lm) if bool((computed & ~kept).any()) else None
+    checkpointed = enable_activation_checkpointing_(work) if options.checkpointing_of(client_id) else None
     torch.manual_seed(derived_seed(options.seed, round_, client_id, Stream.DROPOUT))
-    result = train_local(work, data, training, lm.tokenizer, gen, frozen)
+    result = train_local(work, data, training, lm.tokenizer, gen, frozen, checkpointed)
     for handle in handles:
         if getattr(handle, "training_only", False):  # the HeteroFL scaler acts during training only
             handle.remove()
@@ -254,6 +299,11 @@ def client_update(
         if not bool(computed.all()):
             tensors = scatter_kept(tensors, computed, lm.layout, global_state)  # back to full shape first
         tensors = gather_kept(tensors, kept, lm.layout)
+    quantized, new_residual = None, None
+    if options.upload_bits < 32:  # the delta from what was received, quantised, with error feedback
+        rounding = torch.Generator().manual_seed(derived_seed(options.seed, round_, client_id, Stream.QUANTIZATION))
+        quantized, tensors, new_residual = compress(tensors, global_state, residual, kept.cpu(), lm.layout,
+                                                    options.upload_bits, rounding)
     return ClientUpdate(
         client_id=client_id,
         num_examples=len(data),
@@ -271,6 +321,9 @@ def client_update(
             "peak_memory_bytes": result.peak_memory_bytes,
         },
         timings={"train_seconds": result.seconds, "scoring_seconds": scoring_seconds},
+        upload_bits=options.upload_bits,
+        quantized=quantized,
+        residual=new_residual,
     )
 
 

@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedhead.federated.compression import BITS, dequantize
 from fedhead.federated.state import State
 
 KEPT = "__kept_heads__"
+SCALE = "::scale"  # a quantised tensor's per-row scales travel as <name>::scale
 SCORES = "__head_scores__"
 
 
@@ -37,6 +39,11 @@ class ClientUpdate:
     train_loss: float
     stats: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # measured locally, not part of the payload
+    # federated.upload_bits < 32: `tensors` are the deltas x^ from the received values (fedhead.federated.compression),
+    # sent as `quantized` (name -> packed values, per-row scales); the server adds them to what it sent
+    upload_bits: int = 32
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    residual: State | None = None  # error feedback: the client's state for its next round, never sent
 
 
 def encode_state(state: State, metadata: dict[str, str] | None = None) -> bytes:
@@ -60,8 +67,14 @@ def decode_state_with_metadata(blob: bytes) -> tuple[State, dict[str, str]]:
 
 
 def encode_update(update: ClientUpdate) -> bytes:
-    """Serialise a client update: tensors, kept mask and scores as safetensors, the scalars as its metadata."""
-    tensors = {k: v.contiguous() for k, v in update.tensors.items()}
+    """Serialise a client update: tensors (a quantised upload: packed values and SCALE-suffixed per-row scales),
+    kept mask and scores as safetensors, the scalars as its metadata."""
+    if update.quantized is not None:
+        tensors = {}
+        for name, (packed, scale) in update.quantized.items():
+            tensors[name], tensors[name + SCALE] = packed.contiguous(), scale.contiguous()
+    else:
+        tensors = {k: v.contiguous() for k, v in update.tensors.items()}
     tensors[KEPT] = update.kept_heads.to(torch.uint8).contiguous()
     tensors[SCORES] = update.head_scores.to(torch.float32).contiguous()
     meta = {
@@ -72,6 +85,9 @@ def encode_update(update: ClientUpdate) -> bytes:
         "train_loss": update.train_loss,
         "stats": update.stats,
     }
+    if update.quantized is not None:
+        meta["upload_bits"] = update.upload_bits
+        meta["shapes"] = {name: list(update.tensors[name].shape) for name in update.quantized}
     return st_save(tensors, metadata={"fedhead": json.dumps(meta)})
 
 
@@ -84,6 +100,9 @@ def decode_update(blob: bytes) -> ClientUpdate:
     meta = json.loads(raw)
     kept = tensors.pop(KEPT).bool()
     scores = tensors.pop(SCORES)
+    bits = meta.get("upload_bits", 32)
+    if bits != 32:
+        tensors = _dequantized(tensors, bits, meta.get("shapes"))
     return ClientUpdate(
         client_id=int(meta["client_id"]),
         num_examples=int(meta["num_examples"]),
@@ -94,4 +113,24 @@ def decode_update(blob: bytes) -> ClientUpdate:
         loss_after=float(meta["loss_after"]),
         train_loss=float(meta["train_loss"]),
         stats=dict(meta.get("stats", {})),
+        upload_bits=bits,
     )
+
+
+def _dequantized(wire: State, bits: object, shapes: object) -> State:
+    """The deltas x^ of a quantised upload (fedhead.federated.compression); ValueError when the parts do not fit."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"not a fedhead client update: upload_bits {bits!r} is none of {BITS}")
+    if not isinstance(shapes, dict):
+        raise ValueError("not a fedhead client update: a quantised upload without its tensors' shapes")
+    names = [n for n in wire if not n.endswith(SCALE)]
+    if set(wire) != set(names) | {n + SCALE for n in names} or set(shapes) != set(names):
+        raise ValueError("not a fedhead client update: quantised values, scales and shapes do not match")
+    out = {}
+    for name in names:
+        shape = shapes[name]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31
+                                                  for d in shape):
+            raise ValueError(f"not a fedhead client update: shape of {name} is {shape!r}")
+        out[name] = dequantize(wire[name], wire[name + SCALE], bits, tuple(shape))
+    return out

@@ -1,7 +1,8 @@
 """The server's side of a round, as core code that every engine calls once the replies are in.
 
-    replies -> screen (validation) -> record client statistics (selection) -> aggregate, or DP-aggregate
-            (aggregation, privacy) -> server optimiser step (server_optimizer) -> the round's metrics line
+    replies -> values (a quantised upload's deltas + what was sent) -> screen (validation) -> record client
+            statistics (selection) -> aggregate, or DP-aggregate (aggregation, privacy) -> server optimiser step
+            (server_optimizer) -> the round's metrics line
 
 Drivers (the in-process loop, the Flower strategy) only move bytes: they decode each reply and say which
 client the server sent to; this module decides what counts. Nothing a client sends is trusted:
@@ -20,7 +21,7 @@ A hostile field costs at most that client's update: the honest updates of the ro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from fedhead.federated.server_optimizer import ServerOptimizer, server_step, tra
 from fedhead.federated.state import State
 from fedhead.federated.validation import Rejection, screen_indexed
 from fedhead.models.head_map import HeadLayout
+from fedhead.models.slicing import gather_kept
 
 # What a client may report about its own work (stats and timings): anything else is dropped.
 REPORTED = ("sparsity", "steps", "train_flops", "scoring_flops", "peak_memory_bytes", "train_seconds",
@@ -135,6 +137,23 @@ def client_line(reply: Reply, update: ClientUpdate) -> dict[str, Any]:
     return {**reported_stats(update.stats, reply.timings), **measured}
 
 
+def materialize(update: ClientUpdate, state: State, layout: HeadLayout) -> ClientUpdate:
+    """The update with its trained values: received + delta for a quantised upload (`update.upload_bits` < 32),
+    itself otherwise. A tensor whose name or shape does not fit the state is left as sent, for the screening to
+    refuse; a kept mask that does not fit leaves the whole update as sent."""
+    if update.upload_bits >= 32:
+        return update
+    try:
+        sent = gather_kept(state, update.kept_heads.bool(), layout)
+    except (IndexError, RuntimeError, ValueError, KeyError):
+        return update
+    values = {}
+    for name, delta in update.tensors.items():
+        fits = name in sent and tuple(sent[name].shape) == tuple(delta.shape)
+        values[name] = (sent[name].float() + delta.float()).to(sent[name].dtype) if fits else delta
+    return replace(update, tensors=values, upload_bits=32)
+
+
 def head_counts_to_send(heads: HeadsSection, stats: ClientStats, layout: HeadLayout) -> torch.Tensor | None:
     """heads.schedule = "coverage": [blocks, heads], how often the server has seen each head trained, sent to the
     round's clients as at its start (every client of a round gets the same counts); None for other schedules."""
@@ -160,6 +179,7 @@ def server_round(
 ) -> RoundResult:
     """The server's side of round `round_` (see the module docstring). `stats` is updated in place with the
     accepted clients; `noise` draws the DP noise; `bytes_down` is what the round sent."""
+    replies = [replace(r, update=materialize(r.update, state, layout)) for r in replies]
     positions, updates, rejected = screen(replies, state, layout, opts, known_sizes)
     clients = []
     for i, update in zip(positions, updates, strict=True):

@@ -68,12 +68,30 @@ class HeadMap:
     def head_dim(self) -> int:
         return self.blocks[0].head_dim
 
-    def lora_target_regex(self, roles: list[str], prefix: str = "") -> str:
-        """A peft `target_modules` regex matching exactly the projections of `roles` in every block
-        ('feed_forward': every feed-forward Linear too)."""
-        paths = sorted({b.projections[r] for b in self.blocks for r in roles if r in ROLES})
+    def layer_of(self, path: str) -> str:
+        """The transformer layer a module path belongs to: the path up to its first numeric part
+        ('encoder.layer.3.attention.self' -> 'encoder.layer.3.'; T5's decoder self- and cross-attention blocks and
+        feed-forward of one layer share 'decoder.block.i.')."""
+        parts = path.split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        return ".".join(parts[: index + 1]) + "."
+
+    def check_blocks(self, blocks: list[int]) -> None:
+        """Raise UnsupportedModelError naming lora.layers when a block index is not one of this model's."""
+        missing = [b for b in blocks if not 0 <= b < self.num_blocks]
+        if missing:
+            raise UnsupportedModelError(f"lora.layers: block {missing[0]} does not exist; this model has "
+                                        f"{self.num_blocks} attention blocks (0-{self.num_blocks - 1})")
+
+    def lora_target_regex(self, roles: list[str], prefix: str = "", blocks: list[int] | None = None) -> str:
+        """A peft `target_modules` regex matching exactly the projections of `roles` in every block, or in
+        `blocks` (indices into `self.blocks`) only ('feed_forward': the feed-forward Linears of those blocks'
+        layers too)."""
+        chosen = [self.blocks[b] for b in blocks] if blocks is not None else list(self.blocks)
+        paths = sorted({b.projections[r] for b in chosen for r in roles if r in ROLES})
         if "feed_forward" in roles:
-            paths += sorted(self.feed_forward)
+            layers = {self.layer_of(b.attention) for b in chosen}
+            paths += sorted(p for p in self.feed_forward if blocks is None or self.layer_of(p) in layers)
         escaped = "|".join(p.replace(".", r"\.") for p in paths)
         return rf"^{re.escape(prefix)}({escaped})$"
 

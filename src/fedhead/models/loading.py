@@ -295,6 +295,29 @@ def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tas
             _set_a_rows_(a, vectors[:, -a.shape[0]:].flip(1).T.float())
 
 
+def enable_activation_checkpointing_(model: nn.Module) -> list[nn.Module]:
+    """Activation checkpointing of every transformer layer of `model` (transformers'
+    `activation_checkpointing_enable` on its outermost PreTrainedModel, `use_reentrant = False`): in training, a
+    layer keeps only its inputs for the backward and recomputes the rest there. The input-embedding hook transformers
+    adds for reentrant checkpointing is removed: without it, layers below the lowest trainable one stay out of
+    autograd. Returns the checkpointed layers; raises UnsupportedModelError for a model that cannot."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from fedhead.models.head_map import UnsupportedModelError
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if not module.supports_gradient_checkpointing:
+                break
+            module.activation_checkpointing_enable({"use_reentrant": False})
+            module.disable_input_require_grads()
+            return [m for m in module.modules()
+                    if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    raise UnsupportedModelError(f"federated.activation_checkpointing: {type(model).__name__} does not support "
+                                "activation checkpointing")
+
+
 ADAPTER = (".lora_A.", ".lora_B.", ".modules_to_save.")  # a parameter name holding one of these is the adapter's
 
 
@@ -355,6 +378,8 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         if base.generation_config.pad_token_id is None:
             base.generation_config.pad_token_id = tokenizer.pad_token_id
     head_rank = cfg.lora.head_rank
+    if cfg.lora.layers is not None:
+        head_map.check_blocks(cfg.lora.layers)
     ranks, alphas = ({}, {}) if head_rank is None else headwise_patterns(
         head_map, cfg.lora.target_modules, head_rank, cfg.lora.alpha, prefix=inner)
     lora = LoraConfig(
@@ -363,7 +388,7 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         rank_pattern=ranks,
         alpha_pattern=alphas,
         lora_dropout=cfg.lora.dropout,
-        target_modules=head_map.lora_target_regex(cfg.lora.target_modules, prefix=inner),
+        target_modules=head_map.lora_target_regex(cfg.lora.target_modules, prefix=inner, blocks=cfg.lora.layers),
         modules_to_save=modules_to_save,
         bias="none",
         task_type=task_type,

@@ -27,7 +27,7 @@ from fedhead.config import Config
 from fedhead.data.loading import DataError
 from fedhead.data.tasks import load_device_data
 from fedhead.federated.client import client_update, evaluate
-from fedhead.federated.payload import decode_state, encode_update
+from fedhead.federated.payload import decode_state, encode_state, encode_update
 from fedhead.federated.state import load_state_
 from fedhead.models import LoadedModel
 from fedhead.models.loading import load_tokenizer
@@ -62,7 +62,11 @@ def payload_of(record: ArrayRecord) -> bytes:
 # ------------------------------------------------------------------------ helpers for any ClientApp
 
 
-def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Config | None = None) -> Message:
+RESIDUAL = "fedhead-residual"  # the node's error-feedback residual (federated.upload_bits), in its context.state
+
+
+def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Config | None = None,
+                node_state: RecordDict | None = None) -> Message:
     """fedhead's client round for a train message of `FedHeadStrategy`, on `data` (tokenised training rows, e.g.
     from `fedhead.data.tasks.load_device_data`): score the heads of the received global model, prune, train the
     kept heads' LoRA slices, and answer with the serialised update.
@@ -72,6 +76,9 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
         lm: the LoRA model of the run (`fedhead.trained.build_run_model`), as the server built it.
         data: this client's training rows.
         cfg: the run's options; None: the config the message carries (the server's).
+        node_state: where the node keeps its state between rounds (Flower's `context.state`): with
+            federated.upload_bits < 32 its error-feedback residual is read from and written back there (None: no
+            residual is kept, each round starts without one).
     Returns:
         The reply: "update" (ArrayRecord, the update's payload) and "metrics" (num-examples and timings).
     """
@@ -82,7 +89,13 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
     if "head-counts" in conf:  # heads.schedule = "coverage": how often the server has seen each head trained
         counts = torch.tensor(list(conf["head-counts"]), dtype=torch.int64).view(lm.head_map.num_blocks,
                                                                                   lm.head_map.num_heads)
-    update = client_update(lm, state, data, cfg, int(conf["client-id"]), int(conf["server-round"]), counts)
+    residual = None
+    if node_state is not None and RESIDUAL in node_state:
+        residual = decode_state(payload_of(node_state[RESIDUAL]))
+    update = client_update(lm, state, data, cfg, int(conf["client-id"]), int(conf["server-round"]), counts,
+                           residual)
+    if node_state is not None and update.residual is not None:
+        node_state[RESIDUAL] = payload_record(encode_state(update.residual))
     metrics = MetricRecord({**update.timings, "num-examples": update.num_examples})
     return Message(RecordDict({"update": payload_record(encode_update(update)), "metrics": metrics}), reply_to=msg)
 
@@ -208,7 +221,7 @@ def query(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """fedhead's client update on this node's data; answers with the serialised update."""
-    return _serve(msg, context, train_reply)
+    return _serve(msg, context, lambda m, lm, data, cfg: train_reply(m, lm, data, cfg, context.state))
 
 
 @client_app.evaluate()

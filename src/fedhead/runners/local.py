@@ -38,7 +38,7 @@ from fedhead.models.headwise import is_headwise, standard_lora_
 from fedhead.models.loading import load_tokenizer
 from fedhead.models.slicing import prune_heads_
 from fedhead.run_metrics import client_head_masks, tail_mean
-from fedhead.runners.run_dir import MOMENTS, RunDir
+from fedhead.runners.run_dir import RunDir, checkpoint_parts, checkpoint_tensors
 from fedhead.seeds import SERVER, Stream, derived_seed, failure_draws
 from fedhead.trained import build_run_model
 
@@ -54,6 +54,8 @@ class Simulation:
     data: TaskData
     parts: list[np.ndarray]
     server_moments: State = field(default_factory=dict)  # the server optimiser's state, checkpointed
+    # federated.upload_bits < 32: each client's error-feedback residual, which a real client keeps (checkpointed)
+    residuals: dict[int, State] = field(default_factory=dict)
 
     @classmethod
     def setup(cls, cfg: Config, *, training_data: bool = True) -> Simulation:
@@ -148,7 +150,10 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
         if u < cfg.robust.dropout_probability:
             failed.append({"client": c, "reason": "dropped out (simulated failure)"})
             continue
-        update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_, counts)
+        update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_, counts,
+                               sim.residuals.get(c))
+        if update.residual is not None:
+            sim.residuals[c] = update.residual
         blob = encode_update(update)
         received.append((decode_update(blob), update.timings, len(down), len(blob)))
     return finish_round(sim, state, round_, stats, selection, received, len(down) * len(received), t0, failed)
@@ -244,8 +249,7 @@ def drive_rounds(
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
     if checkpoint is not None:
         saved, meta = checkpoint
-        state = {k: v for k, v in without_tail_average(saved).items() if not k.startswith(MOMENTS)}
-        sim.server_moments = {k[len(MOMENTS):]: v for k, v in saved.items() if k.startswith(MOMENTS)}
+        state, sim.server_moments, sim.residuals = checkpoint_parts(without_tail_average(saved))
         rd.accept_config(cfg, meta["round"])
         tail = TailAverage.from_checkpoint(saved, meta.get("tail_average"), cfg.federated.rounds, window)
         stats = ClientStats.from_json(meta["client_stats"])
@@ -280,7 +284,7 @@ def drive_rounds(
         if round_ == cfg.federated.rounds and tail is not None:
             metrics.update(sim.evaluate_tail_average(tail, state))
         rd.append_metrics(metrics)
-        saved = {**state, **{MOMENTS + k: v for k, v in sim.server_moments.items()}}
+        saved = checkpoint_tensors(state, sim.server_moments, sim.residuals)
         meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()}
         if tail is not None:
             sums, meta["tail_average"] = tail.to_checkpoint()

@@ -23,10 +23,36 @@ from fedhead.run_metrics import read_metrics
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
 MOMENTS = "server_optimizer/"  # prefix of the server optimiser's tensors in a checkpoint
+RESIDUALS = "client_residual/"  # prefix of the clients' error-feedback residuals (federated.upload_bits): /<c>/<name>
 METRICS = "metrics.jsonl"
 RUN_FILES = ("config.json", METRICS, CHECKPOINT, PREVIOUS, "summary.json", "partition.json", "adapter")
 
 log = logging.getLogger("fedhead")
+
+
+def checkpoint_parts(saved: State) -> tuple[State, State, dict[int, State]]:
+    """A checkpoint's tensors (its tail-average sums already removed) as (global state, server optimiser moments,
+    each client's error-feedback residual)."""
+    state: State = {}
+    moments: State = {}
+    residuals: dict[int, State] = {}
+    for key, value in saved.items():
+        if key.startswith(MOMENTS):
+            moments[key[len(MOMENTS):]] = value
+        elif key.startswith(RESIDUALS):
+            client, _, name = key[len(RESIDUALS):].partition("/")
+            residuals.setdefault(int(client), {})[name] = value
+        else:
+            state[key] = value
+    return state, moments, residuals
+
+
+def checkpoint_tensors(state: State, moments: State, residuals: dict[int, State]) -> State:
+    """Inverse of `checkpoint_parts`: one flat tensor dict to checkpoint."""
+    saved = {**state, **{MOMENTS + k: v for k, v in moments.items()}}
+    for client, residual in residuals.items():
+        saved.update({f"{RESIDUALS}{client}/{k}": v for k, v in residual.items()})
+    return saved
 
 
 def atomic_write(path: Path, data: bytes) -> None:

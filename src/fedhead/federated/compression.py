@@ -1,0 +1,116 @@
+"""Quantised upload: a client's update sent as its delta from what it received, quantised per row, with error
+feedback.
+
+For one group x of GROUP = 64 consecutive values of a delta (row-major; a tensor's last group may be shorter) and
+b bits, with L = 2^(b-1) - 1 levels on each side of 0:
+
+    s   = max_j |x_j| / L                      the group's scale (float32, sent; 0 for an all-zero group)
+    q_j = floor(x_j / s + u_j),  u_j ~ U[0, 1)  stochastic rounding, so E[q_j s] = x_j; |q_j| <= L
+    x^_j = q_j s                               what the server reads: |x^_j - x_j| < s = max_j |x_j| / L
+
+b = 8 sends q as int8, b = 4 as q + 8 in a nibble, two values a byte. Error feedback (EF-SGD, Seide et al. 2014,
+Karimireddy et al. 2019): the client quantises v = delta + e, where e is its residual, and keeps e' = v - x^ for its
+next participation, so what rounding loses this round is sent in a later one instead of being lost. The residual
+is full-shaped (a head slice the client did not train this round keeps its residual until it trains it again).
+
+The server rebuilds the trained values as received + x^ (`fedhead.federated.server.materialize`) before screening:
+everything after it (validation, aggregation, statistics) sees values, as with an unquantised upload.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedhead.federated.state import State
+from fedhead.models.head_map import HeadLayout
+from fedhead.models.slicing import gather_kept
+
+BITS = (8, 4)
+GROUP = 64  # values that share one scale: float32 scales add 0.5 bits a value
+
+
+def levels(bits: int) -> int:
+    """L = 2^(bits-1) - 1: the largest |q| of a `bits`-bit quantised value."""
+    if bits not in BITS:
+        raise ValueError(f"upload bits must be one of {BITS}, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(x: torch.Tensor, bits: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic quantisation of `x` in groups of GROUP consecutive values (see the module docstring): (packed
+    values, int8 for 8 bits or uint8 nibbles for 4, one a value of x; float32 scales, one a group)."""
+    top = levels(bits)
+    flat = x.detach().float().flatten()
+    groups = _grouped(flat)  # (groups, GROUP), zero-padded
+    scale = groups.abs().amax(dim=1) / top  # (groups,)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    noise = torch.rand(groups.shape, generator=generator)
+    q = torch.floor(groups / safe[:, None] + noise).clamp_(-top, top).to(torch.int8)
+    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).flatten()[: flat.numel()]
+    return (q if bits == 8 else pack_nibbles(q)), scale
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """x^ = q s, float32 of `shape`, from `quantize`'s output. Raises ValueError when the parts do not fit."""
+    levels(bits)
+    numel = int(torch.Size(shape).numel())
+    if bits == 8:
+        if packed.dtype != torch.int8 or packed.numel() != numel:
+            raise ValueError(f"8-bit values: {packed.numel()} int8, expected {numel}")
+        q = packed.to(torch.float32)
+    else:
+        if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
+            raise ValueError(f"4-bit values: {packed.numel()} bytes, expected {(numel + 1) // 2}")
+        q = unpack_nibbles(packed, numel).to(torch.float32)
+    if scale.dtype != torch.float32 or scale.numel() != -(-numel // GROUP) or not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"scales: {scale.numel()} float32 values, expected {-(-numel // GROUP)} finite ones")
+    return (_grouped(q) * scale.reshape(-1, 1)).flatten()[:numel].reshape(shape)
+
+
+def _grouped(flat: torch.Tensor) -> torch.Tensor:
+    """A flat tensor as (ceil(n / GROUP), GROUP) rows, the last padded with zeros."""
+    pad = -flat.numel() % GROUP
+    return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, GROUP)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-7, 7] -> uint8, two a byte (q + 8; an odd count is padded with 8, i.e. 0)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.numel() % 2:
+        u = torch.cat([u, torch.tensor([8], dtype=torch.uint8)])
+    return (u[0::2] << 4) | u[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: the first `numel` int8 values."""
+    high, low = (packed >> 4).to(torch.int16), (packed & 0x0F).to(torch.int16)
+    return (torch.stack([high, low], dim=1).flatten()[:numel] - 8).to(torch.int8)
+
+
+def compress(
+    tensors: State, reference: State, residual: State | None, kept: torch.Tensor, layout: HeadLayout, bits: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], State, State]:
+    """A client's upload under error feedback: `tensors` (trained values, kept slices of head-split tensors) and
+    `reference` (the full global state received). Returns (wire: name -> (packed values, scales), x^: the deltas
+    the server will read, the new full-shaped residual e' = delta + e - x^, e the old residual, 0 when None)."""
+    sent = gather_kept(reference, kept, layout)
+    old = gather_kept(residual, kept, layout) if residual else {}
+    wire, deltas, errors = {}, {}, {}
+    for name, value in tensors.items():
+        v = value.float() - sent[name].float() + old.get(name, torch.zeros((), dtype=torch.float32))
+        packed, scale = quantize(v, bits, generator)
+        wire[name] = (packed, scale)
+        deltas[name] = dequantize(packed, scale, bits, tuple(v.shape))
+        errors[name] = v - deltas[name]
+    base = residual if residual else {n: torch.zeros_like(t, dtype=torch.float32) for n, t in reference.items()}
+    new_residual = dict(base)
+    for name, error in errors.items():
+        if name in layout.sliced:
+            _, dim = layout.sliced[name]
+            full = base[name].clone()
+            full.index_copy_(dim, layout.index_of(name, kept), error)
+            new_residual[name] = full
+        else:
+            new_residual[name] = error
+    return wire, deltas, new_residual

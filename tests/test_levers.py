@@ -1,0 +1,253 @@
+"""The levers a small device has besides head pruning (issue "What a small device should run"): LoRA in some blocks
+only, activation checkpointing, quantised upload with error feedback, and per-tier local steps; each on the tiny
+BERT (2 blocks, 4 heads) with real data."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers import T5ForConditionalGeneration
+
+from fedhead.config import ConfigError, load_config
+from fedhead.data.batching import collate
+from fedhead.data.tasks import load_task_data
+from fedhead.federated.accounting import count_flops
+from fedhead.federated.client import client_update
+from fedhead.federated.compression import GROUP, compress, dequantize, levels, pack_nibbles, quantize, unpack_nibbles
+from fedhead.federated.payload import decode_state, decode_update, encode_update
+from fedhead.federated.selection import ClientStats
+from fedhead.federated.server import materialize
+from fedhead.federated.state import trainable_state
+from fedhead.models.head_map import UnsupportedModelError, head_map_for
+from fedhead.models.loading import build_model, enable_activation_checkpointing_, load_tokenizer
+from fedhead.models.slicing import gather_kept, prune_heads_
+from fedhead.runners.local import Simulation, run_round, run_simulation
+from fedhead.runners.run_dir import RESIDUALS
+from tests.conftest import read_metrics, strip_timings, tiny_config
+
+
+def _setup(tiny_bert_dir, tmp_path, **sections):
+    cfg = tiny_config(tiny_bert_dir, tmp_path, **sections)
+    tokenizer = load_tokenizer(cfg)
+    data = load_task_data(cfg, tokenizer)
+    return cfg, build_model(cfg, data.num_labels, tokenizer), data
+
+
+def _batch(data, lm, n=8):
+    return collate(data.train[:n], lm.tokenizer)
+
+
+# ------------------------------------------------------------------------------------ LoRA in some blocks
+
+
+def test_lora_in_the_top_block_only_leaves_the_blocks_below_out_of_autograd(tiny_bert_dir, tmp_path):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, lora={"layers": [1]})
+    _, full, _ = _setup(tiny_bert_dir, tmp_path)
+    trainable = [n for n, p in lm.model.named_parameters() if p.requires_grad]
+    assert any(".layer.1." in n for n in trainable) and not any(".layer.0." in n for n in trainable)
+    assert all(b == 1 for b, _ in lm.layout.sliced.values()) and lm.layout.sliced
+    outputs = {}
+    block0 = lm.model.base_model.model.backbone.encoder.layer[0]
+    block0.register_forward_hook(lambda _, __, out: outputs.setdefault("block0", out))
+    batch = _batch(data, lm)
+
+    def step_flops(model):
+        model.train()
+        with count_flops() as forward:
+            loss = model(**batch).loss
+        with count_flops() as backward:
+            loss.backward()
+        return forward[0], backward[0]
+
+    fwd, bwd = step_flops(lm.model)
+    fwd_full, bwd_full = step_flops(full.model)
+    out = outputs["block0"][0] if isinstance(outputs["block0"], tuple) else outputs["block0"]
+    assert not out.requires_grad  # no graph below the lowest adapted block: no backward, no saved activations
+    assert fwd < fwd_full and bwd < bwd_full  # block 0 has no LoRA to compute or differentiate
+    # the backward skips block 0 entirely: what it saves is at least one block's backward
+    assert bwd_full - bwd >= (bwd_full - fwd_full) / 4
+
+
+def test_lora_layers_outside_the_model_is_refused_naming_the_option(tiny_bert_dir, tmp_path):
+    with pytest.raises(UnsupportedModelError, match=r"lora\.layers: block 2 does not exist; this model has 2"):
+        _setup(tiny_bert_dir, tmp_path, lora={"layers": [1, 2]})
+    with pytest.raises(ConfigError, match="lora.layers repeats a block"):
+        load_config(None, {"lora.layers": [1, 1]})
+
+
+def test_feed_forward_targets_follow_the_adapted_layers(tiny_t5_dir, tmp_path):
+    head_map = head_map_for(T5ForConditionalGeneration.from_pretrained(tiny_t5_dir))
+    names = [b.name for b in head_map.blocks]
+    last_decoder = [i for i, n in enumerate(names) if n.startswith("dec1.")]
+    regex = head_map.lora_target_regex(["query", "feed_forward"], blocks=last_decoder)
+    assert "decoder\\.block\\.1\\.layer\\.2\\.DenseReluDense" in regex and "encoder" not in regex
+    assert "decoder\\.block\\.0\\." not in regex
+
+
+# ------------------------------------------------------------------------------- activation checkpointing
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_a_checkpointed_step_has_the_plain_steps_gradients(tiny_bert_dir, tmp_path, prune):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path)
+    batch = _batch(data, lm)
+    plain, checkpointed = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    if prune:  # head slicing and checkpointing together: one head of each block removed
+        kept = torch.tensor([[True, False, True, True], [False, True, True, True]])
+        for model in (plain, checkpointed):
+            prune_heads_(model, lm.head_map, kept, lm.prefix)
+    layers = enable_activation_checkpointing_(checkpointed)
+    assert len(layers) == 2
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()  # dropout on: checkpointing must replay the same dropout masks
+        torch.manual_seed(3)
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_checkpointing_saves_memory_costs_flops_and_changes_no_update(tiny_bert_dir, tmp_path):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path)
+    state = trainable_state(lm.model)
+    part = data.train.select(range(24))
+    plain = client_update(lm, state, part, cfg, 0, 1)
+    cfg_ckpt = cfg.model_copy(update={"federated": cfg.federated.model_copy(
+        update={"activation_checkpointing": True})})
+    ckpt = client_update(lm, state, part, cfg_ckpt, 0, 1)
+    # equal gradients (the test above); over several AdamW steps float32 rounding of the recomputed forward can
+    # move an element whose gradient is near 0 by up to a step of the learning rate, never more
+    lr, steps = cfg.federated.learning_rate, plain.stats["steps"]
+    for name in plain.tensors:
+        assert bool(((plain.tensors[name] - ckpt.tensors[name]).abs() <= 2 * lr * steps).all()), name
+    assert ckpt.stats["steps"] == steps
+    assert ckpt.stats["peak_memory_bytes"] < plain.stats["peak_memory_bytes"]
+    assert ckpt.stats["train_flops"] > plain.stats["train_flops"]  # the backward recomputes each layer
+
+
+# -------------------------------------------------------------------------------------- quantised upload
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantisation_error_is_below_one_step_of_its_group_and_unbiased(bits):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 75) * torch.logspace(-3, 1, 10)[:, None]  # groups of very different magnitudes
+    packed, scale = quantize(x, bits, gen)
+    assert packed.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert packed.numel() == (x.numel() if bits == 8 else (x.numel() + 1) // 2)
+    assert scale.numel() == -(-x.numel() // GROUP)
+    x_hat = dequantize(packed, scale, bits, tuple(x.shape))
+    step = scale.repeat_interleave(GROUP)[: x.numel()].reshape(x.shape)
+    assert bool(((x_hat - x).abs() < step).all())
+    # stochastic rounding: the mean of many draws approaches x (E[x^] = x)
+    mean = torch.stack([dequantize(*quantize(x, bits, gen), bits, tuple(x.shape)) for _ in range(400)]).mean(0)
+    assert bool(((mean - x).abs() < step / 8).all())
+    assert levels(bits) == 2 ** (bits - 1) - 1
+
+
+def test_nibbles_round_trip_odd_counts():
+    q = torch.tensor([-7, 7, 0, 3, -1], dtype=torch.int8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q), 5), q)
+
+
+def test_error_feedback_carries_what_rounding_lost_into_the_next_participation(tiny_bert_dir, tmp_path):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"upload_bits": 4, "local_steps": 2, "batch_size": 8},
+                           heads={"sparsity": 0.5, "mode": "train_sparse"})
+    state = trainable_state(lm.model)
+    part = data.train.select(range(24))
+    first = client_update(lm, state, part, cfg, 0, 1)
+    assert first.quantized is not None and first.residual is not None
+    assert first.residual.keys() == state.keys()
+    assert all(first.residual[n].shape == state[n].shape for n in state)  # full-shaped: heads not trained keep theirs
+    second = client_update(lm, state, part, cfg, 0, 2, residual=first.residual)
+    # what the client meant to send in round 2 (its trained delta) + what round 1 lost = what it sent + what it keeps
+    fresh = client_update(lm, state, part, cfg.model_copy(update={"federated": cfg.federated.model_copy(
+        update={"upload_bits": 32})}), 0, 2)
+    sent = gather_kept(state, second.kept_heads, lm.layout)
+    old = gather_kept(first.residual, second.kept_heads, lm.layout)
+    new = gather_kept(second.residual, second.kept_heads, lm.layout)
+    for name, value in fresh.tensors.items():
+        meant = value - sent[name] + old[name]
+        assert torch.allclose(meant, second.tensors[name] + new[name], atol=1e-6), name
+        assert not torch.allclose(old[name], torch.zeros_like(old[name]))
+    # the server reads received + delta: the trained values up to the rounding the residual keeps
+    values = materialize(decode_update(encode_update(second)), state, lm.layout)
+    for name, value in fresh.tensors.items():
+        assert torch.allclose(values.tensors[name], value + old[name] - new[name], atol=1e-6), name
+
+
+def test_quantised_upload_is_smaller_and_a_bad_one_is_refused(tiny_bert_dir, tmp_path):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"local_steps": 1, "batch_size": 8})
+    state = trainable_state(lm.model)
+    part = data.train.select(range(16))
+    sizes = {}
+    for bits in (32, 8, 4):
+        c = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"upload_bits": bits})})
+        update = client_update(lm, state, part, c, 0, 1)
+        blob = encode_update(update)
+        sizes[bits] = len(blob)
+        decoded = decode_update(blob)
+        assert decoded.upload_bits == bits and decoded.tensors.keys() == update.tensors.keys()
+    assert sizes[32] > sizes[8] > sizes[4]
+    # what travels: one int8 (8 bits) or half a byte (4 bits) a value, and a float32 scale a group of GROUP
+    values = sum(t.numel() for t in update.tensors.values())
+    scales = sum(-(-t.numel() // GROUP) for t in update.tensors.values())
+    assert sum(p.numel() * p.element_size() + s.numel() * 4 for p, s in update.quantized.values()) == \
+        sum((t.numel() + 1) // 2 for t in update.tensors.values()) + 4 * scales
+    assert values * 4 - sum(p.numel() + 4 * s.numel() for p, s in update.quantized.values()) > 3 * values
+    wire, _, _ = compress(update.tensors, state, None, update.kept_heads, lm.layout, 4, torch.Generator())
+    name = next(iter(wire))
+    bad = dict(update.quantized)
+    bad[name] = (wire[name][0][:-1], wire[name][1])  # one byte short
+    with pytest.raises(ValueError, match="4-bit values"):
+        decode_update(encode_update(replace(update, quantized=bad)))
+
+
+def test_quantised_runs_resume_with_their_residuals(tiny_bert_dir, tmp_path):
+    # 4 clients, all in every round: each round after the first adds a residual to every upload
+    cfg = tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 3, "clients_per_round": 4, "upload_bits": 4,
+                                                          "local_steps": 1},
+                      partition={"num_clients": 4}, data={"train_size": 96, "eval_size": 16})
+    run_simulation(cfg, tmp_path / "whole")
+    run_simulation(cfg, tmp_path / "r", stop_after=1)
+    run_simulation(cfg, tmp_path / "r", resume=True)
+    assert strip_timings(read_metrics(tmp_path / "r")) == strip_timings(read_metrics(tmp_path / "whole"))
+    # the residuals travel in the checkpoint: without them the resumed rounds would differ
+    saved = tmp_path / "r" / "checkpoint.safetensors"
+    keys = decode_state(saved.read_bytes()).keys()
+    assert {k.split("/")[1] for k in keys if k.startswith(RESIDUALS)} == {str(c) for c in range(4)}
+
+
+# ------------------------------------------------------------------------------------ per-tier local steps
+
+
+def test_tier_local_steps_are_the_optimizer_steps_each_client_takes(tiny_bert_dir, tmp_path):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"tier_local_steps": [3, 1], "batch_size": 4})
+    state = trainable_state(lm.model)
+    part = data.train.select(range(24))
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        counted = []
+        for client in (0, 1, 2):
+            before = len(steps)
+            update = client_update(lm, state, part, cfg, client, 1)
+            counted.append((len(steps) - before, update.stats["steps"]))
+    finally:
+        hook.remove()
+    assert counted == [(3, 3), (1, 1), (3, 3)]
+
+
+def test_simulation_keeps_each_clients_residual(tiny_bert_dir, tmp_path):
+    cfg = tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 1, "upload_bits": 8})
+    sim = Simulation.setup(cfg)
+    state = trainable_state(sim.lm.model)
+    _, metrics = run_round(sim, state, 1, np.random.default_rng(0), ClientStats())
+    assert sorted(sim.residuals) == sorted(metrics["selected"])
