@@ -157,6 +157,22 @@ ROWS: dict[str, dict[str, Any]] = {
     # (training FLOPs fall with the steps: 8 / 6 = 1.33x, 8 / 5 = 1.6x)
     "dense-steps6": {"federated.local_steps": 6},
     "dense-steps5": {"federated.local_steps": 5},
+    # quantised upload with error feedback (federated.upload_bits): upload falls with the bits (+ a float32 scale
+    # a group of 64 values)
+    "dense-up8": {"federated.upload_bits": 8},
+    "dense-up4": {"federated.upload_bits": 4},
+    "dense-up2": {"federated.upload_bits": 2},
+    # LoRA in the top blocks only (lora.layers): the blocks below run without autograd
+    "dense-top3": {"lora.layers": [3, 4, 5]},
+    "dense-top4": {"lora.layers": [2, 3, 4, 5]},
+    "dense-top5": {"lora.layers": [1, 2, 3, 4, 5]},
+    # activation checkpointing: exact (no training needed: tests/test_levers.py), measured by `costs` only
+    "dense-ckpt": {"federated.activation_checkpointing": True},
+    "dense-top3-ckpt": {"lora.layers": [3, 4, 5], "federated.activation_checkpointing": True},
+    "dense-steps5-ckpt": {"federated.local_steps": 5, "federated.activation_checkpointing": True},
+    "dense-up2-top4": {"federated.upload_bits": 2, "lora.layers": [2, 3, 4, 5]},
+    "sparse-rolling-0.9-up4": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling",
+                               "federated.upload_bits": 4},
 }
 
 

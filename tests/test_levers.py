@@ -18,7 +18,7 @@ from fedhead.data.batching import collate
 from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import client_update
-from fedhead.federated.compression import GROUP, compress, dequantize, levels, pack_nibbles, quantize, unpack_nibbles
+from fedhead.federated.compression import GROUP, compress, dequantize, levels, pack_bits, quantize, unpack_bits
 from fedhead.federated.payload import decode_state, decode_update, encode_update
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import materialize
@@ -135,13 +135,13 @@ def test_checkpointing_saves_memory_costs_flops_and_changes_no_update(tiny_bert_
 # -------------------------------------------------------------------------------------- quantised upload
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantisation_error_is_below_one_step_of_its_group_and_unbiased(bits):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(10, 75) * torch.logspace(-3, 1, 10)[:, None]  # groups of very different magnitudes
     packed, scale = quantize(x, bits, gen)
     assert packed.dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert packed.numel() == (x.numel() if bits == 8 else (x.numel() + 1) // 2)
+    assert packed.numel() == -(-x.numel() * bits // 8)
     assert scale.numel() == -(-x.numel() // GROUP)
     x_hat = dequantize(packed, scale, bits, tuple(x.shape))
     step = scale.repeat_interleave(GROUP)[: x.numel()].reshape(x.shape)
@@ -152,9 +152,13 @@ def test_quantisation_error_is_below_one_step_of_its_group_and_unbiased(bits):
     assert levels(bits) == 2 ** (bits - 1) - 1
 
 
-def test_nibbles_round_trip_odd_counts():
-    q = torch.tensor([-7, 7, 0, 3, -1], dtype=torch.int8)
-    assert torch.equal(unpack_nibbles(pack_nibbles(q), 5), q)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_packed_values_round_trip_any_count(bits):
+    top = levels(bits)
+    for n in (1, 5, 8, 63):
+        q = torch.randint(-top, top + 1, (n,), generator=torch.Generator().manual_seed(n)).to(torch.int8)
+        packed = pack_bits(q, bits)
+        assert packed.numel() == -(-n * bits // 8) and torch.equal(unpack_bits(packed, n, bits), q)
 
 
 def test_error_feedback_carries_what_rounding_lost_into_the_next_participation(tiny_bert_dir, tmp_path):

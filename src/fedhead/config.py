@@ -251,12 +251,12 @@ class FederatedSection(_Section):
         "FLOPs rise by about one forward; gradients are unchanged. A list gives it per tier: client c uses "
         "activation_checkpointing[c % len].",
     )
-    upload_bits: Literal[32, 8, 4] = Field(
+    upload_bits: Literal[32, 8, 4, 2] = Field(
         32,
-        description="Quantised upload: 8 or 4 sends each client's update as its delta (trained minus received) "
-        "quantised in groups of 64 values (a float32 scale a group, stochastic rounding, 4-bit values packed two a "
-        "byte), with error feedback: what rounding lost is kept by the client (its residual) and added to its next "
-        "delta; the server dequantises (fedhead.federated.compression). 32: float32 values, exact.",
+        description="Quantised upload: 8, 4 or 2 sends each client's update as its delta (trained minus received) "
+        "quantised in groups of 64 values (a float32 scale a group, stochastic rounding; 2 bits: ternary), with "
+        "error feedback: what rounding lost is kept by the client (its residual) and added to its next delta; the "
+        "server dequantises (fedhead.federated.compression). 32: float32 values, exact.",
     )
     tail_average_rounds: int = Field(
         0, ge=0,

@@ -8,7 +8,8 @@ b bits, with L = 2^(b-1) - 1 levels on each side of 0:
     q_j = floor(x_j / s + u_j),  u_j ~ U[0, 1)  stochastic rounding, so E[q_j s] = x_j; |q_j| <= L
     x^_j = q_j s                               what the server reads: |x^_j - x_j| < s = max_j |x_j| / L
 
-b = 8 sends q as int8, b = 4 as q + 8 in a nibble, two values a byte. Error feedback (EF-SGD, Seide et al. 2014,
+b = 8 sends q as int8, b = 4 as q + 8 in a nibble (two values a byte), b = 2 as q + 2 in two bits (four a byte:
+q in {-1, 0, 1}, ternary). Error feedback (EF-SGD, Seide et al. 2014,
 Karimireddy et al. 2019): the client quantises v = delta + e, where e is its residual, and keeps e' = v - x^ for its
 next participation, so what rounding loses this round is sent in a later one instead of being lost. The residual
 is full-shaped (a head slice the client did not train this round keeps its residual until it trains it again).
@@ -25,7 +26,7 @@ from fedhead.federated.state import State
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
 
-BITS = (8, 4)
+BITS = (8, 4, 2)
 GROUP = 64  # values that share one scale: float32 scales add 0.5 bits a value
 
 
@@ -38,7 +39,7 @@ def levels(bits: int) -> int:
 
 def quantize(x: torch.Tensor, bits: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastic quantisation of `x` in groups of GROUP consecutive values (see the module docstring): (packed
-    values, int8 for 8 bits or uint8 nibbles for 4, one a value of x; float32 scales, one a group)."""
+    values: int8 for 8 bits, else uint8 holding 8 / bits values a byte; float32 scales, one a group)."""
     top = levels(bits)
     flat = x.detach().float().flatten()
     groups = _grouped(flat)  # (groups, GROUP), zero-padded
@@ -47,7 +48,7 @@ def quantize(x: torch.Tensor, bits: int, generator: torch.Generator) -> tuple[to
     noise = torch.rand(groups.shape, generator=generator)
     q = torch.floor(groups / safe[:, None] + noise).clamp_(-top, top).to(torch.int8)
     q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).flatten()[: flat.numel()]
-    return (q if bits == 8 else pack_nibbles(q)), scale
+    return (q if bits == 8 else pack_bits(q, bits)), scale
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -59,9 +60,10 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, shape: tupl
             raise ValueError(f"8-bit values: {packed.numel()} int8, expected {numel}")
         q = packed.to(torch.float32)
     else:
-        if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
-            raise ValueError(f"4-bit values: {packed.numel()} bytes, expected {(numel + 1) // 2}")
-        q = unpack_nibbles(packed, numel).to(torch.float32)
+        per_byte = 8 // bits
+        if packed.dtype != torch.uint8 or packed.numel() != -(-numel // per_byte):
+            raise ValueError(f"{bits}-bit values: {packed.numel()} bytes, expected {-(-numel // per_byte)}")
+        q = unpack_bits(packed, numel, bits).to(torch.float32)
     if scale.dtype != torch.float32 or scale.numel() != -(-numel // GROUP) or not bool(torch.isfinite(scale).all()):
         raise ValueError(f"scales: {scale.numel()} float32 values, expected {-(-numel // GROUP)} finite ones")
     return (_grouped(q) * scale.reshape(-1, 1)).flatten()[:numel].reshape(shape)
@@ -73,18 +75,23 @@ def _grouped(flat: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, GROUP)
 
 
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-7, 7] -> uint8, two a byte (q + 8; an odd count is padded with 8, i.e. 0)."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    if u.numel() % 2:
-        u = torch.cat([u, torch.tensor([8], dtype=torch.uint8)])
-    return (u[0::2] << 4) | u[1::2]
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 values in [-L, L] (L = levels(bits)) -> uint8, 8 / bits values a byte, each stored as q + L + 1 (4 bits:
+    q + 8; 2 bits: q + 2), first value in the high bits; the last byte is padded with stored zeros."""
+    per_byte, offset = 8 // bits, levels(bits) + 1
+    u = (q.to(torch.int16) + offset).to(torch.uint8)
+    pad = -u.numel() % per_byte
+    u = torch.cat([u, torch.full((pad,), offset, dtype=torch.uint8)]).reshape(-1, per_byte)
+    shifts = torch.arange(per_byte - 1, -1, -1, dtype=torch.uint8) * bits  # high bits first
+    return (u << shifts).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of `pack_nibbles`: the first `numel` int8 values."""
-    high, low = (packed >> 4).to(torch.int16), (packed & 0x0F).to(torch.int16)
-    return (torch.stack([high, low], dim=1).flatten()[:numel] - 8).to(torch.int8)
+def unpack_bits(packed: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `numel` int8 values."""
+    per_byte, offset = 8 // bits, levels(bits) + 1
+    shifts = torch.arange(per_byte - 1, -1, -1, dtype=torch.uint8) * bits
+    u = (packed[:, None] >> shifts) & (2**bits - 1)  # (bytes, per_byte)
+    return (u.flatten()[:numel].to(torch.int16) - offset).to(torch.int8)
 
 
 def compress(
