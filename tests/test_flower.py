@@ -306,19 +306,31 @@ def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
 # --------------------------------------------------------------------- slow: simulation engine equals in-process
 
 
+LEVERS = {"federated": {"selection": "random", "aggregation": "fedavg", "upload_bits": 4, "tier_local_steps": [2, 1],
+                        "activation_checkpointing": [False, True], "clients_per_round": 4, "rounds": 3},
+          "lora": {"layers": [1]}, "heads": {"sparsity": 0.5, "mode": "train_sparse"},
+          "partition": {"num_clients": 4}}
+
+
 @pytest.mark.slow
-def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_path):
-    cfg = tiny_config(tiny_bert_dir, tmp_path, heads={"sparsity": 0.5},
-                      federated={"selection": "power_of_choice", "aggregation": "head_weighted"})
+@pytest.mark.parametrize("options", ["heads", "levers"])
+def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_path, options):
+    # heads: pruning, head-weighted aggregation, power-of-choice; levers: a quantised upload whose error-feedback
+    # residual each node keeps between rounds (every client in every round), per-tier steps and checkpointing,
+    # LoRA in the top block
+    sections = LEVERS if options == "levers" else {
+        "heads": {"sparsity": 0.5}, "federated": {"selection": "power_of_choice", "aggregation": "head_weighted"}}
+    cfg = tiny_config(tiny_bert_dir, tmp_path, **sections)
     local = run_simulation(cfg, tmp_path / "local")
     seen = []
     flower = fe.run_flower(cfg, tmp_path / "flower", on_round=lambda m: seen.append(m["round"]))
-    assert seen == [0, 1, 2]
+    rounds = list(range(cfg.federated.rounds + 1))
+    assert seen == rounds
     assert sorted(p.name for p in (tmp_path / "flower").iterdir()) == \
         sorted(p.name for p in (tmp_path / "local").iterdir())
     assert flower.keys() == local.keys()
     a, b = _metrics(tmp_path / "local"), _metrics(tmp_path / "flower")
-    assert [m["round"] for m in b] == [0, 1, 2]
+    assert [m["round"] for m in b] == rounds
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         assert x.get("selected") == y.get("selected")
@@ -332,6 +344,7 @@ def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_pa
     assert all(m["failed"] == [] for m in b[1:])
     la = decode_state((tmp_path / "local" / "checkpoint.safetensors").read_bytes())
     lb = decode_state((tmp_path / "flower" / "checkpoint.safetensors").read_bytes())
+    la = {k: v for k, v in la.items() if not k.startswith("client_residual/")}  # the nodes keep theirs
     assert all(torch.allclose(la[k], lb[k], rtol=1e-4, atol=1e-6) for k in la)
 
 
