@@ -309,7 +309,8 @@ def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
 @pytest.mark.slow
 def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_path):
     cfg = tiny_config(tiny_bert_dir, tmp_path, heads={"sparsity": 0.5},
-                      federated={"selection": "power_of_choice", "aggregation": "head_weighted"})
+                      federated={"selection": "power_of_choice", "power_of_choice_samples": 8,
+                                 "aggregation": "head_weighted"})
     local = run_simulation(cfg, tmp_path / "local")
     seen = []
     flower = fe.run_flower(cfg, tmp_path / "flower", on_round=lambda m: seen.append(m["round"]))

@@ -88,11 +88,12 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
 
 
 def evaluate_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Config | None = None) -> Message:
-    """The loss of the received global model on the first `heads.samples` rows of `data` (what power-of-choice
-    selection ranks candidates by), answered as MetricRecord "metrics": eval_loss, num-examples."""
+    """The loss of the received global model on the first `federated.power_of_choice_samples` rows of `data`
+    (what power-of-choice selection ranks candidates by), answered as MetricRecord "metrics": eval_loss,
+    num-examples."""
     cfg = cfg or Config.model_validate_json(str(msg.content["config"]["fedhead-config"]))
     load_state_(lm.model, decode_state(payload_of(msg.content["arrays"])))
-    sample = data.select(range(min(cfg.heads.samples, len(data))))
+    sample = data.select(range(min(cfg.federated.power_of_choice_samples, len(data))))
     loss = evaluate(lm.model, sample, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task)["eval_loss"]
     return Message(RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": len(sample)})}),
                    reply_to=msg)

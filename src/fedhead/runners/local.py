@@ -120,7 +120,7 @@ class Simulation:
     def global_losses(self, state: State, clients: list[int]) -> dict[int, float]:
         """Loss of the global model on each client's data (power-of-choice candidates report it)."""
         load_state_(self.lm.model, state)
-        sample = self.cfg.heads.samples
+        sample = self.cfg.federated.power_of_choice_samples
         return {
             c: evaluate(self.lm.model, self.client_data(c).select(range(min(sample, len(self.parts[c])))),
                         self.lm.tokenizer, self.cfg.federated.eval_batch_size, task=self.lm.task)["eval_loss"]
