@@ -70,12 +70,19 @@ class ModelSection(_Section):
         "read it. Replaces lora.init_a. None: LoRA's own initialisation.")
 
 
+LoraTarget = Literal["query", "key", "value", "output", "feed_forward"]
+
+
+def _query_and_value() -> list[LoraTarget]:
+    return ["query", "value"]
+
+
 class LoraSection(_Section):
     rank: int = Field(8, ge=1, le=512, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[Literal["query", "key", "value", "output", "feed_forward"]] = Field(
-        default_factory=lambda: ["query", "value"],
+    target_modules: list[LoraTarget] = Field(
+        default_factory=_query_and_value,
         min_length=1,
         description="Attention projections that get a LoRA adapter; 'feed_forward' adds every feed-forward "
         "Linear (not split by heads: trained by every client and sent whole).",
