@@ -95,3 +95,43 @@ def test_reference_gives_each_option_its_values():
     assert rows["federated.tail_average_rounds"] == "integer >= 0"
     assert rows["lora.freeze_a"] == "true / false"
     assert rows["heads.eval_pruned"] == "number in (0, 1), or none"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[privacy]\nenabled = true\n[federated]\naggregation = 'trimmed_mean'\n", "federated.aggregation"),
+        ("[privacy]\nenabled = true\n[federated]\naggregation = 'head_weighted'\n", "federated.aggregation"),
+        ("[heads]\nmin_heads_per_block = 1\n", "heads.min_heads_per_block"),
+        ("[heads]\nmin_heads_per_block = 1\nscope = 'per_block'\n", "heads.min_heads_per_block"),
+        ("[federated]\npower_of_choice_samples = 8\n", "federated.power_of_choice_samples"),
+        ("[federated]\nselection = 'loss_gap'\npower_of_choice_d = 6\n", "federated.power_of_choice_d"),
+    ],
+)
+def test_an_option_that_does_not_apply_is_refused_in_one_line(tmp_path, text, fragment):
+    """Rules out an option silently ignored or overridden: DP's own aggregation replacing another one, a floor
+    per block under the per-block scope (which keeps the same count in every block anyway), power-of-choice's
+    sizes under another selection. The refusal is one line naming the option."""
+    # Prepare
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    # Execute
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    # Assert
+    reason = str(refused.value).removeprefix("invalid config:\n  ")
+    assert "\n" not in reason and fragment in reason and "does not apply" in reason, reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[privacy]\nenabled = true\n[federated]\naggregation = 'fedavg'\n",
+        "[heads]\nmin_heads_per_block = 1\nscope = 'global'\nsparsity = 0.5\n",
+        "[federated]\nselection = 'power_of_choice'\npower_of_choice_samples = 8\npower_of_choice_d = 6\n",
+    ],
+)
+def test_the_option_that_applies_is_kept(tmp_path, text):
+    path = tmp_path / "good.toml"
+    path.write_text(text)
+    load_config(path)

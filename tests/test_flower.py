@@ -319,7 +319,8 @@ def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_pa
     # residual each node keeps between rounds (every client in every round), per-tier steps and checkpointing,
     # LoRA in the top block
     sections = LEVERS if options == "levers" else {
-        "heads": {"sparsity": 0.5}, "federated": {"selection": "power_of_choice", "aggregation": "head_weighted"}}
+        "heads": {"sparsity": 0.5}, "federated": {"selection": "power_of_choice", "power_of_choice_samples": 8,
+                                                  "aggregation": "head_weighted"}}
     cfg = tiny_config(tiny_bert_dir, tmp_path, **sections)
     local = run_simulation(cfg, tmp_path / "local")
     seen = []

@@ -4,6 +4,7 @@ HeteroFL's scaler, the server optimisers, and the activation-memory count they a
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -265,3 +266,39 @@ def test_saved_activation_bytes_counts_what_autograd_keeps():
     with saved_activation_bytes(linear) as frozen:
         linear(x.requires_grad_())  # a frozen weight needs no input saved for its gradient
     assert frozen[0] == 0
+
+
+def test_power_of_choice_scores_candidates_on_its_own_sample(sim):
+    """Rules out power-of-choice candidates reporting the global model's loss on heads.samples rows (the head
+    scoring sample) instead of federated.power_of_choice_samples, in both engines: the in-process server's
+    loss equals the loss on the client's first 3 rows, and a Flower node answers with 3 examples."""
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedhead.federated.client import evaluate
+    from fedhead.federated.payload import encode_state
+    from fedhead.runners.flower_client import evaluate_reply, payload_record
+
+    # Prepare: heads.samples (8) and power_of_choice_samples (3) differ
+    fed = sim.cfg.federated.model_copy(update={"selection": "power_of_choice", "power_of_choice_samples": 3})
+    cfg = sim.cfg.model_copy(update={"federated": fed})
+    run = dataclasses.replace(sim, cfg=cfg)
+    state = trainable_state(sim.lm.model)
+    data = sim.client_data(0)
+
+    def loss_on(rows: int) -> float:
+        return evaluate(sim.lm.model, data.select(range(rows)), sim.lm.tokenizer, 8, task=sim.lm.task)["eval_loss"]
+
+    # Execute
+    server_side = run.global_losses(state, [0])[0]
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # a message outside Flower
+    try:
+        ask = Message(RecordDict({"arrays": payload_record(encode_state(state))}), 1, "evaluate")
+        node_side = evaluate_reply(ask, sim.lm, data, cfg).content["metrics"]
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    # Assert
+    assert cfg.heads.samples == 8 and loss_on(3) != pytest.approx(loss_on(8))
+    assert server_side == pytest.approx(loss_on(3))
+    assert node_side["num-examples"] == 3 and node_side["eval_loss"] == pytest.approx(loss_on(3))

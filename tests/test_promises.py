@@ -87,7 +87,8 @@ STATEFUL = {
         "federated": {"selection": "head_coverage", "server_optimizer": "momentum"},
         "heads": {"sparsity": 0.5, "schedule": "rolling"}},
     "power_of_choice + sparse_backward": {
-        "federated": {"selection": "power_of_choice"}, "heads": {"sparsity": 0.5, "mode": "sparse_backward"}},
+        "federated": {"selection": "power_of_choice", "power_of_choice_samples": 8},
+        "heads": {"sparsity": 0.5, "mode": "sparse_backward"}},
 }
 
 

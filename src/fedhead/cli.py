@@ -115,6 +115,7 @@ def run(
         help="Also write each round's scalars to RUN_DIR/tensorboard (needs fedhead[tensorboard]).")] = False,
 ) -> None:
     """Run a federated experiment; results go to OUT/RUN_NAME/."""
+    run_simulation: Callable[..., dict[str, Any]]  # the engine: both take (cfg, run_dir, resume=, on_round=, ...)
     if engine == Engine.flower:
         from fedhead.runners.flower_engine import run_flower as run_simulation
     else:

@@ -70,12 +70,19 @@ class ModelSection(_Section):
         "read it. Replaces lora.init_a. None: LoRA's own initialisation.")
 
 
+LoraTarget = Literal["query", "key", "value", "output", "feed_forward"]
+
+
+def _query_and_value() -> list[LoraTarget]:
+    return ["query", "value"]
+
+
 class LoraSection(_Section):
     rank: int = Field(8, ge=1, le=512, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[Literal["query", "key", "value", "output", "feed_forward"]] = Field(
-        default_factory=lambda: ["query", "value"],
+    target_modules: list[LoraTarget] = Field(
+        default_factory=_query_and_value,
         min_length=1,
         description="Attention projections that get a LoRA adapter; 'feed_forward' adds every feed-forward "
         "Linear (not split by heads: trained by every client and sent whole).",
@@ -285,6 +292,9 @@ class FederatedSection(_Section):
     power_of_choice_d: int = Field(
         0, ge=0, description="power_of_choice: candidates sampled (0 means 2 * clients_per_round)."
     )
+    power_of_choice_samples: int = Field(
+        64, ge=1, description="power_of_choice: each candidate reports the global model's loss on its first this "
+        "many local examples.")
     max_examples: int = Field(
         10**9, ge=1, description="Largest data size a client may claim; a larger claim rejects its update.")
     server_optimizer: Literal["none", "momentum", "adam", "yogi"] = Field(
@@ -332,6 +342,15 @@ class FederatedSection(_Section):
                              f"rounds ({self.rounds})")
         return self
 
+    @model_validator(mode="after")
+    def _check_power_of_choice(self) -> FederatedSection:
+        defaults = type(self).model_fields
+        for name in ("power_of_choice_d", "power_of_choice_samples"):
+            if self.selection != "power_of_choice" and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"federated.{name} sizes power_of_choice selection: it does not apply to "
+                                 f"selection = '{self.selection}'")
+        return self
+
 
 class RobustSection(_Section):
     max_update_norm: float | None = Field(
@@ -347,7 +366,9 @@ class RobustSection(_Section):
 
 
 class PrivacySection(_Section):
-    enabled: bool = Field(False, description="Client-level differential privacy (DP-FedAvg, server-side noise).")
+    enabled: bool = Field(
+        False, description="Client-level differential privacy (DP-FedAvg, server-side noise): the aggregation is "
+        "DP-FedAvg's equal-weight mean of clipped updates, so federated.aggregation must stay 'fedavg'.")
     noise_multiplier: float = Field(1.0, gt=0, description="Gaussian noise std as a multiple of clipping_norm.")
     clipping_norm: float = Field(1.0, gt=0, description="Each client's update is clipped to this L2 norm.")
     delta: float = Field(1e-5, gt=0, lt=1, description="Target delta of the (epsilon, delta) reported.")
@@ -372,7 +393,8 @@ class HeadsSection(_Section):
         description="Top-k over all heads, or the top heads within each block (default: per_block, the best "
         "measured at 90% sparsity, see the README).",
     )
-    min_heads_per_block: int = Field(0, ge=0, description="global scope: keep at least this many per block.")
+    min_heads_per_block: int = Field(
+        0, ge=0, description="scope = 'global': keep at least this many heads in every block.")
     selection: Literal["top", "sample"] = Field(
         "top",
         description="'top': keep the highest-scored heads; 'sample': draw the kept heads without replacement "
@@ -459,6 +481,9 @@ class HeadsSection(_Section):
         if self.schedule != "importance" and self.scope != "per_block":
             raise ValueError(f"heads.schedule = '{self.schedule}' chooses heads in every block: it needs scope = "
                              "'per_block'")
+        if self.min_heads_per_block > 0 and self.scope != "global":
+            raise ValueError(f"heads.min_heads_per_block is a floor of scope = 'global' (top-k over all heads): it "
+                             f"does not apply to scope = '{self.scope}', which keeps as many heads in every block")
         if self.rolling_window != "per_client" and self.schedule != "rolling":
             raise ValueError(f"heads.rolling_window places the rolling schedule's window; schedule = "
                              f"'{self.schedule}' has none")
@@ -546,6 +571,9 @@ class Config(_Section):
                 f"federated.clients_per_round ({self.federated.clients_per_round}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        if self.privacy.enabled and self.federated.aggregation != "fedavg":
+            raise ValueError(f"privacy.enabled aggregates by DP-FedAvg (an equal-weight mean of clipped updates plus "
+                             f"noise); federated.aggregation = '{self.federated.aggregation}' does not apply with it")
         if self.gpus_per_client > 0 and self.device in ("cpu", "mps"):
             raise ValueError(f"gpus_per_client reserves CUDA GPUs for simulated clients; device = '{self.device}' "
                              "does not use them")

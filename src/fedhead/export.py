@@ -32,11 +32,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
 from transformers import BertForSequenceClassification, PreTrainedModel
 
 from fedhead.config import ConfigError
 from fedhead.models.headwise import standard_lora_
+from fedhead.models.loading import SequenceClassifier
 from fedhead.models.modeling_pooled_classifier import PooledClassifier, PooledClassifierConfig
 from fedhead.trained import TrainedRun, load_trained
 
@@ -95,7 +95,7 @@ def export_run(run_dir: str | Path, out: str | Path, pruned: float | None = None
     return export
 
 
-def _classifier(merged: nn.Module, run: TrainedRun) -> tuple[PreTrainedModel, bool]:
+def _classifier(merged: SequenceClassifier, run: TrainedRun) -> tuple[PreTrainedModel, bool]:
     """fedhead's SequenceClassifier (merged) as a transformers model with the run's label names."""
     backbone, pooling = merged.backbone, run.cfg.model.pooling
     labels = {"num_labels": len(run.label_names), "id2label": dict(enumerate(run.label_names)),

@@ -38,6 +38,7 @@ def plot_head_scores(scores: torch.Tensor, path: Path, title: str, block_names: 
 def score_and_plot(cfg: Config, out: Path, samples: int) -> Path:
     """Score heads with `cfg.heads.importance` on `samples` training examples; write PNG and JSON, return JSON path."""
     from fedhead.data.batching import batches_of
+    from fedhead.data.loading import DataError
     from fedhead.data.tasks import load_task_data
     from fedhead.heads.importance import score_heads
     from fedhead.models.loading import load_tokenizer
@@ -47,6 +48,8 @@ def score_and_plot(cfg: Config, out: Path, samples: int) -> Path:
     tokenizer = load_tokenizer(cfg)
     data = load_task_data(cfg, tokenizer)
     lm = build_run_model(cfg, data.num_labels, tokenizer)
+    if data.train is None:
+        raise DataError("heads scores the training data: the config names no data.train")
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data.train), generator=gen)[:samples].tolist()
     batches = batches_of(data.train, order, cfg.federated.eval_batch_size, lm.tokenizer)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 
 def _normal(text: str) -> str:
@@ -32,7 +33,9 @@ def score_generations(
         import sacrebleu
 
         width = max(len(r) for r in references)
-        streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
+        # one stream per reference position; None where an example has fewer references (sacrebleu skips it)
+        streams = cast(list[list[str]], [[refs[i] if i < len(refs) else None for refs in references]
+                                         for i in range(width)])
         if "bleu" in metrics:
             out["bleu"] = sacrebleu.corpus_bleu(list(predictions), streams).score
         if "chrf" in metrics:

@@ -134,7 +134,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
             "heads_pruned": heads_pruned(run),
         }
-        if base_tot is not None and row["final"] is not None:
+        if baseline is not None and base_tot is not None and row["final"] is not None:
             row["drop_points"] = baseline.points * (base_tail - row["tail_mean"])
             row["upload_advantage"] = base_tot["bytes_up"] / max(tot["bytes_up"], 1)
             row["comm_advantage"] = (base_tot["bytes_up"] + base_tot["bytes_down"]) / max(
@@ -155,7 +155,10 @@ def heads_pruned(run: Run) -> float:
 
 
 def _tail_mean(run: Run) -> float:
-    return tail_mean(run.rounds, run.metric_key())
+    value = tail_mean(run.rounds, run.metric_key())
+    if value is None:
+        raise ReportError(f"{run.path}: no evaluated round to compare the runs with")
+    return value
 
 
 def _fmt(value: Any, spec: str = ".3f", suffix: str = "") -> str:
@@ -269,6 +272,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
     runs = [Run.load(Path(p)) for p in run_dirs]
     if not runs:
         raise ReportError("no runs given")
+    base: Run | None
     if baseline is not None:
         base = Run.load(Path(baseline))
     else:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import cast
 
 import datasets
 import torch
@@ -129,6 +131,7 @@ def train_local(
     n, batch_size = len(data), training.batch_size
     steps = training.steps(n)
     model.train()
+    order: list[int]
     losses, flops, start, order, pos, activations = [], 0, time.perf_counter(), [], 0, 0
     on_cuda = device.type == "cuda"
     if on_cuda:  # the device's own count: bytes allocated above what the client held before training
@@ -156,7 +159,9 @@ def train_local(
         flops += flops_by_shape[shape]
         if frozen_rows:
             for name, (mask, _) in frozen_rows.items():
-                params[name].grad.mul_(mask)
+                grad = params[name].grad
+                if grad is not None:  # None: no gradient reached the tensor this step
+                    grad.mul_(mask)
         optim.step()
         optim.zero_grad(set_to_none=True)
         if frozen_rows:
@@ -254,7 +259,8 @@ def client_update(
         draw = torch.Generator().manual_seed(derived_seed(options.seed, round_, client_id, Stream.HEAD_SAMPLING))
         ranking = sampled_scores(scores, heads.temperature, draw)
     if heads.schedule == "rolling" and sparsity > 0:
-        kept = rolling_heads_mask(*scores.shape, sparsity, round_, client_id,  # trained and uploaded
+        blocks, heads_per_block = scores.shape
+        kept = rolling_heads_mask(blocks, heads_per_block, sparsity, round_, client_id,  # trained and uploaded
                                   shared=heads.rolling_window == "shared")
     elif heads.schedule == "coverage" and sparsity > 0:
         counts = torch.zeros(scores.shape, dtype=torch.int64) if head_counts is None else head_counts
@@ -372,11 +378,12 @@ def generate_texts(
 ) -> list[str]:
     """Greedy (num_beams 1) or beam-search generations for every row of `data`, decoded without special tokens."""
     model.eval()
-    texts = []
+    texts: list[str] = []
     for i in range(0, len(data), batch_size):
         batch = to_device(prompts_batch(data[i : i + batch_size], tokenizer, task), device_of(model))
-        out = model.generate(**batch, max_new_tokens=generation.max_new_tokens, num_beams=generation.num_beams,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # (B, T_out)
+        generate = cast(Callable[..., torch.Tensor], model.generate)  # the transformers / peft model's own
+        out = generate(**batch, max_new_tokens=generation.max_new_tokens, num_beams=generation.num_beams,
+                       do_sample=False, pad_token_id=tokenizer.pad_token_id)  # (B, T_out)
         if task == "causal_lm":
             out = out[:, batch["input_ids"].shape[1]:]  # drop the (left-padded) prompt
         texts.extend(t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True))

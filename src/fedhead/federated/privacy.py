@@ -25,7 +25,7 @@ def client_delta(update: ClientUpdate, global_state: State, layout: HeadLayout) 
 
 def clip_delta(delta: State, clipping_norm: float) -> State:
     """Scale `delta` to L2 norm at most `clipping_norm`."""
-    norm = torch.sqrt(sum((d**2).sum() for d in delta.values()))
+    norm = torch.sqrt(sum(((d**2).sum() for d in delta.values()), torch.zeros((), dtype=torch.float64)))
     scale = min(1.0, clipping_norm / max(float(norm), 1e-12))
     return {n: d * scale for n, d in delta.items()}
 

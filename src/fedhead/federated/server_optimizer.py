@@ -49,7 +49,7 @@ def trained_masks(global_state: State, updates: list[ClientUpdate], layout: Head
     """Per tensor of `global_state`, a bool mask of the elements some update trained: for a head-sliced tensor
     the slices of the heads (or key/value units) kept by any client, for a shared tensor everything."""
     masks = {}
-    kept_any = torch.zeros_like(updates[0].kept_heads) if updates else None
+    kept_any = torch.zeros_like(updates[0].kept_heads) if updates else torch.zeros(0, dtype=torch.bool)
     for u in updates:
         kept_any = kept_any | u.kept_heads
     for name, value in global_state.items():

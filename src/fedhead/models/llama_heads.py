@@ -19,6 +19,7 @@ not supported for pruned blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,17 @@ class PrunedGQAAttentionMixin:
     num_kv_units: int
     kept_index: torch.Tensor
     kv_index: torch.Tensor
+    # from the attention class the mixin is combined with (LlamaAttention, MistralAttention, Qwen2Attention, ...)
+    config: Any
+    layer_idx: int
+    head_dim: int
+    scaling: float
+    attention_dropout: Any
+    training: bool
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
 
     def forward(
         self,
@@ -57,6 +69,8 @@ class PrunedGQAAttentionMixin:
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, k, T, d)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, m, T, d)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, m, T, d)
+        if position_embeddings is None:
+            raise ValueError("a LLaMA-style attention needs the rotary position_embeddings (cos, sin)")
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
@@ -98,7 +112,7 @@ class PrunedGQAAttentionMixin:
         return output, weights
 
 
-def _sliding_window(attention: nn.Module) -> int | None:
+def _sliding_window(attention: Any) -> int | None:
     """The window the original class passes to the attention function (Qwen2: per layer; Mistral: config)."""
     if "sliding_window" in attention.__dict__:
         return attention.sliding_window
@@ -119,7 +133,7 @@ def _pruned_class(cls: type) -> type:
     return _PRUNED[cls]
 
 
-def set_llama_heads(attention: nn.Module, kept: torch.Tensor) -> None:
+def set_llama_heads(attention: Any, kept: torch.Tensor) -> None:
     """Make `attention` (a LLaMA-style attention whose q/k/v/o `prune_heads_` already sliced) compute with the
     query heads where `kept` (bool [H]) is True and the key/value units that serve them."""
     if isinstance(attention, PrunedGQAAttentionMixin):

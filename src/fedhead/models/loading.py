@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -156,7 +157,7 @@ class SequenceClassifier(nn.Module):
     [CLS]; 'mean' = sum_i mask_i h_i / sum_i mask_i, what sentence-transformers checkpoints were trained with.
     """
 
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str, dropout: float = 0.1) -> None:
+    def __init__(self, backbone: PreTrainedModel, num_labels: int, pooling: str, dropout: float = 0.1) -> None:
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling

@@ -30,8 +30,9 @@ supported for pruned blocks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -107,7 +108,7 @@ class PrunedT5Attention(T5Attention):
         layer_cache.update(placeholder, placeholder, self.layer_idx)
 
 
-def set_t5_heads(attention: nn.Module, kept: torch.Tensor) -> None:
+def set_t5_heads(attention: Any, kept: torch.Tensor) -> None:
     """Make `attention` (a T5Attention whose q/k/v/o `prune_heads_` already sliced) compute with the heads
     where `kept` (bool [H]) is True; the relative position bias stays consistent across the stack's blocks."""
     if not isinstance(attention, T5Attention):

@@ -47,7 +47,7 @@ def payload_record(blob: bytes) -> ArrayRecord:
     return ArrayRecord({PAYLOAD: Array(dtype="uint8", shape=(len(blob),), stype=STYPE, data=blob)})
 
 
-def payload_of(record: ArrayRecord) -> bytes:
+def payload_of(record: object) -> bytes:
     """The bytes `payload_record` put into the record; ValueError for any other record (other or more arrays,
     an array of numbers rather than fedhead's bytes as they are), whose extra bytes would travel uncounted."""
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [PAYLOAD]:
@@ -87,25 +87,48 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
     state = decode_state(payload_of(msg.content["arrays"]))
     counts = None
     if "head-counts" in conf:  # heads.schedule = "coverage": how often the server has seen each head trained
-        counts = torch.tensor(list(conf["head-counts"]), dtype=torch.int64).view(lm.head_map.num_blocks,
-                                                                                  lm.head_map.num_heads)
+        counts = torch.tensor(config_ints(conf, "head-counts"), dtype=torch.int64).view(
+            lm.head_map.num_blocks, lm.head_map.num_heads)
     residual = None
     if node_state is not None and RESIDUAL in node_state:
         residual = decode_state(payload_of(node_state[RESIDUAL]))
-    update = client_update(lm, state, data, cfg, int(conf["client-id"]), int(conf["server-round"]), counts,
-                           residual)
+    update = client_update(lm, state, data, cfg, config_int(conf, "client-id"),
+                           config_int(conf, "server-round"), counts, residual)
     if node_state is not None and update.residual is not None:
         node_state[RESIDUAL] = payload_record(encode_state(update.residual))
     metrics = MetricRecord({**update.timings, "num-examples": update.num_examples})
     return Message(RecordDict({"update": payload_record(encode_update(update)), "metrics": metrics}), reply_to=msg)
 
 
+def config_int(conf: object, key: str) -> int:
+    """`conf[key]` (`conf` a ConfigRecord) as an int; ValueError naming the key for a value that is not a number."""
+    value = _config(conf)[key]
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"config {key!r}: expected an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def config_ints(conf: object, key: str) -> list[int]:
+    """`conf[key]` (`conf` a ConfigRecord) as a list of ints; ValueError naming the key for anything else."""
+    value = _config(conf)[key]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"config {key!r}: expected a list of integers")
+    return [int(v) for v in value]
+
+
+def _config(conf: object) -> ConfigRecord:
+    if not isinstance(conf, ConfigRecord):
+        raise ValueError(f"expected the message's config as a ConfigRecord, got {type(conf).__name__}")
+    return conf
+
+
 def evaluate_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Config | None = None) -> Message:
-    """The loss of the received global model on the first `heads.samples` rows of `data` (what power-of-choice
-    selection ranks candidates by), answered as MetricRecord "metrics": eval_loss, num-examples."""
+    """The loss of the received global model on the first `federated.power_of_choice_samples` rows of `data`
+    (what power-of-choice selection ranks candidates by), answered as MetricRecord "metrics": eval_loss,
+    num-examples."""
     cfg = cfg or Config.model_validate_json(str(msg.content["config"]["fedhead-config"]))
     load_state_(lm.model, decode_state(payload_of(msg.content["arrays"])))
-    sample = data.select(range(min(cfg.heads.samples, len(data))))
+    sample = data.select(range(min(cfg.federated.power_of_choice_samples, len(data))))
     loss = evaluate(lm.model, sample, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task)["eval_loss"]
     return Message(RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": len(sample)})}),
                    reply_to=msg)
@@ -202,8 +225,9 @@ def _serve(msg: Message, context: Context, reply: Any) -> Message:
     try:
         identity = node_identity(dict(context.node_config))
         conf = msg.content["config"]
-        if identity.client_id is not None and int(conf["client-id"]) != identity.client_id:
-            raise ValueError(f"message for client {conf['client-id']} reached the node of client {identity.client_id}")
+        if identity.client_id is not None and config_int(conf, "client-id") != identity.client_id:
+            raise ValueError(f"message for client {config_int(conf, 'client-id')} reached the node of client "
+                             f"{identity.client_id}")
         node = node_data(str(conf["fedhead-config"]), identity)
     except DataError as err:
         return Message(Error(DATA_ERROR, f"data: {err}"), reply_to=msg)

@@ -150,7 +150,8 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode}{_tail(log)}")
+            program = proc.args if isinstance(proc.args, str | bytes | os.PathLike) else proc.args[0]
+            raise RuntimeError(f"{os.fsdecode(program)} exited with code {proc.returncode}{_tail(log)}")
         with socket.socket() as s:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:

@@ -81,7 +81,8 @@ class FedHeadStrategy(Strategy):
         self.round_timeout, self.node_wait = round_timeout, node_wait
         self.config_json = cfg.model_dump_json()
         self.nodes = NodeTable(cfg.partition.num_clients)
-        self.stats, self.rng, self.moments = ClientStats(), np.random.default_rng(cfg.seed), {}
+        self.stats, self.rng = ClientStats(), np.random.default_rng(cfg.seed)
+        self.moments: State = {}
         self.history: list[dict[str, Any]] = []
         self._waited = False
         self._round: _Round | None = None
@@ -220,7 +221,7 @@ class FedHeadStrategy(Strategy):
             out = {}
             for c in candidates:
                 reply = replies.get(clients[c])
-                if failure(reply) is None:
+                if reply is not None and failure(reply) is None:
                     try:
                         loss = reply.content["metrics"]["eval_loss"]
                     except Exception:  # noqa: BLE001, S112 - a bad answer counts as no answer
@@ -238,10 +239,10 @@ class FedHeadStrategy(Strategy):
             return None, f"{len(received)} replies to one train message"
         reply = received[0] if received else None
         why = failure(reply)
-        if why is not None:
-            if reply is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
+        if why is not None or reply is None:
+            if reply is not None and why is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
                 self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
-            return None, why
+            return None, why or "timeout"
         kind, group = reply.metadata.message_type, reply.metadata.group_id
         if (kind, group) != (MessageType.TRAIN, str(round_)):
             return None, f"not a reply to this round's train message ({kind[:20]!r} message of round {group[:20]!r})"
@@ -251,6 +252,7 @@ class FedHeadStrategy(Strategy):
             return None, f"bad payload: {type(err).__name__}: {err}"
         update, problem = receive_update(blob)
         if update is None:
+            problem = problem or "undecodable"
             return None, problem if problem.startswith("bad payload") else f"bad payload: {problem}"
         try:  # reported, not trusted: the server round keeps known keys with sane values only
             reported = dict(reply.content["metrics"].items())
@@ -283,6 +285,7 @@ def central_evaluation(lm: LoadedModel, data: datasets.Dataset, cfg: Config
     """An `evaluate_fn` for `Strategy.start`: loss and the task's metrics of the global model on `data`."""
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_state_(lm.model, arrays.to_torch_state_dict())
-        return MetricRecord(evaluate(lm.model, data, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task,
-                                     generation=cfg.generation))
+        metrics = evaluate(lm.model, data, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task,
+                           generation=cfg.generation)
+        return MetricRecord({name: value for name, value in metrics.items()})
     return evaluate_fn

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -116,13 +117,15 @@ class Simulation:
         load_state_(self.lm.model, state)
         return {f"tail_average_{k}": v for k, v in result.items()}
 
-    def client_data(self, client: int):
+    def client_data(self, client: int) -> datasets.Dataset:
+        if self.data.train is None:
+            raise ValueError("no training data: this simulation's devices bring their own")
         return self.data.train.select(self.parts[client])
 
     def global_losses(self, state: State, clients: list[int]) -> dict[int, float]:
         """Loss of the global model on each client's data (power-of-choice candidates report it)."""
         load_state_(self.lm.model, state)
-        sample = self.cfg.heads.samples
+        sample = self.cfg.federated.power_of_choice_samples
         return {
             c: evaluate(self.lm.model, self.client_data(c).select(range(min(sample, len(self.parts[c])))),
                         self.lm.tokenizer, self.cfg.federated.eval_batch_size, task=self.lm.task)["eval_loss"]
@@ -306,7 +309,7 @@ def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[s
     if is_headwise(model):  # saved as the equivalent standard peft LoRA (rank U * r_h), which peft can load
         model = copy.deepcopy(model)
         standard_lora_(model)
-    model.save_pretrained(rd.path / "adapter")
+    model.save_pretrained(str(rd.path / "adapter"))
     (rd.path / "adapter" / "labels.json").write_text(json.dumps(sim.data.label_names))
     summary = summarize(rd.metrics(), sim.cfg.metric)
     summary["seconds_total_last_session"] = seconds
