@@ -255,3 +255,18 @@ def test_simulation_keeps_each_clients_residual(tiny_bert_dir, tmp_path):
     state = trainable_state(sim.lm.model)
     _, metrics = run_round(sim, state, 1, np.random.default_rng(0), ClientStats())
     assert sorted(sim.residuals) == sorted(metrics["selected"])
+
+
+# ------------------------------------------------------------------------- tiers left out of the federation
+
+
+def test_a_tier_that_cannot_train_is_never_selected(tiny_bert_dir, tmp_path):
+    cfg = tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 3, "clients_per_round": 3, "local_steps": 1,
+                                                          "tier_selectable": [True, False]},
+                      data={"train_size": 96, "eval_size": 16})
+    run_simulation(cfg, tmp_path / "run")
+    picked = {c for m in read_metrics(tmp_path / "run")[1:] for c in m["selected"]}
+    assert picked == {0, 2, 4}  # the 3 selectable of 6, every round
+    with pytest.raises(ConfigError, match="leaves 3 of partition.num_clients = 6 clients selectable"):
+        load_config(None, {"partition.num_clients": 6, "federated.clients_per_round": 4,
+                           "federated.tier_selectable": [True, False]})

@@ -250,6 +250,13 @@ class FederatedSection(_Section):
         "client c takes tier_local_steps[c % len(tier_local_steps)] optimizer steps (the tiers of heads.tiers "
         "when both are set); overrides local_steps. None: every client takes local_steps.",
     )
+    tier_selectable: list[bool] | None = Field(
+        None,
+        min_length=1,
+        description="Per-tier participation: client c can be selected only if tier_selectable[c % len] is true; a "
+        "false tier is devices that cannot train (a federation that leaves its weak devices out). None: every "
+        "client.",
+    )
     activation_checkpointing: bool | list[bool] = Field(
         False,
         description="Activation checkpointing of the client's transformer layers (transformers' "
@@ -329,6 +336,10 @@ class FederatedSection(_Section):
         if self.tier_local_steps:
             return self.tier_local_steps[client_id % len(self.tier_local_steps)]
         return self.local_steps
+
+    def selectable(self, client_id: int) -> bool:
+        """Whether `client_id` may be selected (its tier's tier_selectable; every client when None)."""
+        return self.tier_selectable is None or self.tier_selectable[client_id % len(self.tier_selectable)]
 
     def checkpointing_of(self, client_id: int) -> bool:
         """Whether `client_id` trains with activation checkpointing (its tier's value when a list)."""
@@ -574,6 +585,11 @@ class Config(_Section):
         if self.privacy.enabled and self.federated.aggregation != "fedavg":
             raise ValueError(f"privacy.enabled aggregates by DP-FedAvg (an equal-weight mean of clipped updates plus "
                              f"noise); federated.aggregation = '{self.federated.aggregation}' does not apply with it")
+        eligible = sum(self.federated.selectable(c) for c in range(self.partition.num_clients))
+        if eligible < self.federated.clients_per_round:
+            raise ValueError(f"federated.tier_selectable leaves {eligible} of partition.num_clients = "
+                             f"{self.partition.num_clients} clients selectable, fewer than federated.clients_per_round "
+                             f"({self.federated.clients_per_round})")
         if self.gpus_per_client > 0 and self.device in ("cpu", "mps"):
             raise ValueError(f"gpus_per_client reserves CUDA GPUs for simulated clients; device = '{self.device}' "
                              "does not use them")

@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from fedhead.config import FederatedSection
 
 
 @dataclass
@@ -126,3 +129,22 @@ def _head_coverage(priorities: dict[int, float], k: int, stats: ClientStats, rng
         covered |= set(stats.kept_heads.get(best, []))
         del pool[best]
     return Selection(sorted(picked), scores, reason="loss gap + uncovered heads")
+
+
+def select_among(available: list[int], fed: FederatedSection, round_: int, rng: np.random.Generator,
+                 stats: ClientStats, global_loss_of: Callable[[list[int]], dict[int, float]]) -> Selection:
+    """`select_clients` over the client ids in `available` (sorted): positions in, client ids out.
+
+    With every client connected this is `select_clients` over all clients, draw for draw, so the Flower engine
+    picks what the in-process engine picks."""
+    pos = {c: i for i, c in enumerate(available)}
+    view = ClientStats(**{name: {pos[c]: v for c, v in getattr(stats, name).items() if c in pos}
+                          for name in ("last_round", "loss_global", "loss_local", "kept_heads")})
+
+    def losses(positions: list[int]) -> dict[int, float]:
+        by_client = global_loss_of([available[p] for p in positions])
+        return {p: by_client.get(available[p], -math.inf) for p in positions}
+
+    s = select_clients(fed.selection, len(available), min(fed.clients_per_round, len(available)), round_, rng, view,
+                       exploration=fed.exploration, candidates_d=fed.power_of_choice_d, global_loss_of=losses)
+    return Selection([available[p] for p in s.clients], {available[p]: v for p, v in s.priorities.items()}, s.reason)

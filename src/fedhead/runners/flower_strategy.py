@@ -15,7 +15,6 @@ the real messages.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,11 +27,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedhead.config import Config, FederatedSection
+from fedhead.config import Config
 from fedhead.federated import server as fedhead_server
 from fedhead.federated.client import evaluate
 from fedhead.federated.payload import encode_state
-from fedhead.federated.selection import ClientStats, Selection, select_clients
+from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server import Reply, head_counts_to_send
 from fedhead.federated.state import State, load_state_
 from fedhead.federated.validation import MAX_LOSS, receive_update
@@ -114,7 +113,8 @@ class FedHeadStrategy(Strategy):
         state = arrays.to_torch_state_dict()
         down = encode_state(state)
         clients = self._wait_for_nodes(grid)
-        selection = select_among(sorted(clients), self.cfg.federated, server_round, self.rng, self.stats,
+        selection = select_among(sorted(c for c in clients if self.cfg.federated.selectable(c)), self.cfg.federated,
+                                 server_round, self.rng, self.stats,
                                  self._global_losses(grid, down, server_round, clients, config))
         sent = {clients[c]: c for c in selection.clients}
         self._round = _Round(state, selection, sent, len(down), t0)
@@ -259,25 +259,6 @@ class FedHeadStrategy(Strategy):
         except Exception:  # noqa: BLE001 - a reply without metrics still counts
             reported = {}
         return Reply(client, update, down, len(blob), reported), ""
-
-
-def select_among(available: list[int], fed: FederatedSection, round_: int, rng: np.random.Generator,
-                 stats: ClientStats, global_loss_of: Callable[[list[int]], dict[int, float]]) -> Selection:
-    """`select_clients` over the client ids in `available` (sorted): positions in, client ids out.
-
-    With every client connected this is `select_clients` over all clients, draw for draw, so the Flower engine
-    picks what the in-process engine picks."""
-    pos = {c: i for i, c in enumerate(available)}
-    view = ClientStats(**{name: {pos[c]: v for c, v in getattr(stats, name).items() if c in pos}
-                          for name in ("last_round", "loss_global", "loss_local", "kept_heads")})
-
-    def losses(positions: list[int]) -> dict[int, float]:
-        by_client = global_loss_of([available[p] for p in positions])
-        return {p: by_client.get(available[p], -math.inf) for p in positions}
-
-    s = select_clients(fed.selection, len(available), min(fed.clients_per_round, len(available)), round_, rng, view,
-                       exploration=fed.exploration, candidates_d=fed.power_of_choice_d, global_loss_of=losses)
-    return Selection([available[p] for p in s.clients], {available[p]: v for p, v in s.priorities.items()}, s.reason)
 
 
 def central_evaluation(lm: LoadedModel, data: datasets.Dataset, cfg: Config

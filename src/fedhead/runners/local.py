@@ -28,7 +28,7 @@ from fedhead.data.loading import DataError
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
-from fedhead.federated.selection import ClientStats, Selection, select_clients
+from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server import Reply, ServerOptions, head_counts_to_send, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, trainable_state
@@ -138,11 +138,8 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     """One round: select, send, train each client, receive, aggregate. Returns (new state, metrics)."""
     cfg, fed = sim.cfg, sim.cfg.federated
     t0 = time.perf_counter()
-    selection = select_clients(
-        fed.selection, cfg.partition.num_clients, fed.clients_per_round, round_, rng, stats,
-        exploration=fed.exploration, candidates_d=fed.power_of_choice_d,
-        global_loss_of=lambda cs: sim.global_losses(state, cs),
-    )
+    eligible = [c for c in range(cfg.partition.num_clients) if fed.selectable(c)]  # all but left-out tiers
+    selection = select_among(eligible, fed, round_, rng, stats, lambda cs: sim.global_losses(state, cs))
     # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
     # from the seed); each client trains from the bytes it received and answers with serialised bytes.
     down = encode_state(state)
