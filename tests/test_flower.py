@@ -22,6 +22,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.server.superlink.linkstate.utils import (
+    NODE_UNAVAILABLE_ERROR_REASON,
+    create_message_error_unavailable_res_message,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedhead.config import ConfigError
@@ -119,6 +123,10 @@ def test_node_table_gives_each_node_one_client_id(task_identity):
     assert table.clients() == {1: 10, 2: 15}
     table.update({10, 15, 22})
     assert table.assign(22, _answer(22, {"client-id": 0, "num-clients": 3})) == 0 and table.partition_nodes == {22}
+    # the SuperLink's answer for a node that never answered (it stopped sending heartbeats) is no answer
+    fresh = NodeTable(num_clients=3)
+    fresh.update({23})
+    assert fresh.assign(23, _answer(23, error=Error(5, "Error: Node Unavailable"))) is None and fresh.clients() == {}
 
 
 def test_config_without_training_data_needs_labels(tiny_bert_dir, tmp_path):
@@ -177,12 +185,16 @@ class LoopGrid:
         ids = []
         for i, msg in enumerate(messages):
             msg.metadata.__dict__["_message_id"] = f"m{len(self.replies)}-{i}"  # set by the SuperLink in Flower
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config={})
-            self.replies[msg.metadata.message_id] = self.app(msg, context)
+            self.replies[msg.metadata.message_id] = self.answer(msg)
             ids.append(msg.metadata.message_id)
         return ids
+
+    def answer(self, msg: Message) -> Message:
+        """The reply of the message's node: its ClientApp's."""
+        node = msg.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                          run_config={})
+        return self.app(msg, context)
 
     def pull_messages(self, ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
@@ -282,6 +294,44 @@ def test_coverage_schedule_counts_travel_with_the_train_messages(tiny_bert_dir, 
             counts.view(-1)[c["kept_heads"]] += 1
     assert torch.equal(counts, strategy.stats.head_count_matrix(2, 4))
     assert int(counts.max() - counts.min()) <= 2
+
+
+class DyingNodeGrid(LoopGrid):
+    """A LoopGrid whose node `dead` is gone from round `from_round` on: its messages are answered as Flower's
+    SuperLink answers those of a node that stopped sending heartbeats (with Flower's own function)."""
+
+    def __init__(self, app: ClientApp, node_configs: dict[int, dict], dead: int, from_round: int) -> None:
+        super().__init__(app, node_configs)
+        self.dead, self.from_round = dead, from_round
+
+    def answer(self, msg: Message) -> Message:
+        gone = msg.metadata.group_id.isdigit() and int(msg.metadata.group_id) >= self.from_round
+        if msg.metadata.dst_node_id == self.dead and gone:
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        return super().answer(msg)
+
+
+def test_a_node_that_dies_mid_run_is_dropped_with_the_reason_flower_gives(tiny_bert_dir, tmp_path, task_identity,
+                                                                          caplog):
+    """Rules out attributing replies by their source: Flower's SuperLink answers for a dead node (source node 1),
+    and the dead node was recorded as "timeout" while the SuperLink's reply was blamed on a "node 1"."""
+    # Prepare: two devices; the second one's SuperNode dies after round 1
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
+                      partition={"num_clients": 2}, federated={"clients_per_round": 2, "local_steps": 1})
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(12))
+    sim = Simulation.setup(cfg, training_data=False)
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+    grid = DyingNodeGrid(client_app, {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1}},
+                         dead=8, from_round=2)
+    # Execute
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=2)
+    # Assert: round 2 records Flower's reason for the dead node, and no reply is left unattributed
+    first, second = strategy.history
+    assert first["failed"] == [] and len(first["clients"]) == 2
+    assert second["failed"] == [{"client": 1, "node": 8, "reason": f"error 5: {NODE_UNAVAILABLE_ERROR_REASON}"}]
+    assert [c["client"] for c in second["clients"]] == [0]
+    assert "answer no train message" not in caplog.text
 
 
 def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
