@@ -8,10 +8,12 @@ only and is stopped by its pid (its session) in a finally.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER as flwr_logger
 from flwr.server.superlink.linkstate.utils import (
     NODE_UNAVAILABLE_ERROR_REASON,
     create_message_error_unavailable_res_message,
@@ -36,7 +39,7 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners import flower_engine as fe
-from fedhead.runners.flower_app import nodes_config
+from fedhead.runners.flower_app import RunRefused, ThroughFlower, main, nodes_config
 from fedhead.runners.flower_client import (
     _LOADED,
     NodeIdentity,
@@ -332,6 +335,93 @@ def test_a_node_that_dies_mid_run_is_dropped_with_the_reason_flower_gives(tiny_b
     assert second["failed"] == [{"client": 1, "node": 8, "reason": f"error 5: {NODE_UNAVAILABLE_ERROR_REASON}"}]
     assert [c["client"] for c in second["clients"]] == [0]
     assert "answer no train message" not in caplog.text
+
+
+class FlowerLog(logging.Handler):
+    """The lines Flower's logger prints, formatted as its console handler formats them (no traceback unless the
+    record carries one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(self.format(record).splitlines())
+
+
+@pytest.fixture
+def flower_log():
+    handler = FlowerLog()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    fedhead_log = logging.getLogger("fedhead")
+    saved = (fedhead_log.level, fedhead_log.propagate)
+    yield handler
+    logger.removeHandler(handler)
+    for h in [h for h in fedhead_log.handlers if isinstance(h, ThroughFlower)]:
+        fedhead_log.removeHandler(h)
+    fedhead_log.level, fedhead_log.propagate = saved
+
+
+def test_server_app_on_devices_refuses_a_second_run_in_one_line_and_resumes_saying_from_where(
+        tiny_bert_dir, tmp_path, task_identity, flower_log):
+    """fedhead's ServerApp (`flower_app.main`, as `flwr run` calls it) over two in-process device nodes: a run of
+    2 rounds records the sizes the devices report in partition.json; the same `flwr run` again is refused in one
+    line naming the run-config key resume=true (not fedhead run's --resume / --overwrite), without a traceback in
+    what Flower logs; with resume=true and 3 rounds the run goes on, saying which checkpoint and round it
+    continues from."""
+    # Prepare: a server without training data; devices with 12 and 20 records
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
+                      partition={"num_clients": 2}, federated={"clients_per_round": 2, "local_steps": 1})
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(20))
+    nodes = {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1}}
+    (tmp_path / "server.json").write_text(cfg.model_dump_json())
+    longer = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"rounds": 3})})
+    (tmp_path / "server3.json").write_text(longer.model_dump_json())
+    run_dir = tmp_path / "deployed"
+
+    def flwr_run(config: str, **keys) -> None:
+        run_config = {"config": str(tmp_path / config), "run-dir": str(run_dir), "node-wait": 0.0, **keys}
+        main(LoopGrid(client_app, nodes), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                  run_config=run_config))
+
+    # Execute, Assert: the first run; the device-reported sizes
+    flwr_run("server.json")
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["sizes"] == [] and partition["reported_sizes"] == {"0": 12, "1": 20}
+    # the same command again: refused in one line; Flower logs it (its own call) without a traceback
+    with pytest.raises(RunRefused) as refused:
+        flwr_run("server.json")
+    assert "resume=true" in str(refused.value) and "--resume" not in str(refused.value)
+    assert "--overwrite" not in str(refused.value) and "\n" not in str(refused.value)
+    flower_log.lines.clear()
+    flwr_logger.log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=refused.value)
+    assert flower_log.lines == [f"ERROR: ServerApp raised an exception: {refused.value}"]
+    assert [m["round"] for m in _metrics(run_dir)] == [0, 1, 2]  # untouched
+    # resume=true with 3 rounds: one more round, after a line saying from where
+    flower_log.lines.clear()
+    flwr_run("server3.json", resume=True)
+    resumed = f"INFO: resuming {run_dir} from checkpoint.safetensors after round 2: rounds 3 to 3 to go"
+    assert flower_log.lines.count(resumed) == 1, flower_log.lines
+    assert [m["round"] for m in _metrics(run_dir)] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+
+
+def test_flower_log_lines_are_printed_once():
+    """Rules out every log line of the ServerApp printed twice under `flwr run --stream` (Flower's format, then
+    the root logger's handler that Opacus' import adds with logging.basicConfig)."""
+    code = ("import logging\n"
+            "from fedhead.runners import flower_app\n"
+            "from fedhead.federated.privacy import epsilon_spent\n"
+            "epsilon_spent(1.0, 0.5, 3, 1e-5)  # imports Opacus\n"
+            "flower_app.show_fedhead_logs_through_flower()\n"
+            "logging.getLogger('flwr').info('flower says this once')\n"
+            "logging.getLogger('fedhead').info('fedhead says this once')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    printed = done.stdout + done.stderr
+    assert printed.count("flower says this once") == 1 and printed.count("fedhead says this once") == 1, printed
 
 
 def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
