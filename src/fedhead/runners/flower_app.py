@@ -30,7 +30,9 @@ if it has one and otherwise only aggregates.
 Run config of the app (`flwr run APP --run-config 'key=value ...'`): `config` (a fedhead TOML or config.json on
 the SuperLink machine; empty: RUN_DIR/config.json), `run-dir` (empty: OUT/RUN_NAME of the config), `resume`,
 `round-timeout` (seconds a round waits for replies), `node-wait` (seconds the first round waits until
-`clients_per_round` nodes are connected).
+`clients_per_round` nodes are connected). A problem the user can fix (config, data, model, a run directory that
+already holds a run without resume=true) stops the ServerApp in one log line (`RunRefused`), and Flower records
+the run as failed (`flwr ls`). fedhead's own log lines (resume, damaged checkpoints) go through Flower's logger.
 """
 
 from __future__ import annotations
