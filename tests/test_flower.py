@@ -8,10 +8,12 @@ only and is stopped by its pid (its session) in a finally.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -22,6 +24,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER as flwr_logger
+from flwr.server.superlink.linkstate.utils import (
+    NODE_UNAVAILABLE_ERROR_REASON,
+    create_message_error_unavailable_res_message,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedhead.config import ConfigError
@@ -32,7 +39,7 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners import flower_engine as fe
-from fedhead.runners.flower_app import nodes_config
+from fedhead.runners.flower_app import RunRefused, ThroughFlower, main, nodes_config
 from fedhead.runners.flower_client import (
     _LOADED,
     NodeIdentity,
@@ -119,6 +126,10 @@ def test_node_table_gives_each_node_one_client_id(task_identity):
     assert table.clients() == {1: 10, 2: 15}
     table.update({10, 15, 22})
     assert table.assign(22, _answer(22, {"client-id": 0, "num-clients": 3})) == 0 and table.partition_nodes == {22}
+    # the SuperLink's answer for a node that never answered (it stopped sending heartbeats) is no answer
+    fresh = NodeTable(num_clients=3)
+    fresh.update({23})
+    assert fresh.assign(23, _answer(23, error=Error(5, "Error: Node Unavailable"))) is None and fresh.clients() == {}
 
 
 def test_config_without_training_data_needs_labels(tiny_bert_dir, tmp_path):
@@ -177,12 +188,16 @@ class LoopGrid:
         ids = []
         for i, msg in enumerate(messages):
             msg.metadata.__dict__["_message_id"] = f"m{len(self.replies)}-{i}"  # set by the SuperLink in Flower
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config={})
-            self.replies[msg.metadata.message_id] = self.app(msg, context)
+            self.replies[msg.metadata.message_id] = self.answer(msg)
             ids.append(msg.metadata.message_id)
         return ids
+
+    def answer(self, msg: Message) -> Message:
+        """The reply of the message's node: its ClientApp's."""
+        node = msg.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                          run_config={})
+        return self.app(msg, context)
 
     def pull_messages(self, ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
@@ -282,6 +297,164 @@ def test_coverage_schedule_counts_travel_with_the_train_messages(tiny_bert_dir, 
             counts.view(-1)[c["kept_heads"]] += 1
     assert torch.equal(counts, strategy.stats.head_count_matrix(2, 4))
     assert int(counts.max() - counts.min()) <= 2
+
+
+class DyingNodeGrid(LoopGrid):
+    """A LoopGrid whose node `dead` is gone from round `from_round` on: its messages are answered as Flower's
+    SuperLink answers those of a node that stopped sending heartbeats (with Flower's own function)."""
+
+    def __init__(self, app: ClientApp, node_configs: dict[int, dict], dead: int, from_round: int) -> None:
+        super().__init__(app, node_configs)
+        self.dead, self.from_round = dead, from_round
+
+    def answer(self, msg: Message) -> Message:
+        gone = msg.metadata.group_id.isdigit() and int(msg.metadata.group_id) >= self.from_round
+        if msg.metadata.dst_node_id == self.dead and gone:
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        return super().answer(msg)
+
+
+def test_a_node_that_dies_mid_run_is_dropped_with_the_reason_flower_gives(tiny_bert_dir, tmp_path, task_identity,
+                                                                          caplog):
+    """Rules out attributing replies by their source: Flower's SuperLink answers for a dead node (source node 1),
+    and the dead node was recorded as "timeout" while the SuperLink's reply was blamed on a "node 1"."""
+    # Prepare: two devices; the second one's SuperNode dies after round 1
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
+                      partition={"num_clients": 2}, federated={"clients_per_round": 2, "local_steps": 1})
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(12))
+    sim = Simulation.setup(cfg, training_data=False)
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+    grid = DyingNodeGrid(client_app, {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1}},
+                         dead=8, from_round=2)
+    # Execute
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=2)
+    # Assert: round 2 records Flower's reason for the dead node, and no reply is left unattributed
+    first, second = strategy.history
+    assert first["failed"] == [] and len(first["clients"]) == 2
+    assert second["failed"] == [{"client": 1, "node": 8, "reason": f"error 5: {NODE_UNAVAILABLE_ERROR_REASON}"}]
+    assert [c["client"] for c in second["clients"]] == [0]
+    assert "answer no train message" not in caplog.text
+
+
+class FlowerLog(logging.Handler):
+    """The lines Flower's logger prints, formatted as its console handler formats them (no traceback unless the
+    record carries one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(self.format(record).splitlines())
+
+
+@pytest.fixture
+def flower_log():
+    handler = FlowerLog()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    fedhead_log = logging.getLogger("fedhead")
+    saved = (fedhead_log.level, fedhead_log.propagate)
+    yield handler
+    logger.removeHandler(handler)
+    for h in [h for h in fedhead_log.handlers if isinstance(h, ThroughFlower)]:
+        fedhead_log.removeHandler(h)
+    fedhead_log.level, fedhead_log.propagate = saved
+
+
+def test_server_app_on_devices_refuses_a_second_run_in_one_line_and_resumes_saying_from_where(
+        tiny_bert_dir, tmp_path, task_identity, flower_log):
+    """fedhead's ServerApp (`flower_app.main`, as `flwr run` calls it) over two in-process device nodes: a run of
+    2 rounds records the sizes the devices report in partition.json; the same `flwr run` again is refused in one
+    line naming the run-config key resume=true (not fedhead run's --resume / --overwrite), without a traceback in
+    what Flower logs; with resume=true and 3 rounds the run goes on, saying which checkpoint and round it
+    continues from."""
+    # Prepare: a server without training data; devices with 12 and 20 records
+    cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS, "eval_size": 16},
+                      partition={"num_clients": 2}, federated={"clients_per_round": 2, "local_steps": 1})
+    a = _write_records(tmp_path / "a" / "local.jsonl", _mnli(12))
+    b = _write_records(tmp_path / "b" / "local.jsonl", _mnli(20))
+    nodes = {7: {"data": str(a), "client-id": 0}, 8: {"data": str(b), "client-id": 1}}
+    (tmp_path / "server.json").write_text(cfg.model_dump_json())
+    longer = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"rounds": 3})})
+    (tmp_path / "server3.json").write_text(longer.model_dump_json())
+    run_dir = tmp_path / "deployed"
+
+    def flwr_run(config: str, **keys) -> None:
+        run_config = {"config": str(tmp_path / config), "run-dir": str(run_dir), "node-wait": 0.0, **keys}
+        main(LoopGrid(client_app, nodes), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                  run_config=run_config))
+
+    # Execute, Assert: the first run; the device-reported sizes
+    flwr_run("server.json")
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["sizes"] == [] and partition["reported_sizes"] == {"0": 12, "1": 20}
+    # the same command again: refused in one line; Flower logs it (its own call) without a traceback
+    with pytest.raises(RunRefused) as refused:
+        flwr_run("server.json")
+    assert "resume=true" in str(refused.value) and "--resume" not in str(refused.value)
+    assert "--overwrite" not in str(refused.value) and "\n" not in str(refused.value)
+    flower_log.lines.clear()
+    flwr_logger.log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=refused.value)
+    assert flower_log.lines == [f"ERROR: ServerApp raised an exception: {refused.value}"]
+    assert [m["round"] for m in _metrics(run_dir)] == [0, 1, 2]  # untouched
+    # resume=true with 3 rounds: one more round, after a line saying from where
+    flower_log.lines.clear()
+    flwr_run("server3.json", resume=True)
+    resumed = f"INFO: resuming {run_dir} from checkpoint.safetensors after round 2: rounds 3 to 3 to go"
+    assert flower_log.lines.count(resumed) == 1, flower_log.lines
+    assert [m["round"] for m in _metrics(run_dir)] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+
+
+def test_flower_log_lines_are_printed_once():
+    """Rules out every log line of the ServerApp printed twice under `flwr run --stream` (Flower's format, then
+    the root logger's handler that Opacus' import adds with logging.basicConfig)."""
+    code = ("import logging\n"
+            "from fedhead.runners import flower_app\n"
+            "from fedhead.federated.privacy import epsilon_spent\n"
+            "epsilon_spent(1.0, 0.5, 3, 1e-5)  # imports Opacus\n"
+            "flower_app.show_fedhead_logs_through_flower()\n"
+            "logging.getLogger('flwr').info('flower says this once')\n"
+            "logging.getLogger('fedhead').info('fedhead says this once')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    printed = done.stdout + done.stderr
+    assert printed.count("flower says this once") == 1 and printed.count("fedhead says this once") == 1, printed
+
+
+def guide_connection_snippet(port: int = 9093) -> str:
+    """docs/deployment.md's shell lines that add the SuperLink connection to $FLWR_HOME/config.toml (from
+    `mkdir -p "$FLWR_HOME"` to the end of its here-document), for a SuperLink on 127.0.0.1:port."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    start = text.index('mkdir -p "$FLWR_HOME"')
+    end = text.index("\nEOF2\n", start) + len("\nEOF2\n")
+    return text[start:end].replace("127.0.0.1:9093", f"127.0.0.1:{port}")
+
+
+def add_guide_connection(home: Path, port: int) -> None:
+    subprocess.run(["bash", "-c", guide_connection_snippet(port)], env={**os.environ, "FLWR_HOME": str(home)},
+                   check=True)
+
+
+def test_the_guides_connection_snippet_adds_the_table_once(tmp_path):
+    """Rules out the guide's `cat >> ~/.flwr/config.toml` that, run twice, repeated the table (every later `flwr`
+    command then failed to read the file) and wrote to the real home."""
+    import tomllib
+
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
+    assert "$FLWR_HOME/config.toml" in guide_connection_snippet() and "~/.flwr" not in guide_connection_snippet()
+    fresh, flowers = tmp_path / "fresh", tmp_path / "flowers"  # no config.toml yet; Flower's default one
+    flowers.mkdir()
+    (flowers / "config.toml").write_text(DEFAULT_FLOWER_CONFIG_TOML)
+    for home in (fresh, flowers):
+        for _ in range(2):
+            add_guide_connection(home, 9093)
+        config = tomllib.loads((home / "config.toml").read_text())
+        assert config["superlink"]["loopback"] == {"address": "127.0.0.1:9093", "insecure": True}
+    assert config["superlink"]["default"] == "local"  # Flower's own entries are kept
 
 
 def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
@@ -441,7 +614,7 @@ class Deployment:
         self.home, self.procs, self.nodes = home, [], []
         self.port = fe.free_port()
         self.env = fe.flower_env(home)
-        fe.write_connection(home, "loopback", self.port)
+        add_guide_connection(home, self.port)  # the guide's lines
         self.app = fe.write_app(home / "app")
 
     def start_superlink(self) -> None:
@@ -458,12 +631,19 @@ class Deployment:
         self.nodes.append(node)
         return node
 
-    def flwr_run(self, run_config: dict) -> subprocess.Popen:
-        path = fe.write_run_config(self.home / "run_config.toml", run_config)
+    def flwr_run(self, run_config: dict, name: str = "flwr-run") -> subprocess.Popen:
+        """`flwr run APP loopback --run-config FILE --stream`, its output in NAME.log."""
+        path = fe.write_run_config(self.home / f"{name}.toml", run_config)
         proc = fe.start([fe.executable("flwr"), "run", str(self.app), "loopback", "--run-config", str(path),
-                         "--stream"], self.env, self.home / "flwr-run.log")
+                         "--stream"], self.env, self.home / f"{name}.log")
         self.procs.append(proc)
         return proc
+
+    def flwr_ls(self) -> list[dict]:
+        """`flwr ls loopback --format json`: the runs of the SuperLink."""
+        done = subprocess.run([fe.executable("flwr"), "ls", "loopback", "--format", "json"], env=self.env,
+                              capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(done.stdout)["runs"]
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -502,24 +682,31 @@ def _children(pid: int) -> list[int]:
 def test_deployment_on_loopback_devices_train_on_their_own_files_and_a_killed_one_is_dropped(tiny_bert_dir,
                                                                                               tmp_path):
     """Two SuperNodes on 127.0.0.1, each with its own file in a temporary directory of its own; the server's
-    config names no training file. Round 1: each client trains on exactly its own records. Round 2: device 1 is
-    killed (SIGKILL of its SuperNode's process group) while it trains; the round completes with device 0, the
-    dead one is listed under `failed`, nothing of round 1 is rewritten and the run finishes."""
+    config names no training file; the commands of docs/deployment.md. Round 1: each client trains on exactly its
+    own records. Round 2: device 1 is killed (SIGKILL of its SuperNode's process group) while it trains; the round
+    completes with device 0 and the dead one is listed under `failed` with the reason Flower gives (node
+    unavailable), nothing of round 1 is rewritten and the run finishes. The same `flwr run` again is refused in
+    one line (no traceback) and `flwr ls` shows it failed; with device 1 back, `resume=true` and a config of 3
+    rounds the run goes on from its checkpoint, saying so."""
     # Prepare: files of different sizes and label mixes; the server never learns where the devices' data is
     rows = [_mnli(30, {"entailment", "neutral"}), _mnli(50, {"contradiction", "neutral"})]
     files = [_write_records(Path(tempfile.mkdtemp(prefix=f"fedhead-device{i}-")) / "local.jsonl", r)
              for i, r in enumerate(rows)]
+    node_configs = [f'data="{f}" client-id={i}' for i, f in enumerate(files)]
     cfg = tiny_config(tiny_bert_dir, tmp_path, data={"train": "", "labels": LABELS}, partition={"num_clients": 2},
                       heads={"sparsity": 0.5}, federated={"clients_per_round": 2, "selection": "loss_gap"})
-    config_path = tmp_path / "server.json"
+    config_path, longer_path = tmp_path / "server.json", tmp_path / "server3.json"
     config_path.write_text(cfg.model_dump_json())
+    longer_path.write_text(cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"rounds": 3})})
+                           .model_dump_json())
     run_dir = tmp_path / "deployed"
-    # Execute: the commands of docs/deployment.md, then a kill in round 2
+    # round-timeout above Flower's node liveness (a dead SuperNode is noticed 37-60 s after it died), so that the
+    # dead node's reason is Flower's
+    run_config = {"config": str(config_path), "run-dir": str(run_dir), "round-timeout": 150.0, "node-wait": 120.0}
+    # Execute: the commands of docs/deployment.md, a kill in round 2, the same command again, a resume
     try:
-        with deployment([f'data="{f}" client-id={i}' for i, f in enumerate(files)]) as d:
-            # round-timeout bounds the wait for the dead node (the SuperLink itself notices it ~60 s later)
-            run = d.flwr_run({"config": str(config_path), "run-dir": str(run_dir), "round-timeout": 60.0,
-                              "node-wait": 120.0})
+        with deployment(node_configs) as d:
+            run = d.flwr_run(run_config)
             deadline = time.monotonic() + 300
             while len(_metrics(run_dir)) < 2 and time.monotonic() < deadline and run.poll() is None:
                 time.sleep(0.2)
@@ -534,28 +721,53 @@ def test_deployment_on_loopback_devices_train_on_their_own_files_and_a_killed_on
             run.wait(timeout=300)
             assert run.returncode == 0, d.logs()
             assert (run_dir / "summary.json").exists(), d.logs()
+            finished = _metrics(run_dir)
+            again = d.flwr_run(run_config, "flwr-run-again")
+            again.wait(timeout=300)
+            runs = d.flwr_ls()
+            d.start_supernode(node_configs[1])  # device 1 is back
+            resumed = d.flwr_run({**run_config, "config": str(longer_path), "resume": True}, "flwr-run-resume")
+            resumed.wait(timeout=400)
+            logs = {name: (d.home / f"{name}.log").read_text(errors="replace")
+                    for name in ("flwr-run", "flwr-run-again", "flwr-run-resume")}
+            assert (run_dir / "summary.json").exists(), d.logs()
     finally:
         for f in files:
             f.unlink()
             f.parent.rmdir()
     # Assert: round 1 trained each client on exactly its own file's records
-    metrics = _metrics(run_dir)
-    assert [m["round"] for m in metrics] == [0, 1, 2]
-    assert metrics[:2] == before  # nothing of the earlier rounds is lost or rewritten
-    first = metrics[1]
+    assert [m["round"] for m in finished] == [0, 1, 2]
+    assert finished[:2] == before  # nothing of the earlier rounds is lost or rewritten
+    first = finished[1]
     assert first["selected"] == [0, 1] and first["failed"] == [] and first["rejected"] == [] and "accuracy" in first
     assert {c["client"]: c["num_examples"] for c in first["clients"]} == {0: 30, 1: 50}
     assert all(len(c["kept_heads"]) == 4 and c["bytes_up"] > 0 for c in first["clients"])  # half of 2 x 4 heads
     assert first["bytes_down"] == 2 * first["clients"][0]["bytes_down"]
-    # round 2: the killed device is dropped, the other one's update is aggregated
-    last = metrics[2]
-    assert last["selected"] == [0, 1]
-    assert [f["client"] for f in last["failed"]] == [1] and last["failed"][0]["reason"], last["failed"]
-    assert {c["client"]: c["num_examples"] for c in last["clients"]} == {0: 30} and "skipped" not in last
-    assert math.isfinite(last["eval_loss"])
+    # round 2: the killed device is dropped with Flower's reason, the other one's update is aggregated
+    second = finished[2]
+    assert second["selected"] == [0, 1]
+    assert [(f["client"], f["reason"]) for f in second["failed"]] == [
+        (1, f"error 5: {NODE_UNAVAILABLE_ERROR_REASON}")], second["failed"]
+    assert {c["client"]: c["num_examples"] for c in second["clients"]} == {0: 30} and "skipped" not in second
+    assert math.isfinite(second["eval_loss"]) and "answer no train message" not in logs["flwr-run"]
+    # every fedhead line once in the stream
+    assert logs["flwr-run"].count("fedhead round 2:") == 1, logs["flwr-run"][-3000:]
+    # the same command again: one line naming resume=true, no traceback; Flower records the run as failed
+    refusals = [line for line in logs["flwr-run-again"].splitlines() if "holds another run" in line]
+    assert len(refusals) == 1 and "resume=true" in refusals[0], logs["flwr-run-again"][-3000:]
+    assert "Traceback" not in logs["flwr-run-again"] and "--overwrite" not in logs["flwr-run-again"]
+    assert [r["status"] for r in sorted(runs, key=lambda r: r["pending-at"])] == [
+        "finished:completed", "finished:failed"], runs
+    # resumed with 3 rounds: the line saying from where, round 3 with both devices
+    assert f"resuming {run_dir} from checkpoint.safetensors after round 2: rounds 3 to 3 to go" in logs[
+        "flwr-run-resume"], logs["flwr-run-resume"][-3000:]
+    metrics = _metrics(run_dir)
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3] and metrics[:3] == finished
+    assert {c["client"]: c["num_examples"] for c in metrics[3]["clients"]} == {0: 30, 1: 50}
     partition = json.loads((run_dir / "partition.json").read_text())
     assert partition["label_names"] == LABELS and partition["sizes"] == []  # the server holds no training data
+    assert partition["reported_sizes"] == {"0": 30, "1": 50}  # what the devices said
     assert not any(str(f.parent) in (run_dir / name).read_text() for f in files
                    for name in ("config.json", "metrics.jsonl"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["bytes_up"] == sum(m["bytes_up"] for m in metrics[1:])
+    assert summary["rounds"] == 3 and summary["bytes_up"] == sum(m["bytes_up"] for m in metrics[1:])

@@ -125,6 +125,8 @@ def _configure(strategy: FedHeadStrategy, s: Setup, round_: int) -> dict[int, Me
     strategy.nodes = copy.deepcopy(s.table)
     strategy.history.clear()
     messages = list(strategy.configure_train(round_, s.arrays, ConfigRecord(), s.grid))
+    for m in messages:  # pushed: the grid gives each message its id, which its reply names
+        m.metadata.__dict__["_message_id"] = f"t{round_}-{m.metadata.dst_node_id}"
     return {NODES[m.metadata.dst_node_id]: m for m in messages}
 
 
@@ -194,9 +196,12 @@ def _update_copy(u: ClientUpdate) -> ClientUpdate:
                         dict(u.stats))
 
 
-def _forged(node: int, kind: str, group: str) -> Message:
-    """An instruction the server never sent (another node, round or message type), to reply to."""
-    return Message(RecordDict(), node, kind, group_id=group)
+def _forged(node: int, kind: str, group: str, message_id: str) -> Message:
+    """An instruction the server never sent (another node, round or message type), to reply to; a reply to it
+    claims to answer the message `message_id` (a real train message's id, or one the server never gave)."""
+    forged = Message(RecordDict(), node, kind, group_id=group)
+    forged.metadata.__dict__["_message_id"] = message_id
+    return forged
 
 
 def hostile(kind: str, s: Setup, msg: Message, c: int, round_: int, draw) -> tuple[list[Message], str]:
@@ -278,15 +283,18 @@ def hostile(kind: str, s: Setup, msg: Message, c: int, round_: int, draw) -> tup
         return [_reply(msg, payload_record(encode_update(u)), honest_metrics)], REJECT
 
     # replies that are not this node's one answer to this round's train message
+    def claimed() -> str:  # the id of the message a forged reply says it answers: the real one, or none sent
+        return draw(st.sampled_from([msg.metadata.message_id, "", "t0-100"]))
+
     if kind == "another_round":
         group = draw(st.one_of(st.sampled_from([str(round_ - 1), str(round_ + 1), "", "0", f"{round_} "]),
                                st.text(max_size=6).filter(lambda g: g != str(round_))))
-        return [_reply(_forged(NODE_OF[c], "train", group), honest_update, honest_metrics)], REJECT
+        return [_reply(_forged(NODE_OF[c], "train", group, claimed()), honest_update, honest_metrics)], REJECT
     if kind == "another_type":
         mtype = draw(st.sampled_from(["evaluate", "query", "system", "train.x"]))
-        return [_reply(_forged(NODE_OF[c], mtype, str(round_)), honest_update, honest_metrics)], REJECT
+        return [_reply(_forged(NODE_OF[c], mtype, str(round_), claimed()), honest_update, honest_metrics)], REJECT
     if kind == "unknown_node":  # its answer comes from a node the round did not send to
-        return [_reply(_forged(STRANGER, "train", str(round_)), honest_update, honest_metrics)], REJECT
+        return [_reply(_forged(STRANGER, "train", str(round_), claimed()), honest_update, honest_metrics)], REJECT
     if kind == "duplicate":
         second = draw(st.sampled_from(["same", "other_payload"]))
         other = honest_update if second == "same" else payload_record(s.blobs[(c + 1) % N])
@@ -296,7 +304,7 @@ def hostile(kind: str, s: Setup, msg: Message, c: int, round_: int, draw) -> tup
     if kind == "stranger_too":  # an honest answer, and a reply from a node the round did not send to
         stray = draw(st.sampled_from([honest_update, payload_record(s.blobs[(c + 1) % N])]))
         return [_reply(msg, honest_update, honest_metrics),
-                _reply(_forged(STRANGER, "train", str(round_)), stray, honest_metrics)], ACCEPT
+                _reply(_forged(STRANGER, "train", str(round_), claimed()), stray, honest_metrics)], ACCEPT
     if kind == "no_metrics":
         return [Message(RecordDict({"update": honest_update}), reply_to=msg)], ACCEPT
     if kind == "junk_metrics":

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from fedhead.cli import app
 from fedhead.report import Run, curve_bands
+from fedhead.run_metrics import TAIL
 from fedhead.runners.local import run_simulation
 from tests.conftest import tiny_config
 
@@ -59,3 +60,26 @@ def test_runs_that_differ_by_seed_share_one_band(two_runs):
     assert not np.array_equal(a, b)  # the seed changed the curve
     assert np.allclose(pruned.mean, (a + b) / 2) and np.array_equal(pruned.low, np.minimum(a, b))
     assert np.array_equal(pruned.high, np.maximum(a, b)) and np.array_equal(dense.mean, runs[0].curve("round")[1])
+
+
+def test_default_target_is_the_baselines_tail_mean_minus_2_points_and_short_means_are_marked(two_runs, tmp_path):
+    """Rules out `--help` promising "baseline final - 2 points" while the code takes the tail mean, and a
+    "mean of last 5 evals" over fewer evaluations that says nothing (the tiny runs have 2)."""
+    # Prepare
+    dense = [json.loads(x) for x in (two_runs / "dense" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m["accuracy"] for m in dense if m["round"] > 0 and "accuracy" in m]
+    assert 0 < len(evaluated) < TAIL
+    # Execute
+    result = CliRunner().invoke(app, ["report", str(two_runs / "dense"), str(two_runs / "pruned"),
+                                      "--out", str(tmp_path / "rep")])
+    helped = CliRunner().invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    # Assert
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["target"] == pytest.approx(np.mean(evaluated) - 0.02)
+    assert [r["tail_evaluations"] for r in summary["rows"]] == [len(evaluated)] * 2
+    n = len(evaluated)
+    assert f"Mean of last {TAIL} evals: over fewer where a run has fewer (dense {n}, pruned {n})." in result.output
+    help_text = " ".join(helped.output.replace("│", " ").split())
+    assert f"mean of its last {TAIL} evaluations, or of all when it has fewer, minus 2 points" in help_text
+    assert "final - 2" not in help_text

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedhead.config import Config, ConfigError, config_from_dict, config_reference, load_config
 from fedhead.data.loading import DataError
 from fedhead.models.head_map import UnsupportedModelError
+from fedhead.run_metrics import TAIL
 
 app = typer.Typer(
     help="Federated LoRA fine-tuning with attention-head pruning, head-weighted aggregation and strategic "
@@ -303,8 +304,9 @@ def report(
         "report"),
     baseline: Annotated[Path | None, typer.Option(help="Dense run to compare against (default: the first "
                                                        "run with sparsity 0 and FedAvg).")] = None,
-    target: Annotated[float | None, typer.Option(help="Target accuracy (default: baseline final - 2 points).")]
-    = None,
+    target: Annotated[float | None, typer.Option(help=(
+        f"Target accuracy (default: the baseline's mean of its last {TAIL} evaluations, or of all when it has "
+        "fewer, minus 2 points)."))] = None,
 ) -> None:
     """Compare runs: accuracy, bytes, FLOPs, time, and the cost to reach a target accuracy; table and plots."""
     from fedhead.report import ReportError, write_report

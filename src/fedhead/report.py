@@ -2,8 +2,9 @@
 
 Reads each run directory's `config.json` and `metrics.jsonl` and writes a Markdown table and PNG plots. The
 dense baseline is the run with sparsity 0 and FedAvg aggregation (or the one named with `--baseline`). Runs are
-compared on the mean of their last 5 evaluations (with a few label-skewed clients a round, a single evaluation
-swings by several points); the target accuracy defaults to the baseline's mean minus 2 points.
+compared on the mean of their last 5 evaluations, or of all of them when a run has fewer (with a few label-skewed
+clients a round, a single evaluation swings by several points); the target accuracy defaults to the baseline's
+mean minus 2 points. The table says when a mean is over fewer than 5 evaluations.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
             "run": run.name, "method": run.method, "sparsity": run.sparsity, "metric": key,
             "final": evaluated[-1] if evaluated else None, "best": max(evaluated) if evaluated else None,
             "tail_mean": float(np.mean(evaluated[-TAIL:])) if evaluated else None,
+            "tail_evaluations": len(evaluated[-TAIL:]),
             "final_metrics": next(({k: m[k] for k in run.metric_keys if k in m} for m in reversed(run.rounds)
                                    if key in m), {}),
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
@@ -185,8 +187,11 @@ def markdown_table(rows: list[dict[str, Any]], target: float | None) -> str:
             f"{r['bytes_down'] / 1e6:.1f} MB | {_fmt(r.get('upload_advantage'), '.2f', 'x')} | "
             f"{_fmt(r.get('comm_advantage'), '.2f', 'x')} | {r['train_flops'] / 1e12:.1f} T | "
             f"{_fmt(r.get('flops_reduction'), '.2f', 'x')} | {r['seconds']:.0f} | " + " | ".join(reach) + " |")
-    note = f"\nTarget {rows[0]['metric']}: {target:.3f}.\n" if target is not None and rows else "\n"
-    return "\n".join(lines) + note
+    notes = [f"Target {rows[0]['metric']}: {target:.3f}."] if target is not None and rows else []
+    fewer = [f"{r['run']} {r['tail_evaluations']}" for r in rows if 0 < r["tail_evaluations"] < TAIL]
+    if fewer:
+        notes.append(f"Mean of last {TAIL} evals: over fewer where a run has fewer ({', '.join(fewer)}).")
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 SEED_ONLY = ("seed", "run_name", "out", "threads", "device")  # config keys that do not make another configuration
@@ -278,7 +283,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
     else:
         dense = [r for r in runs if r.sparsity == 0 and r.config["federated"]["aggregation"] == "fedavg"]
         base = dense[0] if dense else None
-    if target is None and base is not None:
+    if target is None and base is not None:  # the baseline's mean of its last TAIL evaluations, minus 2 points
         target = _tail_mean(base) - 2.0 / base.points
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize_runs(runs, base, target)

@@ -8,8 +8,10 @@ spent is tracked with Opacus' RDP accountant, with sampling rate q = K / N and o
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
-from opacus.accountants import RDPAccountant
 
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.state import State
@@ -55,6 +57,20 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, rounds: int, delt
     """Epsilon of (epsilon, delta)-DP after `rounds` rounds, from Opacus' RDP accountant."""
     if rounds == 0:
         return 0.0
-    accountant = RDPAccountant()
+    accountant = _rdp_accountant()
     accountant.history = [(noise_multiplier, sample_rate, rounds)]
     return float(accountant.get_epsilon(delta=delta))
+
+
+def _rdp_accountant() -> Any:
+    """A new `opacus.accountants.RDPAccountant`. Importing Opacus calls `logging.basicConfig`, which gives the root
+    logger a handler that prints every propagating record of every library a second time (each of Flower's log
+    lines under `flwr run --stream`): the handlers the import adds to the root logger are taken away again."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        from opacus.accountants import RDPAccountant
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+    return RDPAccountant()

@@ -30,7 +30,9 @@ if it has one and otherwise only aggregates.
 Run config of the app (`flwr run APP --run-config 'key=value ...'`): `config` (a fedhead TOML or config.json on
 the SuperLink machine; empty: RUN_DIR/config.json), `run-dir` (empty: OUT/RUN_NAME of the config), `resume`,
 `round-timeout` (seconds a round waits for replies), `node-wait` (seconds the first round waits until
-`clients_per_round` nodes are connected).
+`clients_per_round` nodes are connected). A problem the user can fix (config, data, model, a run directory that
+already holds a run without resume=true) stops the ServerApp in one log line (`RunRefused`), and Flower records
+the run as failed (`flwr ls`). fedhead's own log lines (resume, damaged checkpoints) go through Flower's logger.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedhead.config import Config, load_config
-from fedhead.data.loading import LOCAL_FORMATS
+from fedhead.config import Config, ConfigError, load_config
+from fedhead.data.loading import LOCAL_FORMATS, DataError
 from fedhead.data.tasks import label_values
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import State
+from fedhead.models import UnsupportedModelError
 from fedhead.runners.flower_client import send_and_receive
 from fedhead.runners.flower_strategy import FedHeadStrategy
 from fedhead.runners.local import Simulation, drive_rounds
@@ -57,6 +60,7 @@ from fedhead.runners.run_dir import RunDir
 log = logging.getLogger("flwr")  # shown by `flwr run --stream` and in the SuperLink's log
 
 server_app = ServerApp()
+USER_ERRORS = (ConfigError, DataError, UnsupportedModelError)  # the ServerApp refuses in one line (RunRefused)
 
 
 def readable_here(source: str | None) -> bool:
@@ -86,16 +90,18 @@ def run_round(strategy: FedHeadStrategy, sim: Simulation, grid: Grid, state: Sta
 
 
 def server_options(run_config: dict[str, Any]) -> tuple[Config, Path, bool, float, float]:
-    """(config, run directory, resume, round timeout, node wait) from the app's run config."""
+    """(config, run directory, resume, round timeout, node wait) from the app's run config; ConfigError when
+    it names no config, or one that cannot be read."""
     config, run_dir = str(run_config.get("config", "")), str(run_config.get("run-dir", ""))
     resume = bool(run_config.get("resume", False))
-    if config:
-        cfg = (Config.model_validate_json(Path(config).read_text()) if config.endswith(".json")
-               else load_config(config))
-    elif run_dir:
-        cfg = Config.model_validate_json((Path(run_dir) / "config.json").read_text())
-    else:
-        raise ValueError("the run config needs 'config' (a fedhead config file) or 'run-dir' (with config.json)")
+    if not config and not run_dir:
+        raise ConfigError("the run config needs config (a fedhead config file on the SuperLink machine) or run-dir "
+                          "(a run directory with config.json)")
+    path = Path(config or Path(run_dir) / "config.json")
+    if not path.is_file():
+        raise ConfigError(f"config file not found on the SuperLink machine: {path.resolve()} (run config "
+                          f"{'config' if config else 'run-dir'})")
+    cfg = Config.model_validate_json(path.read_text()) if path.suffix == ".json" else load_config(path)
     path = Path(run_dir) if run_dir else Path(cfg.out) / (cfg.run_name or "run")
     return (cfg, path, resume, float(run_config.get("round-timeout", 3600.0)),
             float(run_config.get("node-wait", 600.0)))
@@ -125,9 +131,58 @@ def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, resume: bool = False,
     return drive_rounds(sim, RunDir(run_dir), round_fn, resume=resume, start=start, on_round=on_round)
 
 
+class RunRefused(Exception):
+    """The ServerApp stops on a problem the user can fix (config, data, model, run directory); Flower records the
+    run as failed and logs this one line, without a traceback (`OneLineRefusal`)."""
+
+
+class OneLineRefusal(logging.Filter):
+    """On Flower's logger: the record Flower logs for a ServerApp that raised `RunRefused` ("ServerApp raised an
+    exception", with its traceback) becomes one line that ends with the refusal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refusal = record.exc_info[1] if record.exc_info else None
+        if isinstance(refusal, RunRefused):
+            record.msg, record.args = f"{record.getMessage()}: {refusal}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+class ThroughFlower(logging.Handler):
+    """Hands fedhead's log records (resume, damaged checkpoints, ...) to Flower's logger, which shows them under
+    `flwr run --stream` and in the SuperLink's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.handle(record)
+
+
+def show_fedhead_logs_through_flower() -> None:
+    """fedhead's INFO and higher records through Flower's logger, once each; refusals in one line."""
+    fedhead_log = logging.getLogger("fedhead")
+    if not any(isinstance(h, ThroughFlower) for h in fedhead_log.handlers):
+        fedhead_log.addHandler(ThroughFlower())
+    fedhead_log.setLevel(logging.INFO)
+    fedhead_log.propagate = False
+    if not any(isinstance(f, OneLineRefusal) for f in log.filters):
+        log.addFilter(OneLineRefusal())
+
+
+def refuse_a_second_run(run_dir: Path, resume: bool) -> None:
+    """ConfigError (with the run-config keys that apply) when `run_dir` holds a run and resume is not set."""
+    if not resume and RunDir(run_dir).holds_a_run():
+        raise ConfigError(f"{run_dir.resolve()} holds another run: continue it with run config resume=true "
+                          "(flwr run ... --run-config 'config=\"...\" resume=true'), or give another run-dir")
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg, run_dir, resume, round_timeout, node_wait = server_options(dict(context.run_config))
-    log.info("fedhead: run directory %s", run_dir.resolve())
-    summary = serve(grid, cfg, run_dir, resume=resume, round_timeout=round_timeout, node_wait=node_wait)
+    """fedhead's ServerApp: the run loop of `serve` with the options of the run config (module docstring)."""
+    show_fedhead_logs_through_flower()
+    try:
+        cfg, run_dir, resume, round_timeout, node_wait = server_options(dict(context.run_config))
+        log.info("fedhead: run directory %s", run_dir.resolve())
+        refuse_a_second_run(run_dir, resume)
+        summary = serve(grid, cfg, run_dir, resume=resume, round_timeout=round_timeout, node_wait=node_wait)
+    except USER_ERRORS as err:
+        raise RunRefused(" ".join(str(err).split())) from None
     log.info("fedhead: done, final %s %s", summary.get("metric"), summary.get("final_score"))

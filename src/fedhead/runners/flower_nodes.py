@@ -17,8 +17,9 @@ its answer to the server's `query` message (fedhead's ClientApp answers from its
 
 A node is not used (logged, never selected) when its id is outside [0, N) or held by another connected node,
 when its answer is not an integer client-id (and num-clients) in a "node" record, when all N ids are held, when
-it did not answer the query, when fedhead's ClientApp says its node config cannot serve the run, and, after a
-reply saying that its data does not fit the run's config, until it reconnects.
+it did not answer the query (or the SuperLink answered in its place), when fedhead's ClientApp says its node
+config cannot serve the run, and, after a reply saying that its data does not fit the run's config, until it
+reconnects.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 
 log = logging.getLogger("flwr")
 
 NODE_CONFIG_ERROR = 4000  # error code of a reply: the node's config cannot serve this run
 DATA_ERROR = 4001  # error code of a reply: the node's data does not fit the run's config (fields, labels)
+# error codes of the replies Flower's SuperLink gives in a node's place: the message expired or was lost, its
+# reply expired, the node stopped sending heartbeats (flwr.common.constant.ErrorCode)
+FLOWER_UNAVAILABLE = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
 
 @dataclass
@@ -58,6 +63,8 @@ class NodeTable:
         elif reply.has_error():
             if reply.error.code == NODE_CONFIG_ERROR:
                 why = f"node config: {reply.error.reason}"
+            elif reply.error.code in FLOWER_UNAVAILABLE:  # the SuperLink answered: the node never did
+                why = f"no answer to the query (error {reply.error.code}: {reply.error.reason})"
         else:
             try:
                 node_record = reply.content["node"]

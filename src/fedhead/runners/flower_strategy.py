@@ -24,6 +24,7 @@ import datasets
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -51,6 +52,7 @@ class _Round:
     state: State
     selection: Selection
     sent: dict[int, int]  # node id -> client id
+    messages: dict[int, Message]  # node id -> its train message (the grid sets its message_id when it pushes it)
     down: int  # bytes of the state payload each node was sent
     t0: float
 
@@ -117,15 +119,21 @@ class FedHeadStrategy(Strategy):
                                  server_round, self.rng, self.stats,
                                  self._global_losses(grid, down, server_round, clients, config))
         sent = {clients[c]: c for c in selection.clients}
-        self._round = _Round(state, selection, sent, len(down), t0)
-        return [self._message(down, n, c, server_round, "train", config) for n, c in sent.items()]
+        messages = {n: self._message(down, n, c, server_round, "train", config) for n, c in sent.items()}
+        self._round = _Round(state, selection, sent, messages, len(down), t0)
+        return list(messages.values())
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode the updates, record the nodes that failed (no reply, several replies, an error, a reply to
         another round's or another kind of message, a bad payload), and run `federated.server.server_round`
-        (screen, record client statistics, aggregate, server optimiser or DP). Replies from nodes the round sent
-        nothing to are logged and ignored.
+        (screen, record client statistics, aggregate, server optimiser or DP).
+
+        A reply belongs to the train message it answers (`reply_to_message_id`: the ids the grid gave the messages
+        `configure_train` returned when it pushed them), not to its source: when a node is unreachable Flower's
+        SuperLink answers in its place (source node 1, error 5 "Node Unavailable"), and that reason is the one
+        recorded for the node. Replies to no train message of this round, or from a node other than the
+        message's destination or the SuperLink, are logged and ignored.
 
         Returns:
             The next global state (named tensors; the current one kept below `federated.min_clients` good
@@ -135,21 +143,19 @@ class FedHeadStrategy(Strategy):
         assert self._round is not None, "configure_train first"
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
-        by_node: dict[int, list[Message]] = {}
-        for m in replies:
-            by_node.setdefault(m.metadata.src_node_id, []).append(m)
+        by_node, stray = replies_by_node(replies, r.messages)
         answered: list[Reply] = []
         failed: list[dict[str, Any]] = []
         for node, client in r.sent.items():
-            reply, why = self._decode(by_node.pop(node, []), node, client, r.down, server_round)
+            reply, why = self._decode(by_node.get(node, []), node, client, r.down, server_round)
             if reply is not None:
                 answered.append(reply)
             else:
                 log.warning("round %d: client %d (node %d) dropped: %s", server_round, client, node, why)
                 failed.append({"client": client, "node": node, "reason": why})
-        for node, extra in by_node.items():
-            log.warning("round %d: %d reply(ies) from node %d, to which this round sent nothing, ignored", server_round,
-                        len(extra), node)
+        if stray:
+            log.warning("round %d: %d reply(ies) that answer no train message of this round ignored (from node(s) "
+                        "%s)", server_round, len(stray), sorted({m.metadata.src_node_id for m in stray}))
         t_train = time.perf_counter()
         known = {a.client: self.known_sizes[a.client] for a in answered
                  if a.client in partition_clients and a.client in self.known_sizes}
@@ -238,9 +244,9 @@ class FedHeadStrategy(Strategy):
         if len(received) > 1:
             return None, f"{len(received)} replies to one train message"
         reply = received[0] if received else None
-        why = failure(reply)
-        if why is not None or reply is None:
-            if reply is not None and why is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
+        why = failure(reply) if reply is not None else f"no reply within round-timeout ({self.round_timeout:g} s)"
+        if why is not None:
+            if reply is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
                 self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
             return None, why or "timeout"
         kind, group = reply.metadata.message_type, reply.metadata.group_id
@@ -259,6 +265,30 @@ class FedHeadStrategy(Strategy):
         except Exception:  # noqa: BLE001 - a reply without metrics still counts
             reported = {}
         return Reply(client, update, down, len(blob), reported), ""
+
+
+def replies_by_node(replies: Iterable[Message], sent: dict[int, Message]) -> tuple[dict[int, list[Message]],
+                                                                                 list[Message]]:
+    """({node: the replies to the message sent to it}, the other replies), by the message each reply answers.
+
+    Args:
+        replies: the replies pulled for the round.
+        sent: node id -> the message sent to it, pushed (its `metadata.message_id` set by the grid).
+    Returns:
+        Each node's replies: those whose `reply_to_message_id` is its message's id and whose source is the node
+        or Flower's SuperLink (which answers for an unreachable node, or for a message whose time to live ran
+        out); and the replies that answer no message in `sent` or come from another node.
+    """
+    node_of = {m.metadata.message_id: n for n, m in sent.items() if m.metadata.message_id}
+    by_node: dict[int, list[Message]] = {}
+    stray: list[Message] = []
+    for m in replies:
+        node = node_of.get(m.metadata.reply_to_message_id)
+        if node is not None and m.metadata.src_node_id in (node, SUPERLINK_NODE_ID):
+            by_node.setdefault(node, []).append(m)
+        else:
+            stray.append(m)
+    return by_node, stray
 
 
 def central_evaluation(lm: LoadedModel, data: datasets.Dataset, cfg: Config

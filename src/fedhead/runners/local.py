@@ -244,7 +244,8 @@ def drive_rounds(
     stats, rng, first = ClientStats(), np.random.default_rng(cfg.seed), 1
     window = cfg.federated.tail_average_rounds
     tail = TailAverage.for_run(cfg.federated.rounds, window)
-    checkpoint = rd.load_checkpoint() if resume else None
+    found = rd.newest_checkpoint() if resume else None
+    checkpoint = None if found is None else found[1:]
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
     if checkpoint is not None:
@@ -256,7 +257,9 @@ def drive_rounds(
         rng.bit_generator.state = meta["rng"]
         first = meta["round"] + 1
         rd.truncate_metrics(meta["round"])
-        log.info("resuming %s after round %d", rd.path, meta["round"])
+        to_go = (f"rounds {first} to {cfg.federated.rounds} to go" if first <= cfg.federated.rounds
+                 else "no round to go (the summary is written again)")
+        log.info("resuming %s from %s after round %d: %s", rd.path, found[0].name, meta["round"], to_go)
     else:
         rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite or resume)
         (rd.path / "metrics.jsonl").unlink(missing_ok=True)
@@ -284,6 +287,8 @@ def drive_rounds(
         if round_ == cfg.federated.rounds and tail is not None:
             metrics.update(sim.evaluate_tail_average(tail, state))
         rd.append_metrics(metrics)
+        if not sim.parts:  # devices train on their own data: partition.json records the sizes they report
+            record_reported_sizes(rd, metrics)
         saved = checkpoint_tensors(state, sim.server_moments, sim.residuals)
         meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()}
         if tail is not None:
@@ -298,6 +303,19 @@ def drive_rounds(
         if stop_after is not None and round_ >= stop_after and round_ < cfg.federated.rounds:
             return {"stopped_after": round_}
     return _finish(sim, state, rd, time.perf_counter() - start)
+
+
+def record_reported_sizes(rd: RunDir, metrics: dict[str, Any]) -> None:
+    """Merge the training-set sizes the round's clients reported (`num_examples` of the accepted updates) into
+    partition.json's "reported_sizes" ({client id: size}, the last report of each client), for a run whose server
+    holds no training data ("sizes" stays empty: the server cannot check what a device says it has)."""
+    reported = {str(c["client"]): c["num_examples"] for c in metrics.get("clients", []) if "num_examples" in c}
+    if not reported:
+        return
+    partition = rd.read_json("partition.json") if (rd.path / "partition.json").is_file() else {}
+    sizes = {**partition.get("reported_sizes", {}), **reported}
+    partition["reported_sizes"] = dict(sorted(sizes.items(), key=lambda item: int(item[0])))
+    rd.write_json("partition.json", partition)
 
 
 def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[str, Any]:

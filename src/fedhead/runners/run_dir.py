@@ -168,14 +168,20 @@ class RunDir:
         atomic_write(current, encode_state(state, {"fedhead_checkpoint": json.dumps(meta)}))
 
     def load_checkpoint(self) -> tuple[State, dict[str, Any]] | None:
-        """The newest readable checkpoint; a damaged one is reported and the previous one used."""
+        """The newest readable checkpoint (state, metadata); a damaged one is reported and the previous one used."""
+        found = self.newest_checkpoint()
+        return None if found is None else found[1:]
+
+    def newest_checkpoint(self) -> tuple[Path, State, dict[str, Any]] | None:
+        """(its file, state, metadata) of the newest readable checkpoint: checkpoint.safetensors, or
+        checkpoint.prev.safetensors when the newest is damaged (reported); None when there is none."""
         for name in (CHECKPOINT, PREVIOUS):
             path = self.path / name
             if not path.exists():
                 continue
             try:
                 state, metadata = decode_state_with_metadata(path.read_bytes())
-                return state, json.loads(metadata["fedhead_checkpoint"])
+                return path, state, json.loads(metadata["fedhead_checkpoint"])
             except Exception as err:  # noqa: BLE001 - any damage means: fall back
                 log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", path,
                             type(err).__name__, err)
