@@ -168,6 +168,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "dense-top5": {"lora.layers": [1, 2, 3, 4, 5]},
     # activation checkpointing: exact (no training needed: tests/test_levers.py), measured by `costs` only
     "dense-ckpt": {"federated.activation_checkpointing": True},
+    "dense-sdpa": {"model.attn_implementation": "sdpa"},
+    "dense-ckpt-sdpa": {"federated.activation_checkpointing": True, "model.attn_implementation": "sdpa"},
     "dense-top3-ckpt": {"lora.layers": [3, 4, 5], "federated.activation_checkpointing": True},
     "dense-steps5-ckpt": {"federated.local_steps": 5, "federated.activation_checkpointing": True},
     "dense-up2-top4": {"federated.upload_bits": 2, "lora.layers": [2, 3, 4, 5]},

@@ -1,0 +1,235 @@
+"""What a small device should run: for each budget (a ratio to dense of upload, training FLOPs or peak training
+memory), the most accurate configuration that meets it, and the most accurate one that prunes heads (issue "What
+a small device should run").
+
+    python bench/budget.py costs [--rows ...]   # a client round of each row: FLOPs, upload, memory (64 and 256
+                                                # tokens), time; docs/results/budget_costs.json
+    python bench/budget.py table                # docs/results/budget.md from the costs and the frontier's records
+
+**Costs** are one controlled measurement, not the runs' own logs: one process builds every row's model and runs
+the same client's round (client 0 of seed 0, round 1, from each row's initial global state) for each row in turn,
+`--repeats` times. Training FLOPs (torch's flop counter, eager attention), the upload (the serialised update's
+bytes) and the peak training memory (the bytes autograd keeps for the backward, the largest recomputed layer
+under checkpointing, a gradient and AdamW's two moments per trainable value) are exact and deterministic; round
+and step times are medians, good to about 0.1x. Memory is also measured at 256 tokens: each row of the client's
+data repeated to 256 real tokens (no padding), one pass. Memory ratios are given against dense with eager
+attention (what every row trains with) and against dense with `sdpa` (the best kernel for training memory; its
+FLOPs are not counted on the CPU, so no FLOP ratio is given for sdpa rows).
+
+**Accuracy** comes from the frontier's records (bench/frontier.py: 60 rounds, 3 seeds, all 9,815 pairs, the mean
+of the last 5 rounds' global models, paired with dense of the same seed) when a row has them, else from its
+30-round screen (one seed: marked, a screen only). A row whose training is exactly dense's (activation
+checkpointing alone, `EXACT`) takes dense's accuracy: tests/test_levers.py shows its gradients equal dense's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+from common import ROOT
+from frontier import BASE, PROTOCOL, RESULTS, ROWS, frontier_rows
+
+from fedhead.config import load_config
+
+COSTS = ROOT / "docs" / "results" / "budget_costs.json"
+SCREEN = RESULTS.parent / "screen30"
+TABLE = RESULTS.parent / "budget.md"
+# rows whose training is dense's exactly (activation checkpointing changes no gradient): dense's accuracy
+EXACT = {"dense-ckpt": "dense", "dense-sdpa": "dense", "dense-ckpt-sdpa": "dense"}
+COST_ROWS = ("dense", "dense-sdpa", "dense-ckpt", "dense-ckpt-sdpa", "dense-up8", "dense-up4", "dense-up2",
+             "dense-steps6", "dense-steps5", "dense-top5", "dense-top4", "dense-top3", "dense-top3-ckpt",
+             "dense-steps5-ckpt", "dense-up2-top4", "sparse-rolling-0.9", "sparse-rolling-0.7",
+             "sparse-rolling-0.9-up4", "remove-0.9", "mixed-ng-rolling-fapc-0.9", "mixed-ng-rolling-fapc-0.7")
+# (resource, budget): the ratio to dense a configuration must reach (issue "What a small device should run")
+BUDGETS = (("upload", 2.0), ("upload", 5.0), ("upload", 10.0), ("train_flops", 1.2), ("train_flops", 1.5),
+           ("memory", 2.0), ("memory", 3.0), ("memory_256", 2.0), ("memory_256", 3.0))
+NAMES = {"upload": "upload", "train_flops": "training FLOPs", "memory": "peak training memory (64 tokens)",
+         "memory_256": "peak training memory (256 tokens)"}
+
+
+def _to_tokens(data, length: int):
+    """Each row's own tokens repeated to exactly `length` real tokens (no padding): a client's data at `length`."""
+    def stretch(row: dict[str, Any]) -> dict[str, Any]:
+        reps = -(-length // len(row["input_ids"]))
+        out = {key: (value * reps)[:length] for key, value in row.items() if isinstance(value, list)}
+        return {**row, **out}
+    return data.map(stretch)
+
+
+def measure(rows: list[str], repeats: int, threads: int, client: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Each row's client round (see the module docstring): FLOPs, upload bytes, memory at 64 and 256 tokens, time."""
+    import torch
+
+    from fedhead.federated.client import client_update
+    from fedhead.federated.payload import encode_update
+    from fedhead.federated.state import trainable_state
+    from fedhead.models import build_model
+    from fedhead.runners.local import Simulation
+
+    base = load_config(BASE, {**PROTOCOL, "seed": seed, "threads": threads})
+    sim = Simulation.setup(base)
+    data = sim.client_data(client)
+    long_data = _to_tokens(data, 256)
+    built = {}
+    for row in rows:
+        cfg = load_config(BASE, {**ROWS[row], **PROTOCOL, "seed": seed, "threads": threads})
+        lm = build_model(cfg, sim.data.num_labels, sim.lm.tokenizer)
+        built[row] = (cfg, lm, trainable_state(lm.model))
+    seconds: dict[str, list[float]] = {row: [] for row in rows}
+    step: dict[str, list[float]] = {row: [] for row in rows}
+    out: dict[str, dict[str, Any]] = {}
+    for repeat in range(repeats + 1):  # the first pass warms up and is not timed
+        for row in rows:
+            cfg, lm, state = built[row]
+            start = time.perf_counter()
+            update = client_update(lm, state, data, cfg, client, 1)
+            elapsed = time.perf_counter() - start
+            out[row] = {"train_flops": int(update.stats["train_flops"]), "steps": int(update.stats["steps"]),
+                        "bytes_up": len(encode_update(update)), "peak_memory_bytes": int(update.stats[
+                            "peak_memory_bytes"]), "attention": cfg.model.attn_implementation}
+            if repeat:
+                seconds[row].append(elapsed)
+                step[row].append(update.timings["train_seconds"] / update.stats["steps"])
+        print(f"  costs: pass {repeat} of {repeats} done", flush=True)
+    for row in rows:
+        cfg, lm, state = built[row]
+        out[row]["peak_memory_bytes_256"] = int(client_update(lm, state, long_data, cfg, client, 1)
+                                                .stats["peak_memory_bytes"])
+        out[row]["client_round_seconds_median"] = statistics.median(seconds[row])
+        out[row]["client_step_seconds_median"] = statistics.median(step[row])
+        print(f"  {row}: {out[row]}", flush=True)
+    return {"protocol": {"client": client, "round": 1, "seed": seed, "examples": len(data), "repeats": repeats,
+                         "threads": threads, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+                         "processor": platform.processor() or platform.platform()},
+            "rows": out}
+
+
+def ratios(costs: dict[str, Any], row: str) -> dict[str, float | None]:
+    """What `row` saves, as dense / row of the same measurement: upload, training FLOPs (None for sdpa rows, whose
+    attention FLOPs the CPU counter misses), memory at 64 and 256 tokens against eager dense, and against sdpa
+    dense, round and step time."""
+    rows = costs["rows"]
+    dense, mine = rows["dense"], rows[row]
+    sdpa = rows.get("dense-sdpa", {})
+
+    def r(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {
+        "upload": r(dense["bytes_up"], mine["bytes_up"]),
+        "train_flops": None if mine["attention"] == "sdpa" else r(dense["train_flops"], mine["train_flops"]),
+        "memory": r(dense["peak_memory_bytes"], mine["peak_memory_bytes"]),
+        "memory_256": r(dense["peak_memory_bytes_256"], mine["peak_memory_bytes_256"]),
+        "memory_vs_sdpa": r(sdpa.get("peak_memory_bytes"), mine["peak_memory_bytes"]),
+        "memory_256_vs_sdpa": r(sdpa.get("peak_memory_bytes_256"), mine["peak_memory_bytes_256"]),
+        "round_time": r(dense["client_round_seconds_median"], mine["client_round_seconds_median"]),
+        "step_time": r(dense["client_step_seconds_median"], mine["client_step_seconds_median"]),
+    }
+
+
+def accuracy(row: str, protocol: dict[str, dict[str, Any]], screens: dict[str, dict[str, Any]]
+             ) -> dict[str, Any] | None:
+    """A row's accuracy evidence (`frontier.frontier_rows` by row): the protocol's paired drop (3 seeds: mean, sd,
+    95% interval), an exact row's (dense's, by `EXACT`), or its 30-round screen's drop against dense's screen (one
+    seed)."""
+    source = EXACT.get(row, row)
+    if source in protocol and len(protocol[source]["seeds"]) >= 3:
+        r = protocol[source]
+        evidence = "exact: dense's gradients" if source != row else f"{len(r['seeds'])} seeds, 60 rounds"
+        return {"drop": r["drop"], "sd": r["drop_sd"], "interval": (r["drop_low"], r["drop_high"]),
+                "seeds": len(r["seeds"]), "evidence": evidence}
+    if source in screens:
+        r = screens[source]
+        model = "tail average" if r["model"].startswith("mean") else "last round"
+        return {"drop": r["drop"], "sd": None, "interval": None, "seeds": 1,
+                "evidence": f"screen: 30 rounds, seed 0, {model}"}
+    return None
+
+
+def prunes_heads(row: str) -> bool:
+    return any(k.startswith("heads.sparsity") or k == "heads.tiers" for k in ROWS[row])
+
+
+def table(costs: dict[str, Any], protocol: dict, screens: dict) -> str:
+    """The budget table: per budget, the most accurate row that meets it, and the most accurate that prunes
+    heads (smallest drop; protocol evidence before screens)."""
+    lines = ["| budget (ratio to dense) | best configuration | drop vs dense (pt) | 95% interval | evidence | "
+             "saves: upload / FLOPs / memory 64 / memory 256 | best with head pruning | its drop (pt) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for resource, budget in BUDGETS:
+        meeting = []
+        for row in costs["rows"]:
+            saved = ratios(costs, row)[resource]
+            evidence = accuracy(row, protocol, screens)
+            if saved is not None and saved >= budget and evidence is not None:
+                meeting.append((evidence["seeds"] < 3, evidence["drop"], row, evidence))
+        meeting.sort(key=lambda m: (m[0], m[1]))
+        best = meeting[0] if meeting else None
+        pruning = next((m for m in meeting if prunes_heads(m[2])), None)
+
+        def cell(m) -> tuple[str, str, str, str, str]:
+            if m is None:
+                return "none measured", "-", "-", "-", "-"
+            _, drop, row, ev = m
+            r = ratios(costs, row)
+            interval = f"[{ev['interval'][0]:+.1f}, {ev['interval'][1]:+.1f}]" if ev["interval"] else "-"
+            sd = f" ± {ev['sd']:.1f}" if ev["sd"] is not None else ""
+            saves = " / ".join(f"{r[k]:.2f}x" if r[k] else "-" for k in ("upload", "train_flops", "memory",
+                                                                          "memory_256"))
+            return f"`{row}`", f"{drop:+.1f}{sd}", interval, ev["evidence"], saves
+
+        b, p = cell(best), cell(pruning)
+        lines.append(f"| {NAMES[resource]} >= {budget:g}x | {b[0]} | {b[1]} | {b[2]} | {b[3]} | {b[4]} | {p[0]} | "
+                     f"{p[1]} |")
+    return "\n".join(lines)
+
+
+def costs_table(costs: dict[str, Any]) -> str:
+    lines = ["| row | options | attention | steps | upload saved | training FLOPs saved | memory saved (64 tok) | "
+             "vs sdpa dense | memory saved (256 tok) | vs sdpa dense | round time saved | step time saved |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, values in costs["rows"].items():
+        r = ratios(costs, row)
+        opts = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in ROWS[row].items()) or "-"
+        cells = [f"{r[k]:.2f}x" if r[k] else "-" for k in ("upload", "train_flops", "memory", "memory_vs_sdpa",
+                                                            "memory_256", "memory_256_vs_sdpa", "round_time",
+                                                            "step_time")]
+        lines.append(f"| {row} | {opts} | {values['attention']} | {values['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    costs = sub.add_parser("costs")
+    costs.add_argument("--rows", nargs="+", default=list(COST_ROWS), choices=list(ROWS))
+    costs.add_argument("--repeats", type=int, default=2)
+    costs.add_argument("--threads", type=int, default=1)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "costs":
+        rows = ["dense", *[r for r in args.rows if r != "dense"]]
+        measured = measure(rows, args.repeats, args.threads)
+        if COSTS.exists():  # rows measured before keep their exact counts; times only compare within a batch
+            old = json.loads(COSTS.read_text())
+            measured["rows"] = {**{k: v for k, v in old["rows"].items() if k not in measured["rows"]},
+                                **measured["rows"]}
+        COSTS.write_text(json.dumps(measured, indent=1) + "\n")
+        print(f"wrote {COSTS.relative_to(ROOT)}")
+        return
+    costs_data = json.loads(COSTS.read_text())
+    protocol = {r["row"]: r for r in frontier_rows(RESULTS)}
+    screens = {r["row"]: r for r in frontier_rows(SCREEN)}
+    text = ("## Budgets\n\n" + table(costs_data, protocol, screens) + "\n\n## What each configuration saves\n\n"
+            + costs_table(costs_data) + "\n")
+    TABLE.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
