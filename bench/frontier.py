@@ -173,6 +173,18 @@ ROWS: dict[str, dict[str, Any]] = {
     "dense-top3-ckpt": {"lora.layers": [3, 4, 5], "federated.activation_checkpointing": True},
     "dense-steps5-ckpt": {"federated.local_steps": 5, "federated.activation_checkpointing": True},
     "dense-up2-top4": {"federated.upload_bits": 2, "lora.layers": [2, 3, 4, 5]},
+    # the weak device of the mixed federation (bench/heterogeneous.py) on its own, for `budget.py costs`: at most
+    # half of dense's peak training memory and of its training FLOPs a round
+    "weak-ckpt-steps2": {"federated.activation_checkpointing": True, "federated.local_steps": 2},
+    "weak-remove-0.9-ckpt-steps3": {"heads.sparsity": 0.9, "federated.activation_checkpointing": True,
+                                    "federated.local_steps": 3},
+    "weak-remove-0.9-steps4": {"heads.sparsity": 0.9, "federated.local_steps": 4},
+    # the mixed federation (bench/heterogeneous.py): clients c % 4 == 0 capable (5 of 20), the rest weak
+    "mixfed-capable-only": {"federated.tier_selectable": [True, False, False, False]},
+    "mixfed-weak-heads": {"heads.tiers": [0.0, 0.9, 0.9, 0.9], "federated.activation_checkpointing":
+                          [False, True, True, True], "federated.tier_local_steps": [8, 3, 3, 3]},
+    "mixfed-weak-ckpt": {"federated.activation_checkpointing": [False, True, True, True],
+                         "federated.tier_local_steps": [8, 2, 2, 2]},
     "sparse-rolling-0.9-up4": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling",
                                "federated.upload_bits": 4},
 }

@@ -1,0 +1,75 @@
+"""A federation of mixed devices, the setting sub-model FL exists for (HeteroFL, FedRolex and FjORD measure it
+this way): the frontier's 20 clients and partition, 5 capable (clients c with c % 4 == 0) and 15 weak. A weak
+device has half the memory and half the time of a capable one: its peak training memory at most 1/2 of dense's
+and its training FLOPs a round at most 1/2 of dense's (`bench/budget.py costs` measures the weak tier's rows
+`weak-*` against dense).
+
+Rows (60 rounds, 3 seeds, all 9,815 pairs, tail average of the last 5 rounds, paired with all-dense by seed):
+
+- all-dense: every device trains dense (the bound no real federation reaches): the frontier's dense records,
+  same partition and seeds;
+- `mixfed-capable-only`: the weak devices are left out (`federated.tier_selectable`), the 5 capable ones train:
+  what users do today;
+- `mixfed-weak-heads`: weak devices prune 90% of heads (`heads.tiers`, remove mode) and, to fit both limits,
+  train 3 local steps with activation checkpointing (`weak-remove-0.9-ckpt-steps3`);
+- `mixfed-weak-ckpt`: weak devices train dense LoRA with activation checkpointing and 2 local steps
+  (`weak-ckpt-steps2`), the best other combination of levers that fits both limits.
+
+    python bench/heterogeneous.py run --seeds 0 1 2 --threads 1   # resumable; records docs/results/heterogeneous/
+    python bench/heterogeneous.py table                           # docs/results/heterogeneous.md
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import ROOT
+from frontier import RESULTS, frontier_rows, run
+
+ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt")
+RECORDS = ROOT / "docs" / "results" / "heterogeneous"
+RUNS = ROOT / "bench" / "results" / "heterogeneous"
+TABLE = ROOT / "docs" / "results" / "heterogeneous.md"
+
+
+def table() -> str:
+    """The mixed federation's rows beside all-dense (the frontier's dense records of the same seeds)."""
+    dense = {r["row"]: r for r in frontier_rows(RESULTS)}.get("dense")
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    for path in RESULTS.glob("dense.seed*.json"):  # all-dense: the frontier's records, paired by seed
+        if not (RECORDS / path.name).exists():
+            (RECORDS / path.name).write_bytes(path.read_bytes())
+    rows = {r["row"]: r for r in frontier_rows(RECORDS)}
+    lines = ["| federation | seeds | accuracy (9,815 pairs) | drop vs all-dense (pt) | 95% interval |",
+             "|---|---|---|---|---|"]
+    if dense is not None:
+        lines.append(f"| all dense (frontier) | {len(dense['seeds'])} | {dense['accuracy']:.4f} | 0 | - |")
+    for name in ROWS:
+        r = rows.get(name)
+        if r is None:
+            lines.append(f"| `{name}` | 0 | not run yet | - | - |")
+            continue
+        interval = f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]" if len(r["seeds"]) > 1 else "-"
+        lines.append(f"| `{name}` | {len(r['seeds'])} | {r['accuracy']:.4f} | {r['drop']:+.1f} | {interval} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=None)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.rows, args.seeds, args.threads, args.rounds, RUNS, RECORDS)
+    text = table()
+    TABLE.write_text("# A federation of mixed devices\n\n" + text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
