@@ -204,6 +204,53 @@ def costs_table(costs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PRESETS = {"save_upload": "upload", "save_compute": "train_flops", "save_memory": "memory"}
+
+
+def readme_table(costs: dict[str, Any], protocol: dict, screens: dict) -> str:
+    """The README's copy: per budget, the preset that meets it (configs/save_*.toml, read from its `row`
+    comment), what it saves and its drop."""
+    presets = {}
+    for name in PRESETS:
+        path = ROOT / "configs" / f"{name}.toml"
+        if path.exists():
+            presets[name] = preset_row(path.read_text())
+    lines = ["| budget (vs dense) | preset | its options | saves: upload / FLOPs / memory | drop (pt) | 95% interval "
+             "| evidence |", "|---|---|---|---|---|---|---|"]
+    for resource, budget in BUDGETS:
+        meeting = [(p, row) for p, row in presets.items() if row in costs["rows"]
+                   and (ratios(costs, row)[resource] or 0) >= budget]
+        ev = [(accuracy(row, protocol, screens), p, row) for p, row in meeting]
+        ev = sorted(((e, p, row) for e, p, row in ev if e is not None), key=lambda x: (x[0]["seeds"] < 3, x[0]["drop"]))
+        if not ev:
+            lines.append(f"| {NAMES[resource]} >= {budget:g}x | none yet | - | - | - | - | - |")
+            continue
+        e, p, row = ev[0]
+        r = ratios(costs, row)
+        opts = ", ".join(f"{k}={v}" for k, v in ROWS[row].items())
+        saves = " / ".join(f"{r[k]:.2f}x" if r[k] else "-" for k in ("upload", "train_flops", "memory"))
+        interval = f"[{e['interval'][0]:+.1f}, {e['interval'][1]:+.1f}]" if e["interval"] else "-"
+        lines.append(f"| {NAMES[resource]} >= {budget:g}x | `configs/{p}.toml` | {opts} | {saves} | {e['drop']:+.1f} "
+                     f"| {interval} | {e['evidence']} |")
+    return "\n".join(lines)
+
+
+def preset_row(text: str) -> str | None:
+    """The frontier row a preset was measured as: its `# row: NAME` comment."""
+    for line in text.splitlines():
+        if line.startswith("# row:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _readme_block(name: str, text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    head, rest = content.split(start, 1)
+    readme.write_text(head + start + text + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +276,7 @@ def main() -> None:
     text = ("## Budgets\n\n" + table(costs_data, protocol, screens) + "\n\n## What each configuration saves\n\n"
             + costs_table(costs_data) + "\n")
     TABLE.write_text(text)
+    _readme_block("budget", readme_table(costs_data, protocol, screens))
     print(text)
 
 

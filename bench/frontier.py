@@ -58,7 +58,7 @@ COSTS = ROOT / "docs" / "results" / "frontier_costs.json"
 # rounds at which a row's global model is also scored on the full set, on the way to the last round: dense at 30
 # and 45 shows whether 60 rounds reach convergence (the issue: "enough rounds that dense has converged")
 CONVERGENCE_ROUNDS = {"dense": (30, 45)}
-# The rows of the issue's protocol, the README's copy of the table: dense, today's best at 90% (train_sparse,
+# The rows of the issue's protocol, docs/head_pruning.md's copy of the table: dense, today's best at 90% (train_sparse,
 # remove), and the survivors of screening at 90% and 70%; docs/results/frontier.md has every row.
 PROTOCOL_ROWS = ("dense", "sparse-0.9", "remove-0.9", "sparse-rolling-0.9", "mixed-ng-rolling-fapc-0.9",
                  "sparse-rolling-0.7", "mixed-ng-rolling-fapc-0.7")
@@ -497,7 +497,7 @@ def table(results: Path, costs: Path = COSTS, tail_column: bool = False,
           only: Collection[str] | None = None) -> str:
     """The frontier table in Markdown; `tail_column` adds the row's mean-of-last-rounds model where its runs
     recorded one (screens: dense's 30-round screen has none, so the paired drop stays on the last round); `only`
-    keeps just those rows (the README's copy: PROTOCOL_ROWS)."""
+    keeps just those rows (docs/head_pruning.md's copy: PROTOCOL_ROWS)."""
     tail_header = "| mean of last 5 rounds' models (unpaired) " if tail_column else ""
     lines = ["| row | options | heads pruned | seeds | model scored | accuracy (9,815 pairs) " + tail_header +
              "| drop vs dense, paired (pt) "
@@ -623,9 +623,10 @@ def status(results: Path = RESULTS, runs: Path = RUNS, seeds: tuple[int, ...] = 
     return "\n".join(lines + ["", *(progress or ["no run in progress"])])
 
 
-def _update_readme(name: str, text: str) -> None:
-    """Rewrite the README's copy of a table, between `<!-- NAME:start -->` and `<!-- NAME:end -->`."""
-    readme = ROOT / "README.md"
+def _update_readme(name: str, text: str, page: Path = ROOT / "docs" / "head_pruning.md") -> None:
+    """Rewrite a page's copy of a table (docs/head_pruning.md: the frontier's), between `<!-- NAME:start -->` and
+    `<!-- NAME:end -->`."""
+    readme = page
     content = readme.read_text()
     start, end = f"<!-- {name}:start -->\n", f"\n<!-- {name}:end -->"
     if start in content and end in content:
