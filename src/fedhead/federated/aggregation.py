@@ -172,6 +172,37 @@ class WeightedSum:
         return new
 
 
+class HeldUpdates:
+    """The robust methods' accumulator: `fold` keeps each update (a coordinate's median or trimmed mean needs every
+    client's value), `result` is `robust_aggregate` over them, by chunks. Memory: the updates as received."""
+
+    def __init__(self, global_state: State, layout: HeadLayout, method: str, trim_fraction: float = 0.2) -> None:
+        self.global_state, self.layout, self.method, self.trim_fraction = global_state, layout, method, trim_fraction
+        self.updates: list[ClientUpdate] = []
+
+    def fold(self, update: ClientUpdate) -> None:
+        """Keep `update` for the result."""
+        self.updates.append(update)
+
+    def result(self) -> State:
+        """The coordinate-wise median or trimmed mean of the kept updates (the global state when there is none)."""
+        if not self.updates:
+            return {k: v.clone() for k, v in self.global_state.items()}
+        return robust_aggregate(self.global_state, self.updates, self.layout, self.method, self.trim_fraction)
+
+
+def aggregator(global_state: State, layout: HeadLayout, method: str = "fedavg", weighting: str = "product",
+               trim_fraction: float = 0.2) -> WeightedSum | HeldUpdates:
+    """The accumulator of `method` (`fold(update)` each update as it arrives, then `result()` once): a running
+    `WeightedSum` for fedavg and head_weighted, `HeldUpdates` for median and trimmed_mean. Raises ValueError on an
+    unknown method or weighting."""
+    if method in ROBUST:
+        return HeldUpdates(global_state, layout, method, trim_fraction)
+    if method not in WEIGHTED:
+        raise ValueError(f"unknown aggregation '{method}'")
+    return WeightedSum(global_state, layout, "data_size" if method == "fedavg" else weighting)
+
+
 def robust_aggregate(
     global_state: State, updates: Sequence[ClientUpdate], layout: HeadLayout, method: str,
     trim_fraction: float = 0.2, chunk_bytes: int = ROBUST_CHUNK_BYTES,
@@ -253,14 +284,7 @@ def aggregate(
     Raises:
         ValueError: an unknown method or weighting.
     """
-    if method in ROBUST:
-        updates = list(updates)
-        if not updates:
-            return {k: v.clone() for k, v in global_state.items()}
-        return robust_aggregate(global_state, updates, layout, method, trim_fraction)
-    if method not in WEIGHTED:
-        raise ValueError(f"unknown aggregation '{method}'")
-    total = WeightedSum(global_state, layout, "data_size" if method == "fedavg" else weighting)
+    total = aggregator(global_state, layout, method, weighting, trim_fraction)
     for update in updates:
         total.fold(update)
         del update  # let it go before the next one is read
