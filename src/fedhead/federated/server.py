@@ -1,8 +1,9 @@
-"""The server's side of a round, as core code that every engine calls once the replies are in.
+"""The server's side of a round, as core code that every engine calls with the round's replies.
 
-    replies -> values (a quantised upload's deltas + what was sent) -> screen (validation) -> record client
-            statistics (selection) -> aggregate, or DP-aggregate (aggregation, privacy) -> server optimiser step
-            (server_optimizer) -> the round's metrics line
+    each reply, as it is read -> values (a quantised upload's deltas + what was sent) -> screen (validation)
+            -> record client statistics (selection) -> fold into the running sums (aggregation, or privacy's DP
+            sum) and let go;
+    then -> the aggregate -> server optimiser step (server_optimizer) -> the round's metrics line
 
 Drivers (the in-process loop, the Flower strategy) only move bytes: they decode each reply and say which
 client the server sent to; this module decides what counts. Nothing a client sends is trusted:
@@ -21,6 +22,7 @@ A hostile field costs at most that client's update: the honest updates of the ro
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,13 +30,13 @@ import numpy as np
 import torch
 
 from fedhead.config import HeadsSection
-from fedhead.federated.aggregation import aggregate
+from fedhead.federated.aggregation import aggregator
 from fedhead.federated.payload import ClientUpdate
-from fedhead.federated.privacy import dp_aggregate, epsilon_spent
+from fedhead.federated.privacy import DPSum, epsilon_spent
 from fedhead.federated.selection import ClientStats, Selection
-from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks
+from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks_of
 from fedhead.federated.state import State
-from fedhead.federated.validation import Rejection, screen_indexed
+from fedhead.federated.validation import Rejection, norm_outliers, screen_one
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
 
@@ -98,15 +100,13 @@ def reported_stats(*sources: dict[str, Any]) -> dict[str, int | float]:
     return out
 
 
-def screen(
-    replies: list[Reply], state: State, layout: HeadLayout, opts: ServerOptions,
-    known_sizes: dict[int, int] | None = None,
-) -> tuple[list[int], list[ClientUpdate], list[Rejection]]:
-    """The positions in `replies` of the accepted updates, those updates (clipped where the options say), and
-    the rejections with their reasons (`validation.screen_indexed`, plus what the server knows of each client:
-    the id it sent to and, in simulation, its data size)."""
-    def knows(i: int, update: ClientUpdate) -> str | None:
-        client = replies[i].client
+def screen_reply(reply: Reply, state: State, layout: HeadLayout, opts: ServerOptions,
+                 known_sizes: dict[int, int] | None = None) -> tuple[ClientUpdate, float, str | None]:
+    """One reply's screen without the round's outlier test (`validation.screen_one`, plus what the server knows
+    of the client: the id it sent to and, in simulation, its data size): (the update, clipped where the options
+    say; its norm; the problem, or None when accepted)."""
+    def knows(update: ClientUpdate) -> str | None:
+        client = reply.client
         if update.client_id != client:
             return f"update claims client {update.client_id!r}, sent to client {client}"
         if known_sizes and client in known_sizes and update.num_examples != known_sizes[client]:
@@ -114,10 +114,8 @@ def screen(
                     "for this client")
         return None
 
-    positions, accepted, rejected = screen_indexed(
-        [r.update for r in replies], state, layout, max_norm=opts.max_norm, norm_action=opts.norm_action,
-        outlier_factor=opts.outlier_factor, max_examples=opts.max_examples, extra_check=knows)
-    return positions, accepted, [Rejection(replies[i].client, reason) for i, reason in rejected]
+    return screen_one(reply.update, state, layout, max_norm=opts.max_norm, norm_action=opts.norm_action,
+                      max_examples=opts.max_examples, extra_check=knows)
 
 
 def client_line(reply: Reply, update: ClientUpdate) -> dict[str, Any]:
@@ -165,7 +163,7 @@ def head_counts_to_send(heads: HeadsSection, stats: ClientStats, layout: HeadLay
 def server_round(
     state: State,
     round_: int,
-    replies: list[Reply],
+    replies: Iterable[Reply],
     selection: Selection,
     stats: ClientStats,
     moments: State,
@@ -175,30 +173,65 @@ def server_round(
     noise: torch.Generator | None = None,
     known_sizes: dict[int, int] | None = None,
     failed: list[dict[str, Any]] | None = None,
-    bytes_down: int = 0,
+    bytes_down: int | None = None,
 ) -> RoundResult:
-    """The server's side of round `round_` (see the module docstring). `stats` is updated in place with the
-    accepted clients; `noise` draws the DP noise; `bytes_down` is what the round sent."""
-    replies = [replace(r, update=materialize(r.update, state, layout)) for r in replies]
-    positions, updates, rejected = screen(replies, state, layout, opts, known_sizes)
-    clients = []
-    for i, update in zip(positions, updates, strict=True):
-        clients.append(client_line(replies[i], update))
-        stats.record(replies[i].client, round_, float(update.loss_before), float(update.loss_after),
+    """The server's side of round `round_` (see the module docstring).
+
+    `replies` is read once, in order: each reply is screened, recorded and folded into the round's running sums
+    as it is read, then let go, so the server's memory does not grow with the round's clients (a generator that
+    decodes each reply when asked keeps it so). Two options need every update of the round before any is
+    aggregated, and hold the accepted ones until the round's end: `robust.outlier_factor` (the round's median norm)
+    and the robust aggregations (a coordinate's median needs every value). `stats` is updated in place with the
+    accepted clients; `noise` draws the DP noise; `bytes_down` is what the round sent (default: the replies' own
+    bytes_down summed); `failed` (clients that did not answer) is read after the replies, so a driver may append
+    to it while they are read."""
+    if opts.dp_noise_multiplier is not None:
+        total = DPSum(state, layout, opts.dp_noise_multiplier, opts.dp_clipping_norm,
+                      noise if noise is not None else torch.Generator().manual_seed(round_))
+    else:
+        total = aggregator(state, layout, opts.aggregation, opts.weighting, opts.trim_fraction)
+    clients: list[dict[str, Any]] = []
+    rejected: list[Rejection] = []
+    held: list[tuple[Reply, ClientUpdate, float]] = []  # for the outlier test only
+    kept_any: torch.Tensor | None = None
+    sent = 0
+
+    def accept(reply: Reply, update: ClientUpdate) -> None:
+        nonlocal kept_any
+        clients.append(client_line(reply, update))
+        stats.record(reply.client, round_, float(update.loss_before), float(update.loss_after),
                      clients[-1]["kept_heads"])
-    skipped = len(updates) < opts.min_clients
+        total.fold(update)
+        kept_any = update.kept_heads.clone() if kept_any is None else kept_any | update.kept_heads
+
+    for reply in replies:
+        sent += int(reply.bytes_down)
+        reply = replace(reply, update=materialize(reply.update, state, layout))
+        update, norm, problem = screen_reply(reply, state, layout, opts, known_sizes)
+        if problem is not None:
+            rejected.append(Rejection(reply.client, problem))
+        elif opts.outlier_factor is not None:
+            held.append((reply, update, norm))
+        else:
+            accept(reply, update)
+        del reply, update  # let it go before the next one is read
+    if opts.outlier_factor is not None:
+        outliers = norm_outliers([norm for _, _, norm in held], opts.outlier_factor)
+        rejected += [Rejection(held[j][0].client, reason) for j, reason in outliers.items()]
+        for j, (reply, update, _) in enumerate(held):
+            if j not in outliers:
+                accept(reply, update)
+        held.clear()
+    skipped = len(clients) < opts.min_clients
     new_moments = moments
     if skipped:
         new_state = {k: v.clone() for k, v in state.items()}
     else:
-        if opts.dp_noise_multiplier is not None:
-            new_state = dp_aggregate(state, updates, layout, opts.dp_noise_multiplier, opts.dp_clipping_norm,
-                                     noise if noise is not None else torch.Generator().manual_seed(round_))
-        else:
-            new_state = aggregate(state, updates, layout, opts.aggregation, opts.weighting, opts.trim_fraction)
+        new_state = total.result()
         if opts.optimizer.kind != "none":  # post-processing: a DP aggregate stays DP
-            new_state, new_moments = server_step(state, new_state, trained_masks(state, updates, layout), moments,
-                                                 opts.optimizer)
+            new_state, new_moments = server_step(state, new_state, trained_masks_of(state, kept_any, layout),
+                                                 moments, opts.optimizer)
+    del total
 
     def total(key: str) -> float:
         return sum(c.get(key, 0.0) for c in clients)
@@ -209,7 +242,7 @@ def server_round(
         "selection_reason": selection.reason,
         "selection_priorities": {str(k): v for k, v in selection.priorities.items()},
         "train_loss": float(np.mean([c["train_loss"] for c in clients])) if clients else None,
-        "bytes_down": bytes_down,
+        "bytes_down": sent if bytes_down is None else bytes_down,
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "train_flops": total("train_flops"),
         "scoring_flops": total("scoring_flops"),
@@ -218,7 +251,7 @@ def server_round(
         "failed": list(failed or []),
     }
     if skipped:
-        metrics["skipped"] = (f"only {len(updates)} good updates, fewer than federated.min_clients = "
+        metrics["skipped"] = (f"only {len(clients)} good updates, fewer than federated.min_clients = "
                               f"{opts.min_clients}: the global state is kept")
     if opts.dp_noise_multiplier is not None:
         metrics["dp_epsilon"] = epsilon_spent(opts.dp_noise_multiplier, opts.dp_sample_rate, round_, opts.dp_delta)

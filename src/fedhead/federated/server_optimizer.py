@@ -48,13 +48,18 @@ class ServerOptimizer:
 def trained_masks(global_state: State, updates: list[ClientUpdate], layout: HeadLayout) -> dict[str, torch.Tensor]:
     """Per tensor of `global_state`, a bool mask of the elements some update trained: for a head-sliced tensor
     the slices of the heads (or key/value units) kept by any client, for a shared tensor everything."""
-    masks = {}
-    kept_any = torch.zeros_like(updates[0].kept_heads) if updates else torch.zeros(0, dtype=torch.bool)
+    kept_any = None
     for u in updates:
-        kept_any = kept_any | u.kept_heads
+        kept_any = u.kept_heads.clone() if kept_any is None else kept_any | u.kept_heads
+    return trained_masks_of(global_state, kept_any, layout)
+
+
+def trained_masks_of(global_state: State, kept_any: torch.Tensor | None, layout: HeadLayout) -> dict[str, torch.Tensor]:
+    """`trained_masks` from the heads some client kept (bool [blocks, heads]; None: no update, nothing trained)."""
+    masks = {}
     for name, value in global_state.items():
         mask = torch.zeros(value.shape, dtype=torch.bool)
-        if not updates:
+        if kept_any is None:
             masks[name] = mask
         elif name in layout.sliced:
             _, dim = layout.sliced[name]

@@ -91,6 +91,44 @@ def clip_update(update: ClientUpdate, global_state: State, layout: HeadLayout, b
                         update.loss_before, update.loss_after, update.train_loss, update.stats, update.timings)
 
 
+def screen_one(
+    update: ClientUpdate,
+    global_state: State,
+    layout: HeadLayout,
+    *,
+    max_norm: float | None = None,
+    norm_action: str = "reject",
+    max_examples: int = 10**9,
+    extra_check: Callable[[ClientUpdate], str | None] | None = None,
+) -> tuple[ClientUpdate, float, str | None]:
+    """One update's screen, without the round's outlier test: (the update, clipped where asked; its norm; the
+    problem, or None when accepted). `extra_check(update)` adds the caller's own checks."""
+    try:
+        problem = check_update(update, global_state, layout, max_examples=max_examples)
+        if problem is None and extra_check is not None:
+            problem = extra_check(update)
+        norm = update_norm(update, global_state, layout) if problem is None else 0.0
+        if problem is None and not math.isfinite(norm):
+            problem = "update norm is not finite"
+    except Exception as err:  # noqa: BLE001 - a malformed update must never stop the server
+        return update, 0.0, f"malformed update: {type(err).__name__}: {err}"
+    if problem is None and max_norm is not None and norm > max_norm:
+        if norm_action == "reject":
+            problem = f"update norm {norm:.4g} exceeds {max_norm:.4g}"
+        else:
+            update, norm = clip_update(update, global_state, layout, max_norm), max_norm
+    return update, norm, problem
+
+
+def norm_outliers(norms: list[float], outlier_factor: float) -> dict[int, str]:
+    """Position -> reason of each norm over `outlier_factor` x the median of `norms` (none below 3 norms)."""
+    if len(norms) < 3:
+        return {}
+    median = float(torch.tensor(norms).median())
+    return {j: f"update norm {n:.4g} is over {outlier_factor}x the round's median {median:.4g}"
+            for j, n in enumerate(norms) if n > outlier_factor * median}
+
+
 def screen_indexed(
     updates: list[ClientUpdate],
     global_state: State,
@@ -110,32 +148,20 @@ def screen_indexed(
     norms: list[float] = []
     rejected: list[tuple[int, str]] = []
     for i, update in enumerate(updates):
-        try:
-            problem = check_update(update, global_state, layout, max_examples=max_examples)
-            if problem is None and extra_check is not None:
-                problem = extra_check(i, update)
-            norm = update_norm(update, global_state, layout) if problem is None else 0.0
-            if problem is None and not math.isfinite(norm):
-                problem = "update norm is not finite"
-        except Exception as err:  # noqa: BLE001 - a malformed update must never stop the server
-            problem = f"malformed update: {type(err).__name__}: {err}"
-        if problem is None and max_norm is not None and norm > max_norm:
-            if norm_action == "reject":
-                problem = f"update norm {norm:.4g} exceeds {max_norm:.4g}"
-            else:
-                update, norm = clip_update(update, global_state, layout, max_norm), max_norm
+        check = None if extra_check is None else (lambda u, i=i: extra_check(i, u))
+        update, norm, problem = screen_one(update, global_state, layout, max_norm=max_norm, norm_action=norm_action,
+                                           max_examples=max_examples, extra_check=check)
         if problem is not None:
             rejected.append((i, problem))
             continue
         positions.append(i)
         accepted.append(update)
         norms.append(norm)
-    if outlier_factor is not None and len(accepted) >= 3:
-        median = float(torch.tensor(norms).median())
-        keep = [j for j, n in enumerate(norms) if n <= outlier_factor * median]
-        rejected += [(positions[j], f"update norm {n:.4g} is over {outlier_factor}x the round's median {median:.4g}")
-                     for j, n in enumerate(norms) if j not in keep]
-        positions, accepted = [positions[j] for j in keep], [accepted[j] for j in keep]
+    if outlier_factor is not None:
+        outliers = norm_outliers(norms, outlier_factor)
+        rejected += [(positions[j], reason) for j, reason in outliers.items()]
+        positions = [p for j, p in enumerate(positions) if j not in outliers]
+        accepted = [u for j, u in enumerate(accepted) if j not in outliers]
     return positions, accepted, rejected
 
 

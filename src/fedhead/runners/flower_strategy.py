@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,24 +144,25 @@ class FedHeadStrategy(Strategy):
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
         by_node, stray = replies_by_node(replies, r.messages)
-        answered: list[Reply] = []
         failed: list[dict[str, Any]] = []
-        for node, client in r.sent.items():
-            reply, why = self._decode(by_node.get(node, []), node, client, r.down, server_round)
-            if reply is not None:
-                answered.append(reply)
-            else:
-                log.warning("round %d: client %d (node %d) dropped: %s", server_round, client, node, why)
-                failed.append({"client": client, "node": node, "reason": why})
+
+        def answered() -> Iterator[Reply]:  # decoded when the server round reads it, folded and let go
+            for node, client in r.sent.items():
+                reply, why = self._decode(by_node.get(node, []), node, client, r.down, server_round)
+                if reply is not None:
+                    yield reply
+                else:
+                    log.warning("round %d: client %d (node %d) dropped: %s", server_round, client, node, why)
+                    failed.append({"client": client, "node": node, "reason": why})
+
         if stray:
             log.warning("round %d: %d reply(ies) that answer no train message of this round ignored (from node(s) "
                         "%s)", server_round, len(stray), sorted({m.metadata.src_node_id for m in stray}))
         t_train = time.perf_counter()
-        known = {a.client: self.known_sizes[a.client] for a in answered
-                 if a.client in partition_clients and a.client in self.known_sizes}
+        known = {c: self.known_sizes[c] for c in r.sent.values() if c in partition_clients and c in self.known_sizes}
         noise = torch.Generator().manual_seed(derived_seed(self.cfg.seed, server_round, SERVER, Stream.DP_NOISE))
         result = fedhead_server.server_round(
-            r.state, server_round, answered, r.selection, self.stats, self.moments, self.layout, self.options,
+            r.state, server_round, answered(), r.selection, self.stats, self.moments, self.layout, self.options,
             noise=noise, known_sizes=known, failed=failed, bytes_down=r.down * len(r.sent))
         self.moments = result.moments
         metrics = result.metrics

@@ -13,7 +13,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from fedhead.data import label_histograms, partition_indices
 from fedhead.data.loading import DataError
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
 from fedhead.federated.client import client_update, evaluate
-from fedhead.federated.payload import ClientUpdate, decode_state, decode_update, encode_state, encode_update
+from fedhead.federated.payload import decode_state, decode_update, encode_state, encode_update
 from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server import Reply, ServerOptions, head_counts_to_send, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
@@ -141,25 +141,31 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     eligible = [c for c in range(cfg.partition.num_clients) if fed.selectable(c)]  # all but left-out tiers
     selection = select_among(eligible, fed, round_, rng, stats, lambda cs: sim.global_losses(state, cs))
     # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
-    # from the seed); each client trains from the bytes it received and answers with serialised bytes.
+    # from the seed); each client trains from the bytes it received and answers with serialised bytes. Each
+    # client trains when the server reads its reply, which is folded into the round's sums and let go.
     down = encode_state(state)
     counts = head_counts_to_send(cfg.heads, stats, sim.lm.layout)
-    received, failed = [], []
+    failed: list[dict[str, Any]] = []
     fails = failure_draws(cfg.seed, round_, len(selection.clients))  # simulated dropouts
-    for c, u in zip(selection.clients, fails, strict=True):
-        if u < cfg.robust.dropout_probability:
-            failed.append({"client": c, "reason": "dropped out (simulated failure)"})
-            continue
-        update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_, counts,
-                               sim.residuals.get(c))
-        if update.residual is not None:
-            sim.residuals[c] = update.residual
-        blob = encode_update(update)
-        received.append((decode_update(blob), update.timings, len(down), len(blob)))
-    return finish_round(sim, state, round_, stats, selection, received, len(down) * len(received), t0, failed)
+    client_seconds = [time.perf_counter() - t0]  # selection, then each client's work
 
+    def replies() -> Iterator[Reply]:
+        for c, u in zip(selection.clients, fails, strict=True):
+            if u < cfg.robust.dropout_probability:
+                failed.append({"client": c, "reason": "dropped out (simulated failure)"})
+                continue
+            t = time.perf_counter()
+            update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_, counts,
+                                   sim.residuals.get(c))
+            if update.residual is not None:
+                sim.residuals[c] = update.residual
+            blob = encode_update(update)
+            reply = Reply(c, decode_update(blob), len(down), len(blob), update.timings)
+            del update, blob
+            client_seconds.append(time.perf_counter() - t)
+            yield reply
 
-Received = tuple[ClientUpdate, dict[str, float], int, int]  # decoded update, its timings, bytes down, bytes up
+    return finish_round(sim, state, round_, stats, selection, replies(), client_seconds, failed)
 
 
 def server_options(cfg: Config) -> ServerOptions:
@@ -176,23 +182,21 @@ def server_options(cfg: Config) -> ServerOptions:
 
 
 def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats, selection: Selection,
-                 received: list[Received], bytes_down: int, t0: float,
-                 failed: list[dict[str, Any]] | None = None) -> tuple[State, dict[str, Any]]:
-    """The server's side of a round once the updates are in: `federated.server.server_round`, timed (the Flower
-    strategy calls it the same way). `received` is in the order of `selection.clients` minus the failed ones;
-    `t0`: when the round started (perf_counter); `failed`: clients that did not answer, with the reason."""
-    answered = [c for c in selection.clients if c not in {f["client"] for f in failed or []}]
-    replies = [Reply(client, update, down, up, timings)
-               for client, (update, timings, down, up) in zip(answered, received, strict=True)]
-    t_train = time.perf_counter()
-    known = {c: len(sim.parts[c]) for c in answered}
+                 replies: Iterable[Reply], client_seconds: list[float],
+                 failed: list[dict[str, Any]]) -> tuple[State, dict[str, Any]]:
+    """The server's side of a round: `federated.server.server_round` over `replies` (read once, each folded as it
+    is read), timed. `client_seconds`: the seconds of the round's work outside the server (selection, each
+    client), appended to while the replies are read; `failed`: clients that did not answer, with the reason
+    (appended to while the replies are read)."""
+    t0 = time.perf_counter()
+    known = {c: len(sim.parts[c]) for c in selection.clients}
     noise = torch.Generator().manual_seed(derived_seed(sim.cfg.seed, round_, SERVER, Stream.DP_NOISE))
     result = server_round(state, round_, replies, selection, stats, sim.server_moments, sim.lm.layout,
-                          server_options(sim.cfg), noise=noise, known_sizes=known, failed=failed,
-                          bytes_down=bytes_down)
+                          server_options(sim.cfg), noise=noise, known_sizes=known, failed=failed)
     sim.server_moments = result.moments
-    result.metrics["seconds_clients"] = t_train - t0
-    result.metrics["seconds_aggregate"] = time.perf_counter() - t_train
+    clients = sum(client_seconds)
+    result.metrics["seconds_clients"] = clients
+    result.metrics["seconds_aggregate"] = time.perf_counter() - t0 - (clients - client_seconds[0])
     return result.state, result.metrics
 
 
