@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import BertForSequenceClassification, PreTrainedModel
 
@@ -40,7 +41,8 @@ from fedhead.models.loading import SequenceClassifier
 from fedhead.models.modeling_pooled_classifier import PooledClassifier, PooledClassifierConfig
 from fedhead.trained import TrainedRun, load_trained
 
-NATIVE_CLS = {"bert": BertForSequenceClassification}  # encoders whose *ForSequenceClassification = pooler + linear
+# encoders whose *ForSequenceClassification = pooler + linear
+NATIVE_CLS: dict[str, type[PreTrainedModel]] = {"bert": BertForSequenceClassification}
 AUTO_CLASS = {"classification": "AutoModelForSequenceClassification", "seq2seq": "AutoModelForSeq2SeqLM",
               "causal_lm": "AutoModelForCausalLM"}
 
@@ -98,22 +100,22 @@ def export_run(run_dir: str | Path, out: str | Path, pruned: float | None = None
 def _classifier(merged: SequenceClassifier, run: TrainedRun) -> tuple[PreTrainedModel, bool]:
     """fedhead's SequenceClassifier (merged) as a transformers model with the run's label names."""
     backbone, pooling = merged.backbone, run.cfg.model.pooling
-    labels = {"num_labels": len(run.label_names), "id2label": dict(enumerate(run.label_names)),
+    labels: dict[str, Any] = {"num_labels": len(run.label_names), "id2label": dict(enumerate(run.label_names)),
               "label2id": {name: i for i, name in enumerate(run.label_names)}}
     native = NATIVE_CLS.get(backbone.config.model_type) if pooling == "cls" else None
     if native is not None:
         config = backbone.config.__class__.from_dict({**backbone.config.to_dict(), **labels})
         model = native(config)
         getattr(model, model.base_model_prefix).load_state_dict(backbone.state_dict())  # encoder + its pooler
-        model.classifier.load_state_dict(merged.classifier.state_dict())
+        model.get_submodule("classifier").load_state_dict(merged.classifier.state_dict())
         return model.eval(), False
     config = PooledClassifierConfig(encoder=backbone.config.to_diff_dict(), pooling=pooling, **labels)
     PooledClassifierConfig.register_for_auto_class()
     PooledClassifier.register_for_auto_class("AutoModelForSequenceClassification")
-    model = PooledClassifier(config)
-    model.encoder.load_state_dict(backbone.state_dict())
-    model.classifier.load_state_dict(merged.classifier.state_dict())
-    return model.eval(), True
+    pooled = PooledClassifier(config)
+    pooled.encoder.load_state_dict(backbone.state_dict())
+    pooled.classifier.load_state_dict(merged.classifier.state_dict())
+    return pooled.eval(), True
 
 
 def _describe(export: Export, run: TrainedRun) -> None:

@@ -180,13 +180,13 @@ def _largest_recomputed_layer(model: torch.nn.Module, layers: list[torch.nn.Modu
     """Bytes the largest of `layers` keeps for its backward when not checkpointed: what the backward of a
     checkpointed model holds again while it recomputes that layer (a forward of `batch` with checkpointing off)."""
     for layer in layers:
-        layer.gradient_checkpointing = False
+        layer.gradient_checkpointing = False  # type: ignore[assignment]  # torch: setattr takes any value
     try:
         with saved_bytes_by_module(model, layers) as by_layer:
             model(**batch)
     finally:
         for layer in layers:
-            layer.gradient_checkpointing = True
+            layer.gradient_checkpointing = True  # type: ignore[assignment]  # torch: setattr takes any value
     return max(by_layer, default=0)
 
 

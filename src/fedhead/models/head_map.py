@@ -13,6 +13,7 @@ heads: unit u owns rows u*d:(u+1)*d and is kept when any of its query heads u*gr
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,7 +84,7 @@ class HeadMap:
             raise UnsupportedModelError(f"lora.layers: block {missing[0]} does not exist; this model has "
                                         f"{self.num_blocks} attention blocks (0-{self.num_blocks - 1})")
 
-    def lora_target_regex(self, roles: list[str], prefix: str = "", blocks: list[int] | None = None) -> str:
+    def lora_target_regex(self, roles: Sequence[str], prefix: str = "", blocks: list[int] | None = None) -> str:
         """A peft `target_modules` regex matching exactly the projections of `roles` in every block, or in
         `blocks` (indices into `self.blocks`) only ('feed_forward': the feed-forward Linears of those blocks'
         layers too)."""

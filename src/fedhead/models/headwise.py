@@ -27,6 +27,9 @@ alpha / r, so one Adam step moves a head's output by the same amount at the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -76,7 +79,7 @@ class HeadwiseDown(nn.Linear):
         return torch.block_diag(*self.weight.view(self.out_features, units, self.head_dim).transpose(0, 1))
 
 
-def headwise_patterns(head_map: HeadMap, roles: list[str], head_rank: int, alpha: float,
+def headwise_patterns(head_map: HeadMap, roles: Sequence[str], head_rank: int, alpha: float,
                       prefix: str) -> tuple[dict[str, int], dict[str, float]]:
     """peft `rank_pattern` and `alpha_pattern` giving each head-wise projection rank U * r_h and alpha
     alpha * U (so peft's scaling alpha / r is the head-wise alpha / r_h)."""
@@ -91,7 +94,7 @@ def headwise_patterns(head_map: HeadMap, roles: list[str], head_rank: int, alpha
     return ranks, alphas
 
 
-def make_headwise_(model: nn.Module, head_map: HeadMap, roles: list[str], head_rank: int, prefix: str) -> None:
+def make_headwise_(model: nn.Module, head_map: HeadMap, roles: Sequence[str], head_rank: int, prefix: str) -> None:
     """Turn the standard LoRA of rank U * r_h that peft put on each projection of `roles` into head-wise LoRA, in
     place: the head-split factor becomes its compact module (B of q/k/v zero, as peft initialises B; A of o drawn
     per head like peft's A, uniform with bound 1 / sqrt(d), from the torch generator)."""
@@ -104,7 +107,8 @@ def make_headwise_(model: nn.Module, head_map: HeadMap, roles: list[str], head_r
             if not isinstance(module, LoraLayer):
                 raise TypeError(f"{prefix + path} has no LoRA adapter to make head-wise")
             for name in list(module.lora_A.keys()):
-                old_a, old_b = module.lora_A[name], module.lora_B[name]
+                old_a = cast(nn.Linear, module.lora_A[name])  # peft's LoRA of a Linear: both factors are Linears
+                old_b = cast(nn.Linear, module.lora_B[name])
                 dev, dtype = old_a.weight.device, old_a.weight.dtype
                 if role == "output":
                     down = HeadwiseDown(old_a.in_features, head_rank, device=dev, dtype=dtype, head_dim=d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import transformers
@@ -228,10 +229,12 @@ def principal_a_(model: nn.Module) -> None:
     A = V[:, :r]^T / sqrt(3), signs fixed (`_set_a_rows_`)."""
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            weight = module.get_base_layer().weight.detach().float()  # (out, in)
+            base = cast(nn.Linear, module.get_base_layer())  # LoRA here adapts Linears (the head map's projections)
+            weight = base.weight.detach().float()  # (out, in)
             _, _, vh = torch.linalg.svd(weight, full_matrices=False)  # (min(out, in), in)
             for name in module.lora_A:
-                _set_a_rows_(module.lora_A[name].weight, vh[: module.lora_A[name].weight.shape[0]])
+                a = cast(nn.Linear, module.lora_A[name]).weight  # (r, in)
+                _set_a_rows_(a, vh[: a.shape[0]])
 
 
 INPUT_PRINCIPAL_SEQUENCES = 64  # random token sequences the frozen model reads for `input_principal_a_`
@@ -263,8 +266,8 @@ def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tas
     without data; `length` tokens a sequence (seq2seq: `target_length` decoder tokens, also random)."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     device = next(model.parameters()).device
-    cov = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-           for n, m in modules.items()}
+    widths = {n: cast(int, m.in_features) for n, m in modules.items()}  # peft reads it from the base Linear
+    cov = {n: torch.zeros(width, width, dtype=torch.float64, device=device) for n, width in widths.items()}
 
     def accumulate(name: str):
         def hook(_, inputs, __):
@@ -292,7 +295,7 @@ def input_principal_a_(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tas
     for name, module in modules.items():
         _, vectors = torch.linalg.eigh(cov[name])  # eigenvalues ascending
         for adapter in module.lora_A:
-            a = module.lora_A[adapter].weight
+            a = cast(nn.Linear, module.lora_A[adapter]).weight  # (r, in)
             _set_a_rows_(a, vectors[:, -a.shape[0]:].flip(1).T.float())
 
 
@@ -361,8 +364,9 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
     tokenizer = tokenizer or load_tokenizer(cfg)
     task = cfg.model.task
     if task == "classification":
-        base: nn.Module = build_backbone_classifier(cfg, num_labels)
-        head_map = head_map_for(base.backbone)
+        classifier = build_backbone_classifier(cfg, num_labels)
+        base: nn.Module = classifier
+        head_map = head_map_for(classifier.backbone)
         inner = BACKBONE
         modules_to_save = ["classifier"]
         if cfg.model.pooling == "cls" and cfg.model.train_pooler:
@@ -385,7 +389,7 @@ def build_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizer
         head_map, cfg.lora.target_modules, head_rank, cfg.lora.alpha, prefix=inner)
     lora = LoraConfig(
         r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; its scaling alpha / r takes a float
         rank_pattern=ranks,
         alpha_pattern=alphas,
         lora_dropout=cfg.lora.dropout,

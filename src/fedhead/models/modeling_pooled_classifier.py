@@ -45,6 +45,8 @@ class PooledClassifier(PreTrainedModel):
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
         self.encoder = AutoModel.from_config(encoder_config, add_pooling_layer=config.pooling == "cls")
+        if config.num_labels is None:  # PretrainedConfig sets id2label (two labels by default), so never in practice
+            raise ValueError("PooledClassifierConfig has no labels (id2label)")
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()
@@ -57,6 +59,8 @@ class PooledClassifier(PreTrainedModel):
         labels: torch.Tensor | None = None,
         **kwargs: object,
     ) -> SequenceClassifierOutput:
+        if input_ids is None:
+            raise ValueError("PooledClassifier needs input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

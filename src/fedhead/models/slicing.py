@@ -14,6 +14,7 @@ module then maps each kept query head to its unit (`fedhead.models.llama_heads`)
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -78,21 +79,23 @@ def _slice_projection(model: nn.Module, path: str, kept_units: torch.Tensor, hea
     B's columns of o) loses the same units' r_h rows or columns."""
     index = head_index(kept_units.nonzero().flatten(), head_dim)
     module = model.get_submodule(path)
-    if isinstance(module, LoraLayer):
-        module.base_layer = slice_linear(module.base_layer, index, dim)
+    if isinstance(module, LoraLayer):  # the head map's projections are Linears, and so are their LoRA factors
+        module.base_layer = slice_linear(cast(nn.Linear, module.base_layer), index, dim)
         by_head, other = (module.lora_B, module.lora_A) if dim == 0 else (module.lora_A, module.lora_B)
         for name in list(by_head.keys()):
             headwise = isinstance(by_head[name], HeadwiseUp | HeadwiseDown)
-            by_head[name] = slice_linear(by_head[name], index, dim)
+            sliced = slice_linear(cast(nn.Linear, by_head[name]), index, dim)
+            by_head[name] = sliced
             if headwise:
-                rank = by_head[name].in_features if dim == 0 else by_head[name].out_features  # r_h
-                other[name] = slice_linear(other[name], head_index(kept_units.nonzero().flatten(), rank), dim)
+                rank = sliced.in_features if dim == 0 else sliced.out_features  # r_h
+                other[name] = slice_linear(cast(nn.Linear, other[name]),
+                                           head_index(kept_units.nonzero().flatten(), rank), dim)
         if dim == 0:
             module.out_features = len(index)
         else:
             module.in_features = len(index)
     else:
-        _replace(model, path, slice_linear(module, index, dim))
+        _replace(model, path, slice_linear(cast(nn.Linear, module), index, dim))
 
 
 def prune_heads_(
@@ -133,13 +136,14 @@ def _fold_mean_of_pruned(
     pruned = layout.head_index((~kept).nonzero().flatten())  # (p * head_dim,)
     context = torch.zeros_like(mean)
     context[pruned] = mean[pruned]  # (H * d,): only the pruned heads' mean
-    base = module.base_layer if isinstance(module, LoraLayer) else module
+    base = cast(nn.Linear, module.base_layer if isinstance(module, LoraLayer) else module)
     context = context.to(base.weight)
     shift = base.weight @ context  # (D,)
     if isinstance(module, LoraLayer):
         for name in module.active_adapters:
             if name in module.lora_A:
-                a, b = module.lora_A[name], module.lora_B[name]  # modules: head-wise factors are not plain matmuls
+                a = cast(nn.Linear, module.lora_A[name])  # modules: head-wise factors are not plain matmuls
+                b = cast(nn.Linear, module.lora_B[name])
                 shift += b(a(context.to(a.weight.dtype)[None]))[0] * module.scaling[name]
     if base.bias is None:
         base.bias = nn.Parameter(shift.clone(), requires_grad=False)
@@ -154,8 +158,8 @@ def _set_head_count(model: nn.Module, head_map: HeadMap, b: int, prefix: str, k:
         if k == 0:
             make_headless_(attention)
             return
-        attention.num_attention_heads = k
-        attention.all_head_size = k * block.head_dim
+        attention.num_attention_heads = k  # type: ignore[assignment]  # torch: setattr takes any value
+        attention.all_head_size = k * block.head_dim  # type: ignore[assignment]  # torch: setattr takes any value
     elif head_map.architecture == "t5":
         from fedhead.models.t5_heads import set_t5_heads
 
@@ -297,6 +301,6 @@ def scale_kept_context(model: nn.Module, head_map: HeadMap, computed: torch.Tens
             return (args[0] * factor, *args[1:])
 
         handle = o.register_forward_pre_hook(scale)
-        handle.training_only = True
+        handle.__dict__["training_only"] = True  # a marker RemovableHandle does not declare (read with getattr)
         handles.append(handle)
     return handles

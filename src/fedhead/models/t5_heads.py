@@ -30,7 +30,7 @@ supported for pruned blocks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.cache_utils import EncoderDecoderCache
@@ -94,18 +94,21 @@ class PrunedT5Attention(T5Attention):
     def _update_cache_placeholder(self, hidden_states, length, cache, is_cross_attention) -> None:
         """Advance the cache by `length` tokens with a (B, 1, length, 1) placeholder (an empty tensor would read
         as an empty cache: DynamicLayer.get_seq_length is 0 when its keys have no element)."""
+        layer_idx = self.layer_idx
+        if layer_idx is None:  # T5Stack numbers its blocks; a cache is indexed by that number
+            raise ValueError("a T5Attention without layer_idx cannot use a cache")
         if isinstance(cache, EncoderDecoderCache):
             if is_cross_attention:
-                if cache.is_updated.get(self.layer_idx):
+                if cache.is_updated.get(layer_idx):
                     return
-                cache.is_updated[self.layer_idx] = True
+                cache.is_updated[layer_idx] = True
                 layer_cache = cache.cross_attention_cache
             else:
                 layer_cache = cache.self_attention_cache
         else:
             layer_cache = cache
         placeholder = hidden_states.new_zeros((hidden_states.shape[0], 1, length, 1))  # (B, 1, T, 1)
-        layer_cache.update(placeholder, placeholder, self.layer_idx)
+        layer_cache.update(placeholder, placeholder, layer_idx)
 
 
 def set_t5_heads(attention: Any, kept: torch.Tensor) -> None:
@@ -126,7 +129,8 @@ def set_t5_heads(attention: Any, kept: torch.Tensor) -> None:
     device = next((p.device for p in attention.parameters()), torch.device("cpu"))
     full_heads = attention.n_heads
     attention.__class__ = PrunedT5Attention
-    attention.full_heads = full_heads
-    attention.register_buffer("kept_index", kept.nonzero().flatten().to(device), persistent=False)  # (H_kept,)
-    attention.n_heads = k
-    attention.inner_dim = k * d
+    pruned = cast(PrunedT5Attention, attention)  # the same module, its class swapped
+    pruned.full_heads = full_heads
+    pruned.register_buffer("kept_index", kept.nonzero().flatten().to(device), persistent=False)  # (H_kept,)
+    pruned.n_heads = k
+    pruned.inner_dim = k * d
