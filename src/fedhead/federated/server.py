@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fedhead.config import HeadsSection
-from fedhead.federated.aggregation import aggregator
+from fedhead.federated.aggregation import HeldUpdates, WeightedSum, aggregator
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.privacy import DPSum, epsilon_spent
 from fedhead.federated.selection import ClientStats, Selection
@@ -185,11 +185,12 @@ def server_round(
     accepted clients; `noise` draws the DP noise; `bytes_down` is what the round sent (default: the replies' own
     bytes_down summed); `failed` (clients that did not answer) is read after the replies, so a driver may append
     to it while they are read."""
+    running: DPSum | WeightedSum | HeldUpdates
     if opts.dp_noise_multiplier is not None:
-        total = DPSum(state, layout, opts.dp_noise_multiplier, opts.dp_clipping_norm,
-                      noise if noise is not None else torch.Generator().manual_seed(round_))
+        running = DPSum(state, layout, opts.dp_noise_multiplier, opts.dp_clipping_norm,
+                        noise if noise is not None else torch.Generator().manual_seed(round_))
     else:
-        total = aggregator(state, layout, opts.aggregation, opts.weighting, opts.trim_fraction)
+        running = aggregator(state, layout, opts.aggregation, opts.weighting, opts.trim_fraction)
     clients: list[dict[str, Any]] = []
     rejected: list[Rejection] = []
     held: list[tuple[Reply, ClientUpdate, float]] = []  # for the outlier test only
@@ -201,7 +202,7 @@ def server_round(
         clients.append(client_line(reply, update))
         stats.record(reply.client, round_, float(update.loss_before), float(update.loss_after),
                      clients[-1]["kept_heads"])
-        total.fold(update)
+        running.fold(update)
         kept_any = update.kept_heads.clone() if kept_any is None else kept_any | update.kept_heads
 
     for reply in replies:
@@ -227,11 +228,10 @@ def server_round(
     if skipped:
         new_state = {k: v.clone() for k, v in state.items()}
     else:
-        new_state = total.result()
+        new_state = running.result()
         if opts.optimizer.kind != "none":  # post-processing: a DP aggregate stays DP
             new_state, new_moments = server_step(state, new_state, trained_masks_of(state, kept_any, layout),
                                                  moments, opts.optimizer)
-    del total
 
     def total(key: str) -> float:
         return sum(c.get(key, 0.0) for c in clients)

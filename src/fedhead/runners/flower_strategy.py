@@ -244,12 +244,14 @@ class FedHeadStrategy(Strategy):
         not count (no reply, several, an error, a reply to another message, a bad payload)."""
         if len(received) > 1:
             return None, f"{len(received)} replies to one train message"
-        reply = received[0] if received else None
-        why = failure(reply) if reply is not None else f"no reply within round-timeout ({self.round_timeout:g} s)"
+        if not received:
+            return None, f"no reply within round-timeout ({self.round_timeout:g} s)"
+        reply = received[0]
+        why = failure(reply)
         if why is not None:
-            if reply is not None and reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
+            if reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
                 self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
-            return None, why or "timeout"
+            return None, why
         kind, group = reply.metadata.message_type, reply.metadata.group_id
         if (kind, group) != (MessageType.TRAIN, str(round_)):
             return None, f"not a reply to this round's train message ({kind[:20]!r} message of round {group[:20]!r})"

@@ -252,8 +252,8 @@ def drive_rounds(
     checkpoint = None if found is None else found[1:]
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
-    if checkpoint is not None:
-        saved, meta = checkpoint
+    if found is not None:
+        path, saved, meta = found
         state, sim.server_moments, sim.residuals = checkpoint_parts(without_tail_average(saved))
         rd.accept_config(cfg, meta["round"])
         tail = TailAverage.from_checkpoint(saved, meta.get("tail_average"), cfg.federated.rounds, window)
@@ -263,7 +263,7 @@ def drive_rounds(
         rd.truncate_metrics(meta["round"])
         to_go = (f"rounds {first} to {cfg.federated.rounds} to go" if first <= cfg.federated.rounds
                  else "no round to go (the summary is written again)")
-        log.info("resuming %s from %s after round %d: %s", rd.path, found[0].name, meta["round"], to_go)
+        log.info("resuming %s from %s after round %d: %s", rd.path, path.name, meta["round"], to_go)
     else:
         rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite or resume)
         (rd.path / "metrics.jsonl").unlink(missing_ok=True)
