@@ -13,7 +13,7 @@ the same length, in the same run.
     python bench/step_cost.py --repeats 0 --json bench/results/step_cost.json   # FLOPs and memory only
     python bench/step_cost.py --device cuda --modes remove --sparsities 0 0.9 --presets configs/save_*.toml
 
-`--presets`: a row for each classification preset, its model built with the preset's LoRA options (rank, targets,
+`--presets`: a row for each MiniLM classification preset, its model built with the preset's LoRA options (rank, targets,
 layers, freeze_a, head_rank), its heads options as a mode (`preset_mode`) and its activation checkpointing; the
 heads are ranked by the same random scores as the other rows. With activation checkpointing the autograd count
 (`peak_memory_bytes`) misses the layer recomputed in the backward; `cuda_peak_memory_bytes` does not.
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedhead.config import Config, HeadsSection, load_config
+from fedhead.config import MINILM, Config, HeadsSection, load_config
 from fedhead.federated.accounting import saved_activation_bytes
 from fedhead.heads.pruning import kept_heads_mask
 from fedhead.models import build_model
@@ -144,12 +144,13 @@ def preset_mode(heads: HeadsSection) -> str:
 
 
 def load_preset(path: Path, max_length: int, device: str) -> tuple[Config, object]:
-    """A preset's config (eager attention, `max_length`, `device`) and its model: MiniLM or another classifier
-    with the preset's LoRA options. Exits with one line for a preset that is not a classification task."""
+    """A preset's config (eager attention, `max_length`, `device`) and its MiniLM classifier with the preset's
+    LoRA options. Exits with one line for a preset of another model or task (the batches are MiniLM's MNLI pairs)."""
     cfg = load_config(path, {"model.attn_implementation": "eager", "model.max_length": max_length,
                              "device": device})
-    if cfg.model.task != "classification":
-        raise SystemExit(f"step_cost: {path} is a {cfg.model.task} preset; only classification presets are measured")
+    if cfg.model.name != MINILM or cfg.model.task != "classification":
+        raise SystemExit(f"step_cost: {path} is a {cfg.model.name} {cfg.model.task} preset; only MiniLM "
+                         "classification presets are measured")
     return cfg, build_model(cfg, 3)
 
 
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="Timed steps (0: FLOPs and memory only).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--presets", type=Path, nargs="+", default=[], help="Also a row for each of these "
+    parser.add_argument("--presets", type=Path, nargs="+", default=[], help="Also a row for each of these MiniLM "
                         "classification presets (configs/*.toml): its LoRA options, heads options and activation "
                         "checkpointing.")
     parser.add_argument("--device", default="cpu", help="Where the model and the steps run: cpu (default), cuda, "
