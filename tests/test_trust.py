@@ -231,3 +231,27 @@ def test_reported_losses_cannot_steer_selection(loss):
     stats = ClientStats()
     result = _round([valid_update(0, FULL), liar], stats=stats)
     assert [r["client"] for r in result.metrics["rejected"]] == [1] and 1 not in stats.loss_global
+
+
+# --- issue "Trust nothing, again"
+
+
+@pytest.mark.parametrize(("field", "value"), [("num_examples", 3.7), ("num_examples", True), ("num_examples", 10.0),
+                                              ("client_id", 2.9), ("client_id", "2"), ("client_id", 2.0)])
+def test_payload_scalars_are_not_coerced(field, value):
+    """Item 7: the decoder called int() before validation, so num_examples 3.7 became 3 and true 1, client_id 2.9
+    and "2" became 2, and the server's round accepted them."""
+    from fedhead.federated.payload import encode_update
+    from fedhead.federated.validation import receive_update
+
+    # Prepare
+    sent = valid_update(2, FULL)
+    setattr(sent, field, value)
+    # Execute
+    update, problem = receive_update(encode_update(sent))
+    result = server_round(GLOBAL, 1, [Reply(2, update, 1, 1)], Selection([2], {}, "test"), ClientStats(), {},
+                          LAYOUT, ServerOptions())
+    # Assert
+    assert problem is None and getattr(update, field) == value and type(getattr(update, field)) is type(value)
+    assert [r["client"] for r in result.metrics["rejected"]] == [2], result.metrics["rejected"]
+    assert result.metrics["clients"] == []
