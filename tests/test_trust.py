@@ -255,3 +255,31 @@ def test_payload_scalars_are_not_coerced(field, value):
     assert problem is None and getattr(update, field) == value and type(getattr(update, field)) is type(value)
     assert [r["client"] for r in result.metrics["rejected"]] == [2], result.metrics["rejected"]
     assert result.metrics["clients"] == []
+
+
+@pytest.mark.parametrize("method", ["fedavg", "head_weighted"])
+def test_a_claimed_data_size_cannot_steer_a_deployment(method):
+    """Item 1: where the server does not know the clients' data sizes (device-local data), one client claiming
+    1,000,000 examples against honest 10-56 took the whole round's weight: the shared tensors moved fully to its
+    values. An unverified claim now weighs as the median size the server knows (1 when none): 1/K of a round."""
+    # Prepare: the honest clients send the global values of the shared tensor, the liar global + 1
+    honest = [valid_update(i, FULL, shift=0.0) for i in range(4)]
+    for u, n in zip(honest, [10, 23, 41, 56], strict=True):
+        u.num_examples = n
+    liar = valid_update(4, FULL, shift=1.0)
+    liar.num_examples = 1_000_000
+    opts = ServerOptions(aggregation=method)
+    # Execute
+    result = _round([*honest, liar], opts)
+    # Assert: the shift of the shared tensor is the liar's weight, at most 1/K
+    shift = float((result.state["cls"] - GLOBAL["cls"]).max())
+    assert shift == pytest.approx(1 / 5)
+    assert result.metrics["clients"][4]["num_examples"] == 1_000_000
+    assert result.metrics["clients"][4]["num_examples_counted"] == 1
+    # a size the server knows is checked, not replaced: known honest sizes weigh as they are, and an unverified
+    # client beside them weighs as their median
+    known = _round([*honest, liar], opts, known_sizes={0: 10, 1: 23, 2: 41, 3: 56})
+    assert float((known.state["cls"] - GLOBAL["cls"]).max()) == pytest.approx(23 / (10 + 23 + 41 + 56 + 23))
+    # devices that are trusted: "claimed" weighs the claim (the old behaviour, now asked for)
+    trusted = _round([*honest, liar], ServerOptions(aggregation=method, unverified_sizes="claimed"))
+    assert float((trusted.state["cls"] - GLOBAL["cls"]).max()) > 0.99

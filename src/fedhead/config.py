@@ -370,6 +370,12 @@ class RobustSection(_Section):
         "reject", description="What to do with an update above max_update_norm: exclude it, or scale it down.")
     outlier_factor: float | None = Field(
         None, gt=1, description="Reject updates whose norm exceeds this many times the round's median norm.")
+    unverified_sizes: Literal["equal", "claimed"] = Field(
+        "equal",
+        description="How a data size the server cannot verify (device-local data in a deployment) weighs: 'equal' "
+        "as the median size the server knows in the round (1 when it knows none), so no client takes more than "
+        "1/K of a round of K by claiming a size; 'claimed' as claimed (devices you trust). Sizes the server knows "
+        "(simulation, partition nodes) are checked and weigh as they are.")
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="trimmed_mean aggregation: fraction cut from each end per coordinate.")
     dropout_probability: float = Field(

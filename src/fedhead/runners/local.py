@@ -174,7 +174,7 @@ def server_options(cfg: Config) -> ServerOptions:
     return ServerOptions(
         aggregation=fed.aggregation, weighting=fed.aggregation_weights, trim_fraction=robust.trim_fraction,
         max_norm=robust.max_update_norm, norm_action=robust.norm_action, outlier_factor=robust.outlier_factor,
-        min_clients=fed.min_clients, max_examples=fed.max_examples,
+        min_clients=fed.min_clients, max_examples=fed.max_examples, unverified_sizes=robust.unverified_sizes,
         optimizer=ServerOptimizer(fed.server_optimizer, fed.server_learning_rate, fed.server_momentum,
                                   fed.server_beta1, fed.server_beta2, fed.server_tau),
         dp_noise_multiplier=dp.noise_multiplier if dp.enabled else None, dp_clipping_norm=dp.clipping_norm,
