@@ -180,3 +180,87 @@ def test_generated_run_files_given_to_report_never_trace_back(config, metrics, t
 
 def test_the_shared_training_file_is_where_the_bad_cases_expect_it():
     assert MNLI_TRAIN.exists()
+
+
+# --- a finished run whose files are then edited, cut or aimed at (issue "Trust nothing, again")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A 2-round run of the tiny BERT, made once; each test works on its own copy (`_copy_run`)."""
+    home = tmp_path_factory.mktemp("finished")
+    config = write_tiny_toml(home / "tiny.toml", tiny_bert_dir)
+    result = _invoke(["run", config, "--out", home, "--name", "run", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return home / "run"
+
+
+def _copy_run(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def _edit_config(run: Path, **dotted) -> None:
+    from fedhead.config import set_dotted
+
+    config = json.loads((run / "config.json").read_text())
+    for key, value in dotted.items():
+        set_dotted(config, key.replace("__", "."), value)
+    (run / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("edit", [{"seed": 7}, {"federated__learning_rate": 0.5}, {"partition__num_clients": 9},
+                                  {"federated__aggregation": "median"}])
+def test_a_resume_refuses_an_edited_config(edit, finished_run, tmp_path):
+    """Item 2: the seed, the aggregation, the number of clients and the learning rate were edited in config.json,
+    `--resume` exited 0 and rounds 3-4 selected clients that did not exist in rounds 1-2. The checkpoint pins the
+    config it was written with."""
+    run = _copy_run(finished_run, tmp_path)
+    _edit_config(run, **edit)
+    before = _files(run)
+    line = _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"],
+                          match="differs from the one its checkpoint (round 2) was written with")
+    assert next(iter(edit)).replace("__", ".") in line and "--rounds" in line
+    assert _files(run) == before  # nothing changed on disk
+
+
+def test_a_resume_may_extend_the_rounds(finished_run, tmp_path):
+    """Item 2: the one option `--resume` may change, accepted explicitly."""
+    run = _copy_run(finished_run, tmp_path)
+    result = _invoke(["run", "--resume", run, "--rounds", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 3
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_named(finished_run, tmp_path):
+    """Item 3: lora.rank edited (a checkpoint whose tensors have other shapes) ended in `internal error:
+    RuntimeError: The size of tensor a (8) must match ...`, exit 1."""
+    run = _copy_run(finished_run, tmp_path)
+    _edit_config(run, lora__rank=4)
+    before = _files(run)
+    _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"], match="does not fit the run's config")
+    _fails_cleanly(["evaluate", run, "--data", MNLI_TRAIN, "--out", tmp_path / "scores.json"],
+                   match="does not fit the run's config")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "torn", "emptied"])
+def test_a_resume_refuses_a_lost_metrics_history(damage, finished_run, tmp_path):
+    """Item 4: with metrics.jsonl deleted, `--resume --rounds 3` ended with a summary of 1 round; with the last
+    line torn, round 2 disappeared and the summary counted 2 rounds."""
+    run = _copy_run(finished_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    if damage == "deleted":
+        metrics.unlink()
+    elif damage == "torn":
+        metrics.write_bytes(metrics.read_bytes()[:-40])
+    else:
+        metrics.write_text("")
+    before = _files(run)
+    _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"], match="lacks the lines of rounds")
+    assert _files(run) == before
