@@ -264,3 +264,42 @@ def test_a_resume_refuses_a_lost_metrics_history(damage, finished_run, tmp_path)
     before = _files(run)
     _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"], match="lacks the lines of rounds")
     assert _files(run) == before
+
+
+def test_no_command_writes_over_a_runs_own_files(finished_run, tmp_path, tiny_bert_dir):
+    """Item 5: `evaluate RUN --out RUN/config.json` replaced the run's config (it could no longer be resumed) and
+    `report RUN --out RUN` replaced its summary.json."""
+    run = _copy_run(finished_run, tmp_path)
+    before = _files(run)
+    _fails_cleanly(["evaluate", run, "--data", MNLI_TRAIN, "--out", run / "config.json"],
+                   match="would replace config.json of the run")
+    _fails_cleanly(["evaluate", run, "--data", MNLI_TRAIN, "--out", run / "adapter" / "adapter_config.json"],
+                   match="would replace adapter")
+    _fails_cleanly(["report", run, "--out", run], match="would replace summary.json")
+    config = write_tiny_toml(tmp_path / "tiny.toml", tiny_bert_dir)
+    _fails_cleanly(["heads", config, "--out", run / "summary.png"], match="would replace summary.json")
+    assert _files(run) == before
+    report = _invoke(["report", run, "--out", tmp_path / "report"])  # beside the run: fine
+    assert report.exit_code == 0, report.output
+
+
+@pytest.mark.parametrize(("lines", "match"), [
+    ("", "metrics.jsonl is empty"),
+    ('{"round": 0, "accuracy": 0.3, "eval_loss": 1.1}\n', "holds only round 0"),
+    ("[1, 2]\n", "line 1 is not a fedhead metrics line: a JSON list"),
+    ('{"round": 0}\n{"round": 1}\n', "round 1 has no number bytes_up"),
+    ('{"round": 0}\n{"round": "1"}\n', "round '1' is not an integer"),
+])
+def test_report_names_a_run_it_cannot_report(lines, match, finished_run, tmp_path):
+    """Item 6: an empty metrics.jsonl or one of only round 0 ended in `internal error: TypeError: unsupported
+    operand type(s) for -: 'NoneType' and 'float'`, lines that are not objects in `AttributeError`."""
+    run = _copy_run(finished_run, tmp_path)
+    (run / "metrics.jsonl").write_text(lines)
+    _fails_cleanly(["report", run, "--out", tmp_path / "report"], match=match)
+
+
+@pytest.mark.parametrize("target", ["5", "-0.1", "55"])
+def test_report_target_on_the_metrics_scale(target, finished_run, tmp_path):
+    """Item 8: `report --target 5` for an accuracy was accepted (every run 'not reached')."""
+    _fails_cleanly(["report", finished_run, "--out", tmp_path / "r", "--target", target], match="outside [0, 1]")
+    assert _invoke(["report", finished_run, "--out", tmp_path / "r", "--target", "0.3"]).exit_code == 0

@@ -7,7 +7,7 @@ drops the metrics lines of rounds after it.
 What a resume trusts: each checkpoint pins the config it was written with (its metadata's "config"), so a
 config.json edited since is refused (`accept_config`; only the rounds and evaluation-only options may change);
 a checkpoint whose tensors do not fit the config, and a metrics.jsonl that lost lines of checkpointed rounds
-(`accept_metrics`), are refused too.
+(`accept_metrics`), are refused too. Other commands never write the run's files (`refuse_run_file`).
 """
 
 from __future__ import annotations
@@ -72,6 +72,20 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def refuse_run_file(path: Path, option: str) -> None:
+    """Raise ConfigError when writing `path` would replace a file of a run directory (a folder with a
+    config.json): one of RUN_FILES or anything under its adapter/. Only the run's own writer (this module)
+    writes those; a command's output beside them (e.g. evaluate.STEM.json) is fine."""
+    resolved = Path(path).resolve()
+    for folder in resolved.parents:
+        if (folder / "config.json").is_file():
+            name = resolved.relative_to(folder).parts[0]
+            if name in RUN_FILES:
+                raise ConfigError(f"{option} {path} would replace {name} of the run in {folder}: give a path "
+                                  "outside the run's own files")
+            return
 
 
 class RunDir:
