@@ -4,6 +4,7 @@ a traceback, and leaves no run directory changed (issue "Trust nothing": 33 of 1
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -303,3 +304,65 @@ def test_report_target_on_the_metrics_scale(target, finished_run, tmp_path):
     """Item 8: `report --target 5` for an accuracy was accepted (every run 'not reached')."""
     _fails_cleanly(["report", finished_run, "--out", tmp_path / "r", "--target", target], match="outside [0, 1]")
     assert _invoke(["report", finished_run, "--out", tmp_path / "r", "--target", "0.3"]).exit_code == 0
+
+
+def _records(labels: list, hypothesis: str = "a cat") -> bytes:
+    return "".join(json.dumps({"premise": f"the cat sat {i}", "hypothesis": hypothesis, "label": label}) + "\n"
+                   for i, label in enumerate(labels * 10)).encode()
+
+
+@pytest.mark.parametrize(("name", "content", "settings_", "match"), [
+    ("mixed.jsonl", _records(["entailment", "neutral", "contradiction", 0, 1, 2]), [],
+     "labels mix strings and numbers (e.g. 'entailment' and 0)"),
+    ("blank.jsonl", _records(["entailment", "neutral", "contradiction"], hypothesis=""), [],
+     "empty text in field 'hypothesis'"),
+    ("spaces.jsonl", _records(["entailment", "neutral", "contradiction"], hypothesis="  "), [],
+     "empty text in field 'hypothesis'"),
+])
+def test_user_mistakes_are_not_accepted(name, content, settings_, match, tmp_path, config):
+    """Item 8: labels mixing strings and integers made a 6-class model from a 3-class file, and empty-string texts
+    passed where null texts were refused."""
+    args = ["run", config, "--out", tmp_path / "out", "--quiet"]
+    args += ["--set", f"data.train={json.dumps(str(_data_file(tmp_path, name, content)))}", "--set",
+             "data.train_size=null"]
+    for s in settings_:
+        args += ["--set", s]
+    _fails_cleanly(args, match=match)
+    assert not any((tmp_path / "out").rglob("metrics.jsonl"))
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ("federated.rounds=1e9", "federated.rounds: Value error, must be an integer, got 1000000000.0"),
+    ("federated.clients_per_round=true", "must be an integer, got True"),
+    ("seed=2.0", "seed: Value error, must be an integer, got 2.0"),
+])
+def test_a_float_is_not_an_integer_option(setting, match):
+    """Item 8: `--set federated.rounds=1e9` started a billion-round run (pydantic rounds an integral float and
+    reads true as 1). Checked on the CLI's own parsing of --set, without starting a run a regression would not
+    end."""
+    from fedhead.cli import _parse_set
+    from fedhead.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_config(None, _parse_set([setting]))
+
+
+@pytest.mark.parametrize(("settings_", "match"), [
+    (["partition.method=\"dirichlet\"", "partition.min_partition_size=100"], "raise partition.alpha, lower "
+     "partition.min_partition_size or partition.num_clients"),
+])
+def test_messages_name_the_fix(settings_, match, tmp_path, config):
+    """Item 9: an unsatisfiable Dirichlet partition said "The max number of attempts (10) was reached. Please update
+    the values of alpha..." without naming the options."""
+    args = ["run", config, "--out", tmp_path / "out", "--quiet"]
+    for s in settings_:
+        args += ["--set", s]
+    _fails_cleanly(args, match=match)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_an_empty_data_file_says_it_is_empty(content, tmp_path, config):
+    """Item 9: an empty data file said "cannot read it as jsonl (StopIteration: StopIteration)"."""
+    path = _data_file(tmp_path, "empty.jsonl", content)
+    _fails_cleanly(["run", config, "--out", tmp_path / "out", "--set", f"data.train={json.dumps(str(path))}"],
+                   match="empty.jsonl: the file is empty")

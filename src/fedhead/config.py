@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -19,6 +20,21 @@ GENERATION_METRICS = ("accuracy", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers_are_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        """An integer option takes an integer: pydantic would round 1e9 to 1000000000 and read true as 1
+        (`--set federated.rounds=1e9` started a billion-round run)."""
+        if isinstance(value, bool | float) and _takes_integer(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be an integer, got {value!r}")
+        return value
+
+
+def _takes_integer(annotation: Any) -> bool:
+    """Whether a field's type is int (or int | None), not float or bool."""
+    return annotation is int or (get_origin(annotation) in (Union, UnionType) and int in get_args(annotation)
+                                 and float not in get_args(annotation))
 
 
 class ModelSection(_Section):
