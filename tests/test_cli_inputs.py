@@ -4,6 +4,7 @@ a traceback, and leaves no run directory changed (issue "Trust nothing": 33 of 1
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -180,3 +181,188 @@ def test_generated_run_files_given_to_report_never_trace_back(config, metrics, t
 
 def test_the_shared_training_file_is_where_the_bad_cases_expect_it():
     assert MNLI_TRAIN.exists()
+
+
+# --- a finished run whose files are then edited, cut or aimed at (issue "Trust nothing, again")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert_dir, tmp_path_factory) -> Path:
+    """A 2-round run of the tiny BERT, made once; each test works on its own copy (`_copy_run`)."""
+    home = tmp_path_factory.mktemp("finished")
+    config = write_tiny_toml(home / "tiny.toml", tiny_bert_dir)
+    result = _invoke(["run", config, "--out", home, "--name", "run", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return home / "run"
+
+
+def _copy_run(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def _edit_config(run: Path, **dotted) -> None:
+    from fedhead.config import set_dotted
+
+    config = json.loads((run / "config.json").read_text())
+    for key, value in dotted.items():
+        set_dotted(config, key.replace("__", "."), value)
+    (run / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("edit", [{"seed": 7}, {"federated__learning_rate": 0.5}, {"partition__num_clients": 9},
+                                  {"federated__aggregation": "median"}])
+def test_a_resume_refuses_an_edited_config(edit, finished_run, tmp_path):
+    """Item 2: the seed, the aggregation, the number of clients and the learning rate were edited in config.json,
+    `--resume` exited 0 and rounds 3-4 selected clients that did not exist in rounds 1-2. The checkpoint pins the
+    config it was written with."""
+    run = _copy_run(finished_run, tmp_path)
+    _edit_config(run, **edit)
+    before = _files(run)
+    line = _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"],
+                          match="differs from the one its checkpoint (round 2) was written with")
+    assert next(iter(edit)).replace("__", ".") in line and "--rounds" in line
+    assert _files(run) == before  # nothing changed on disk
+
+
+def test_a_resume_may_extend_the_rounds(finished_run, tmp_path):
+    """Item 2: the one option `--resume` may change, accepted explicitly."""
+    run = _copy_run(finished_run, tmp_path)
+    result = _invoke(["run", "--resume", run, "--rounds", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 3
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_named(finished_run, tmp_path):
+    """Item 3: lora.rank edited (a checkpoint whose tensors have other shapes) ended in `internal error:
+    RuntimeError: The size of tensor a (8) must match ...`, exit 1."""
+    run = _copy_run(finished_run, tmp_path)
+    _edit_config(run, lora__rank=4)
+    before = _files(run)
+    _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"], match="does not fit the run's config")
+    _fails_cleanly(["evaluate", run, "--data", MNLI_TRAIN, "--out", tmp_path / "scores.json"],
+                   match="does not fit the run's config")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "torn", "emptied"])
+def test_a_resume_refuses_a_lost_metrics_history(damage, finished_run, tmp_path):
+    """Item 4: with metrics.jsonl deleted, `--resume --rounds 3` ended with a summary of 1 round; with the last
+    line torn, round 2 disappeared and the summary counted 2 rounds."""
+    run = _copy_run(finished_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    if damage == "deleted":
+        metrics.unlink()
+    elif damage == "torn":
+        metrics.write_bytes(metrics.read_bytes()[:-40])
+    else:
+        metrics.write_text("")
+    before = _files(run)
+    _fails_cleanly(["run", "--resume", run, "--rounds", "3", "--quiet"], match="lacks the lines of rounds")
+    assert _files(run) == before
+
+
+def test_no_command_writes_over_a_runs_own_files(finished_run, tmp_path, tiny_bert_dir):
+    """Item 5: `evaluate RUN --out RUN/config.json` replaced the run's config (it could no longer be resumed) and
+    `report RUN --out RUN` replaced its summary.json."""
+    run = _copy_run(finished_run, tmp_path)
+    before = _files(run)
+    _fails_cleanly(["evaluate", run, "--data", MNLI_TRAIN, "--out", run / "config.json"],
+                   match="would replace config.json of the run")
+    _fails_cleanly(["evaluate", run, "--data", MNLI_TRAIN, "--out", run / "adapter" / "adapter_config.json"],
+                   match="would replace adapter")
+    _fails_cleanly(["report", run, "--out", run], match="would replace summary.json")
+    config = write_tiny_toml(tmp_path / "tiny.toml", tiny_bert_dir)
+    _fails_cleanly(["heads", config, "--out", run / "summary.png"], match="would replace summary.json")
+    assert _files(run) == before
+    report = _invoke(["report", run, "--out", tmp_path / "report"])  # beside the run: fine
+    assert report.exit_code == 0, report.output
+
+
+@pytest.mark.parametrize(("lines", "match"), [
+    ("", "metrics.jsonl is empty"),
+    ('{"round": 0, "accuracy": 0.3, "eval_loss": 1.1}\n', "holds only round 0"),
+    ("[1, 2]\n", "line 1 is not a fedhead metrics line: a JSON list"),
+    ('{"round": 0}\n{"round": 1}\n', "round 1 has no number bytes_up"),
+    ('{"round": 0}\n{"round": "1"}\n', "round '1' is not an integer"),
+])
+def test_report_names_a_run_it_cannot_report(lines, match, finished_run, tmp_path):
+    """Item 6: an empty metrics.jsonl or one of only round 0 ended in `internal error: TypeError: unsupported
+    operand type(s) for -: 'NoneType' and 'float'`, lines that are not objects in `AttributeError`."""
+    run = _copy_run(finished_run, tmp_path)
+    (run / "metrics.jsonl").write_text(lines)
+    _fails_cleanly(["report", run, "--out", tmp_path / "report"], match=match)
+
+
+@pytest.mark.parametrize("target", ["5", "-0.1", "55"])
+def test_report_target_on_the_metrics_scale(target, finished_run, tmp_path):
+    """Item 8: `report --target 5` for an accuracy was accepted (every run 'not reached')."""
+    _fails_cleanly(["report", finished_run, "--out", tmp_path / "r", "--target", target], match="outside [0, 1]")
+    assert _invoke(["report", finished_run, "--out", tmp_path / "r", "--target", "0.3"]).exit_code == 0
+
+
+def _records(labels: list, hypothesis: str = "a cat") -> bytes:
+    return "".join(json.dumps({"premise": f"the cat sat {i}", "hypothesis": hypothesis, "label": label}) + "\n"
+                   for i, label in enumerate(labels * 10)).encode()
+
+
+@pytest.mark.parametrize(("name", "content", "settings_", "match"), [
+    ("mixed.jsonl", _records(["entailment", "neutral", "contradiction", 0, 1, 2]), [],
+     "labels mix strings and numbers (e.g. 'entailment' and 0)"),
+    ("blank.jsonl", _records(["entailment", "neutral", "contradiction"], hypothesis=""), [],
+     "empty text in field 'hypothesis'"),
+    ("spaces.jsonl", _records(["entailment", "neutral", "contradiction"], hypothesis="  "), [],
+     "empty text in field 'hypothesis'"),
+])
+def test_user_mistakes_are_not_accepted(name, content, settings_, match, tmp_path, config):
+    """Item 8: labels mixing strings and integers made a 6-class model from a 3-class file, and empty-string texts
+    passed where null texts were refused."""
+    args = ["run", config, "--out", tmp_path / "out", "--quiet"]
+    args += ["--set", f"data.train={json.dumps(str(_data_file(tmp_path, name, content)))}", "--set",
+             "data.train_size=null"]
+    for s in settings_:
+        args += ["--set", s]
+    _fails_cleanly(args, match=match)
+    assert not any((tmp_path / "out").rglob("metrics.jsonl"))
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ("federated.rounds=1e9", "federated.rounds: Value error, must be an integer, got 1000000000.0"),
+    ("federated.clients_per_round=true", "must be an integer, got True"),
+    ("seed=2.0", "seed: Value error, must be an integer, got 2.0"),
+])
+def test_a_float_is_not_an_integer_option(setting, match):
+    """Item 8: `--set federated.rounds=1e9` started a billion-round run (pydantic rounds an integral float and
+    reads true as 1). Checked on the CLI's own parsing of --set, without starting a run a regression would not
+    end."""
+    from fedhead.cli import _parse_set
+    from fedhead.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_config(None, _parse_set([setting]))
+
+
+@pytest.mark.parametrize(("settings_", "match"), [
+    (["partition.method=\"dirichlet\"", "partition.min_partition_size=100"], "raise partition.alpha, lower "
+     "partition.min_partition_size or partition.num_clients"),
+])
+def test_messages_name_the_fix(settings_, match, tmp_path, config):
+    """Item 9: an unsatisfiable Dirichlet partition said "The max number of attempts (10) was reached. Please update
+    the values of alpha..." without naming the options."""
+    args = ["run", config, "--out", tmp_path / "out", "--quiet"]
+    for s in settings_:
+        args += ["--set", s]
+    _fails_cleanly(args, match=match)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_an_empty_data_file_says_it_is_empty(content, tmp_path, config):
+    """Item 9: an empty data file said "cannot read it as jsonl (StopIteration: StopIteration)"."""
+    path = _data_file(tmp_path, "empty.jsonl", content)
+    _fails_cleanly(["run", config, "--out", tmp_path / "out", "--set", f"data.train={json.dumps(str(path))}"],
+                   match="empty.jsonl: the file is empty")

@@ -231,3 +231,55 @@ def test_reported_losses_cannot_steer_selection(loss):
     stats = ClientStats()
     result = _round([valid_update(0, FULL), liar], stats=stats)
     assert [r["client"] for r in result.metrics["rejected"]] == [1] and 1 not in stats.loss_global
+
+
+# --- issue "Trust nothing, again"
+
+
+@pytest.mark.parametrize(("field", "value"), [("num_examples", 3.7), ("num_examples", True), ("num_examples", 10.0),
+                                              ("client_id", 2.9), ("client_id", "2"), ("client_id", 2.0)])
+def test_payload_scalars_are_not_coerced(field, value):
+    """Item 7: the decoder called int() before validation, so num_examples 3.7 became 3 and true 1, client_id 2.9
+    and "2" became 2, and the server's round accepted them."""
+    from fedhead.federated.payload import encode_update
+    from fedhead.federated.validation import receive_update
+
+    # Prepare
+    sent = valid_update(2, FULL)
+    setattr(sent, field, value)
+    # Execute
+    update, problem = receive_update(encode_update(sent))
+    result = server_round(GLOBAL, 1, [Reply(2, update, 1, 1)], Selection([2], {}, "test"), ClientStats(), {},
+                          LAYOUT, ServerOptions())
+    # Assert
+    assert problem is None and getattr(update, field) == value and type(getattr(update, field)) is type(value)
+    assert [r["client"] for r in result.metrics["rejected"]] == [2], result.metrics["rejected"]
+    assert result.metrics["clients"] == []
+
+
+@pytest.mark.parametrize("method", ["fedavg", "head_weighted"])
+def test_a_claimed_data_size_cannot_steer_a_deployment(method):
+    """Item 1: where the server does not know the clients' data sizes (device-local data), one client claiming
+    1,000,000 examples against honest 10-56 took the whole round's weight: the shared tensors moved fully to its
+    values. An unverified claim now weighs as the median size the server knows (1 when none): 1/K of a round."""
+    # Prepare: the honest clients send the global values of the shared tensor, the liar global + 1
+    honest = [valid_update(i, FULL, shift=0.0) for i in range(4)]
+    for u, n in zip(honest, [10, 23, 41, 56], strict=True):
+        u.num_examples = n
+    liar = valid_update(4, FULL, shift=1.0)
+    liar.num_examples = 1_000_000
+    opts = ServerOptions(aggregation=method)
+    # Execute
+    result = _round([*honest, liar], opts)
+    # Assert: the shift of the shared tensor is the liar's weight, at most 1/K
+    shift = float((result.state["cls"] - GLOBAL["cls"]).max())
+    assert shift == pytest.approx(1 / 5)
+    assert result.metrics["clients"][4]["num_examples"] == 1_000_000
+    assert result.metrics["clients"][4]["num_examples_counted"] == 1
+    # a size the server knows is checked, not replaced: known honest sizes weigh as they are, and an unverified
+    # client beside them weighs as their median
+    known = _round([*honest, liar], opts, known_sizes={0: 10, 1: 23, 2: 41, 3: 56})
+    assert float((known.state["cls"] - GLOBAL["cls"]).max()) == pytest.approx(23 / (10 + 23 + 41 + 56 + 23))
+    # devices that are trusted: "claimed" weighs the claim (the old behaviour, now asked for)
+    trusted = _round([*honest, liar], ServerOptions(aggregation=method, unverified_sizes="claimed"))
+    assert float((trusted.state["cls"] - GLOBAL["cls"]).max()) > 0.99

@@ -234,12 +234,14 @@ def evaluate(
 ) -> None:
     """Score a run's trained global model on a dataset: one line per metric, and a JSON file."""
     from fedhead.evaluation import evaluate_run, parse_label_map
+    from fedhead.runners.run_dir import refuse_run_file
 
     try:
         mapping = parse_label_map(label_map)
-        result = evaluate_run(run_dir, data, mapping, batch_size, device, pruned, window, tail_average)
         suffix = ("" if pruned is None else f".pruned-{pruned:g}") + (".tail-average" if tail_average else "")
         target = out or run_dir / f"evaluate.{Path(data).stem}{suffix}.json"
+        refuse_run_file(target, "--out")  # before the (long) evaluation
+        result = evaluate_run(run_dir, data, mapping, batch_size, device, pruned, window, tail_average)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
@@ -286,11 +288,14 @@ def heads(
 ) -> None:
     """Score the attention heads of the configured model on the configured data and draw a heat map."""
     from fedhead.heads_report import score_and_plot
+    from fedhead.runners.run_dir import refuse_run_file
 
     try:
         cfg = load_config(config, {"heads.importance": method})
         if out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
             raise ConfigError(f"--out {out}: the heat map is an image: give a .png, .pdf, .svg or .jpg path")
+        for written in (out, out.with_suffix(".json")):
+            refuse_run_file(written, "--out")
         result = score_and_plot(cfg, out, samples)
     except Exception as err:  # noqa: BLE001 - one line, never a traceback (see _fail)
         _fail(err)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -19,6 +20,21 @@ GENERATION_METRICS = ("accuracy", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers_are_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        """An integer option takes an integer: pydantic would round 1e9 to 1000000000 and read true as 1
+        (`--set federated.rounds=1e9` started a billion-round run)."""
+        if isinstance(value, bool | float) and _takes_integer(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be an integer, got {value!r}")
+        return value
+
+
+def _takes_integer(annotation: Any) -> bool:
+    """Whether a field's type is int (or int | None), not float or bool."""
+    return annotation is int or (get_origin(annotation) in (Union, UnionType) and int in get_args(annotation)
+                                 and float not in get_args(annotation))
 
 
 class ModelSection(_Section):
@@ -370,6 +386,12 @@ class RobustSection(_Section):
         "reject", description="What to do with an update above max_update_norm: exclude it, or scale it down.")
     outlier_factor: float | None = Field(
         None, gt=1, description="Reject updates whose norm exceeds this many times the round's median norm.")
+    unverified_sizes: Literal["equal", "claimed"] = Field(
+        "equal",
+        description="How a data size the server cannot verify (device-local data in a deployment) weighs: 'equal' "
+        "as the median size the server knows in the round (1 when it knows none), so no client takes more than "
+        "1/K of a round of K by claiming a size; 'claimed' as claimed (devices you trust). Sizes the server knows "
+        "(simulation, partition nodes) are checked and weigh as they are.")
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="trimmed_mean aggregation: fraction cut from each end per coordinate.")
     dropout_probability: float = Field(

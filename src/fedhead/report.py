@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedhead.run_metrics import TAIL, headline_metric, read_metrics, tail_mean
+from fedhead.runners.run_dir import refuse_run_file
 
 
 class ReportError(ValueError):
@@ -42,10 +43,18 @@ class Run:
             lines = read_metrics(path / "metrics.jsonl")
         except (ValueError, UnicodeError) as err:
             raise ReportError(f"{path}: unreadable run files ({type(err).__name__}: {err})") from None
-        if not isinstance(config, dict) or not isinstance(config.get("heads"), dict):
+        if not isinstance(config, dict) or not all(isinstance(config.get(s), dict) for s in CONFIG_SECTIONS):
             raise ReportError(f"{path}/config.json is not a fedhead config")
-        initial = next((m for m in lines if m.get("round") == 0), {})
-        return cls(path, config, [m for m in lines if m.get("round", 0) > 0], initial)
+        for number, line in enumerate(lines, 1):
+            problem = _metrics_line_problem(line)
+            if problem is not None:
+                raise ReportError(f"{path}/metrics.jsonl line {number} is not a fedhead metrics line: {problem}")
+        rounds = [m for m in lines if m["round"] > 0]
+        if not rounds:
+            held = "is empty" if not lines else "holds only round 0 (the initial evaluation)"
+            raise ReportError(f"{path} has no finished round to report: its metrics.jsonl {held}")
+        initial = next((m for m in lines if m["round"] == 0), {})
+        return cls(path, config, rounds, initial)
 
     @property
     def name(self) -> str:
@@ -97,6 +106,28 @@ class Run:
         return np.asarray(xs), np.asarray(ys)
 
 
+CONFIG_SECTIONS = ("model", "heads", "federated", "lora")  # what the report reads of a run's config.json
+ROUND_TOTALS = ("bytes_up", "bytes_down", "train_flops")  # what it sums over a run's rounds
+
+
+def _metrics_line_problem(line: Any) -> str | None:
+    """What is wrong with one line of metrics.jsonl for the report, or None: an object with an integer round
+    >= 0 and, after round 0, the round's totals as numbers."""
+    if not isinstance(line, dict):
+        return f"a JSON {type(line).__name__}, not an object"
+    r = line.get("round")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        return f"round {str(r)[:20]!r} is not an integer >= 0"
+    for key in ROUND_TOTALS if r > 0 else ():
+        value = line.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"round {r} has no number {key}"
+    clients = line.get("clients", [])
+    if not isinstance(clients, list) or not all(isinstance(c, dict) for c in clients):
+        return f"round {r}'s clients are not a list of objects"
+    return None
+
+
 def _round_seconds(m: dict[str, Any]) -> float:
     return sum(v for k, v in m.items() if k.startswith("seconds_") and isinstance(v, int | float))
 
@@ -118,7 +149,7 @@ def _to_target(run: Run, target: float) -> dict[str, Any] | None:
 def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) -> list[dict[str, Any]]:
     """One row per run with accuracy, costs, advantages over the baseline and costs to reach `target`."""
     rows = []
-    base_tot = None
+    base_tot, base_tail = None, None
     if baseline is not None:
         base_tot = {k: sum(m[k] for m in baseline.rounds) for k in ("bytes_up", "bytes_down", "train_flops")}
         base_tail = _tail_mean(baseline)
@@ -136,7 +167,7 @@ def summarize_runs(runs: list[Run], baseline: Run | None, target: float | None) 
             **tot, "seconds": sum(_round_seconds(m) for m in run.rounds), "rounds": len(run.rounds),
             "heads_pruned": heads_pruned(run),
         }
-        if baseline is not None and base_tot is not None and row["final"] is not None:
+        if baseline is not None and base_tot is not None and base_tail is not None and row["final"] is not None:
             row["drop_points"] = baseline.points * (base_tail - row["tail_mean"])
             row["upload_advantage"] = base_tot["bytes_up"] / max(tot["bytes_up"], 1)
             row["comm_advantage"] = (base_tot["bytes_up"] + base_tot["bytes_down"]) / max(
@@ -269,6 +300,14 @@ def mean_head_scores(run: Run) -> np.ndarray | None:
     return np.mean(scores, axis=0) if scores else None
 
 
+def _check_target(target: float, run: Run) -> None:
+    """A target on the scale of the headline metric: [0, 1] for an accuracy, [0, 100] for generation scores."""
+    top = 1.0 if run.points == 100.0 else 100.0
+    if not 0 <= target <= top:
+        hint = f" (a fraction: {target / 100:g} for {target:g}%)" if top == 1.0 and target <= 100 else ""
+        raise ReportError(f"--target {target:g} is outside [0, {top:g}], the range of {run.metric_key()}{hint}")
+
+
 def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
                  target: float | None = None) -> Path:
     """Write table.md, summary.json and plots for `run_dirs` into `out`; returns the table's path."""
@@ -283,8 +322,12 @@ def write_report(run_dirs: list[Path], out: Path, baseline: Path | None = None,
     else:
         dense = [r for r in runs if r.sparsity == 0 and r.config["federated"]["aggregation"] == "fedavg"]
         base = dense[0] if dense else None
-    if target is None and base is not None:  # the baseline's mean of its last TAIL evaluations, minus 2 points
+    if target is None and base is not None and _tail_mean(base) is not None:  # None: no evaluation after round 0
         target = _tail_mean(base) - 2.0 / base.points
+    elif target is not None:
+        _check_target(target, runs[0])
+    for name in ("summary.json", "table.md"):
+        refuse_run_file(out / name, "--out")
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize_runs(runs, base, target)
     table = markdown_table(rows, target)

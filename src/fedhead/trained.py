@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import Config, ConfigError, config_from_dict
-from fedhead.federated.state import State, load_state_
+from fedhead.federated.state import State, load_state_, state_misfit, trainable_state
 from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
@@ -104,6 +104,10 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg)
     lm = build_run_model(cfg, len(label_names), tokenizer)
+    misfit = state_misfit(state, trainable_state(lm.model))
+    if misfit is not None:
+        raise ConfigError(f"the checkpoint of {path} does not fit the run's config (was config.json edited?): "
+                          f"{misfit}")
     load_state_(lm.model, state)
     lm.model.eval()
     return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)

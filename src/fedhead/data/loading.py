@@ -48,6 +48,8 @@ def load_records(source: str, split: str) -> datasets.Dataset:
     if suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"data file not found: {source}")
+        if _is_blank(path):
+            raise DataError(f"{source}: the file is empty (no records)")
         try:
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - empty, undecodable or malformed files raise many kinds
@@ -62,6 +64,15 @@ def load_records(source: str, split: str) -> datasets.Dataset:
         return datasets.load_dataset(source, split=split)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; the user needs one message
         raise DataError(f"could not load dataset '{source}' (split '{split}'): {err}") from None
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether the file holds nothing but white space (read a block at a time, up to its first character)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return False
+    return True
 
 
 def check_fields(ds: datasets.Dataset, cfg: DataSection, source: str) -> None:
@@ -89,11 +100,25 @@ def run_labels(cfg: DataSection, train_raw: datasets.Dataset | None, eval_raw: d
     source = train_raw if train_raw is not None else eval_raw
     if source is None:
         raise DataError("data.labels is required: no training or evaluation data here gives the labels")
-    return label_names_of(list(source[cfg.label_field]))
+    values = list(source[cfg.label_field])
+    check_label_kinds(values, str(cfg.train if train_raw is not None else cfg.eval))
+    return label_names_of(values)
+
+
+def check_label_kinds(values: list, source: str) -> None:
+    """DataError when the labels of `source` mix strings and numbers ("entailment" beside 0, or "0" beside 0):
+    each kind would count as other classes (a 3-class file read as 6)."""
+    strings = next((v for v in values if isinstance(v, str)), None)
+    numbers = next((v for v in values if v is not None and not isinstance(v, str)), None)
+    if strings is not None and numbers is not None:
+        raise DataError(f"{source}: labels mix strings and numbers (e.g. {strings!r} and {numbers!r}): write every "
+                        "label the same way")
 
 
 def check_labels(values: list, labels: list[str], cfg: DataSection, source: str) -> None:
-    """DataError naming the label values in `source` that are not among the run's `labels`."""
+    """DataError naming the label values in `source` that are not among the run's `labels`, or mixing strings
+    and numbers (`check_label_kinds`)."""
+    check_label_kinds(values, source)
     unknown = sorted(set(map(str, values)) - set(labels))
     if unknown:
         known = "data.labels" if cfg.labels is not None else "the training data"
@@ -109,11 +134,12 @@ def tokenize_split(
     source: str,
 ) -> datasets.Dataset:
     """Tokenise text (single or pair) and map labels to integers; unknown labels are an error."""
+    check_labels(list(ds[cfg.label_field]), list(label_index), cfg, source)
     labels = [str(v) for v in ds[cfg.label_field]]
-    check_labels(labels, list(label_index), cfg, source)
     texts = [list(ds[f]) for f in cfg.text_fields]
-    if any(t is None for col in texts for t in col):
-        raise DataError(f"{source}: empty text in fields {cfg.text_fields}")
+    for field, column in zip(cfg.text_fields, texts, strict=True):
+        if any(t is None or (isinstance(t, str) and not t.strip()) for t in column):
+            raise DataError(f"{source}: empty text in field '{field}' (null, \"\" or only spaces)")
     if any(not isinstance(t, str) for col in texts for t in col):
         raise DataError(f"{source}: the text fields {cfg.text_fields} must hold strings")
     if cfg.strip_headers:

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-from fedhead.config import PartitionSection
+from fedhead.config import ConfigError, PartitionSection
 
 
 def partition_indices(labels: list[int], cfg: PartitionSection, seed: int) -> list[np.ndarray]:
@@ -32,7 +32,16 @@ def partition_indices(labels: list[int], cfg: PartitionSection, seed: int) -> li
             seed=seed,
         )
     partitioner.dataset = table
-    return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(cfg.num_clients)]
+    try:
+        return [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(cfg.num_clients)]
+    except ValueError as err:
+        if cfg.method != "dirichlet" or "attempts" not in str(err):
+            raise
+        raise ConfigError(
+            f"partition: Dirichlet(partition.alpha = {cfg.alpha:g}) draws could not give each of the "
+            f"{cfg.num_clients} clients partition.min_partition_size = {cfg.min_partition_size} of the {n} training "
+            "examples: raise partition.alpha, lower partition.min_partition_size or partition.num_clients, or "
+            "train on more examples (data.train_size)") from None
 
 
 def label_histograms(labels: list[int], parts: list[np.ndarray], num_labels: int) -> list[list[int]]:

@@ -92,27 +92,33 @@ def encode_update(update: ClientUpdate) -> bytes:
 
 
 def decode_update(blob: bytes) -> ClientUpdate:
-    """Inverse of `encode_update`; raises ValueError on a payload that is not a fedhead update."""
+    """Inverse of `encode_update`; raises ValueError on a payload that is not a fedhead update.
+
+    The scalars are returned as the client wrote them, not converted: a data size of 3.7 or true, or a client id
+    of "2", must reach the server's checks (`validation.check_update`) as what it is, to be refused there."""
     tensors = dict(st_load(blob))
     raw = _metadata(blob).get("fedhead")
     if raw is None or KEPT not in tensors or SCORES not in tensors:
         raise ValueError("not a fedhead client update")
     meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError("the update's metadata is not a JSON object")
     kept = tensors.pop(KEPT).bool()
     scores = tensors.pop(SCORES)
     bits = meta.get("upload_bits", 32)
     if bits != 32:
         tensors = _dequantized(tensors, bits, meta.get("shapes"))
+    stats = meta.get("stats", {})
     return ClientUpdate(
-        client_id=int(meta["client_id"]),
-        num_examples=int(meta["num_examples"]),
+        client_id=meta["client_id"],
+        num_examples=meta["num_examples"],
         kept_heads=kept,
         head_scores=scores,
         tensors=tensors,
-        loss_before=float(meta["loss_before"]),
-        loss_after=float(meta["loss_after"]),
-        train_loss=float(meta["train_loss"]),
-        stats=dict(meta.get("stats", {})),
+        loss_before=meta["loss_before"],
+        loss_after=meta["loss_after"],
+        train_loss=meta["train_loss"],
+        stats=dict(stats) if isinstance(stats, dict) else {},
         upload_bits=bits,
     )
 

@@ -13,6 +13,9 @@ client the server sent to; this module decides what counts. Nothing a client sen
   client when it knows one), and an update that claims another client's id is rejected;
 - a client's own statistics (FLOPs, steps, seconds, memory) are kept only under the known keys, as finite
   non-negative numbers, and never over a field the server measured (client, bytes, kept heads, losses);
+- a data size the server cannot verify (device-local data) does not steer the round: with
+  `unverified_sizes = "equal"` it weighs as the median size the server knows in the round, or 1
+  (`unverified_weight`), so one client claiming 1,000,000 examples among honest tens takes 1/K of a round of K;
 - clients are tracked by their position in the round, so an update the norm bound clipped (a new object) is
   still recorded, counted and aggregated.
 
@@ -59,6 +62,7 @@ class ServerOptions:
     outlier_factor: float | None = None
     min_clients: int = 1
     max_examples: int = DEFAULT_MAX_EXAMPLES
+    unverified_sizes: str = "equal"  # or "claimed"
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     dp_noise_multiplier: float | None = None  # None: no differential privacy
     dp_clipping_norm: float = 1.0
@@ -152,6 +156,14 @@ def materialize(update: ClientUpdate, state: State, layout: HeadLayout) -> Clien
     return replace(update, tensors=values, upload_bits=32)
 
 
+def unverified_weight(known_sizes: Iterable[int]) -> int:
+    """The data size an unverified claim weighs as (`unverified_sizes = "equal"`): the lower median of the sizes
+    the server knows in the round, 1 when it knows none. Every unverified client of a round then weighs the same,
+    so in a round of K device-local clients each data-size weight n_c / sum n is exactly 1 / K."""
+    sizes = sorted(known_sizes)
+    return sizes[(len(sizes) - 1) // 2] if sizes else 1
+
+
 def head_counts_to_send(heads: HeadsSection, stats: ClientStats, layout: HeadLayout) -> torch.Tensor | None:
     """heads.schedule = "coverage": [blocks, heads], how often the server has seen each head trained, sent to the
     round's clients as at its start (every client of a round gets the same counts); None for other schedules."""
@@ -197,11 +209,17 @@ def server_round(
     kept_any: torch.Tensor | None = None
     sent = 0
 
+    known = known_sizes or {}
+    weight = unverified_weight(known.values())
+
     def accept(reply: Reply, update: ClientUpdate) -> None:
         nonlocal kept_any
         clients.append(client_line(reply, update))
         stats.record(reply.client, round_, float(update.loss_before), float(update.loss_after),
                      clients[-1]["kept_heads"])
+        if opts.unverified_sizes == "equal" and reply.client not in known and update.num_examples != weight:
+            clients[-1]["num_examples_counted"] = weight
+            update = replace(update, num_examples=weight)  # the claim is recorded, not weighed
         running.fold(update)
         kept_any = update.kept_heads.clone() if kept_any is None else kept_any | update.kept_heads
 

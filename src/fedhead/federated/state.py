@@ -22,3 +22,16 @@ def load_state_(model: nn.Module, state: State) -> None:
         if name not in params:
             raise KeyError(f"model has no parameter '{name}'")
         params[name].copy_(value)
+
+
+def state_misfit(state: State, reference: State) -> str | None:
+    """The first way `state` does not fit `reference` (the trainable state of the model a config builds): a
+    missing or unexpected name, or another shape; None when every name and shape agree."""
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        return f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})"
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(reference[name].shape):
+            return f"{name} has shape {list(value.shape)}, the config's model {list(reference[name].shape)}"
+    return None

@@ -31,10 +31,13 @@ class Rejection:
 
 def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout,
                  max_examples: int = 10**9) -> str | None:
-    """The first problem with `update`, or None when it is well formed (a data size in [1, max_examples])."""
+    """The first problem with `update`, or None when it is well formed (an integer client id, a data size in
+    [1, max_examples]). Integers are integers: 3.7, 2.0, true or "2" are refused, never rounded."""
     shape = (layout.num_blocks, layout.num_heads)
+    if not _is_integer(update.client_id):
+        return f"client id must be an integer, got {str(update.client_id)[:40]!r}"
     n = update.num_examples
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_examples:
+    if not _is_integer(n) or not 1 <= n <= max_examples:
         return f"data size must be an integer in [1, {max_examples}], got {str(n)[:40]}"
     if not isinstance(update.kept_heads, torch.Tensor) or update.kept_heads.dtype != torch.bool:
         return "kept_heads must be a boolean tensor"
@@ -66,6 +69,11 @@ def check_update(update: ClientUpdate, global_state: State, layout: HeadLayout,
         if not torch.isfinite(tensor).all():
             return f"{name}: NaN or Inf values"
     return None
+
+
+def _is_integer(value: object) -> bool:
+    """An int and not a bool (Python's True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def update_norm(update: ClientUpdate, global_state: State, layout: HeadLayout) -> float:

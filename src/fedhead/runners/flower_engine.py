@@ -197,7 +197,12 @@ def run_flower(
     run_dir = Path(run_dir).resolve()
     rd = RunDir(run_dir)
     if resume:
-        rd.accept_config(cfg)
+        checkpoint = rd.load_checkpoint()
+        if checkpoint is None:
+            rd.accept_config(cfg)
+        else:
+            rd.accept_config(cfg, checkpoint[1]["round"], pinned=checkpoint[1].get("config"))
+            rd.accept_metrics(checkpoint[1]["round"])
         rd.commit_config(cfg)  # the ServerApp reads config.json: it may extend the rounds
     else:
         rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite)  # config.json: what the ServerApp reads

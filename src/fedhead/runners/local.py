@@ -31,7 +31,7 @@ from fedhead.federated.payload import decode_state, decode_update, encode_state,
 from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server import Reply, ServerOptions, head_counts_to_send, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
-from fedhead.federated.state import State, load_state_, trainable_state
+from fedhead.federated.state import State, load_state_, state_misfit, trainable_state
 from fedhead.federated.tail_average import TailAverage, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel
@@ -174,7 +174,7 @@ def server_options(cfg: Config) -> ServerOptions:
     return ServerOptions(
         aggregation=fed.aggregation, weighting=fed.aggregation_weights, trim_fraction=robust.trim_fraction,
         max_norm=robust.max_update_norm, norm_action=robust.norm_action, outlier_factor=robust.outlier_factor,
-        min_clients=fed.min_clients, max_examples=fed.max_examples,
+        min_clients=fed.min_clients, max_examples=fed.max_examples, unverified_sizes=robust.unverified_sizes,
         optimizer=ServerOptimizer(fed.server_optimizer, fed.server_learning_rate, fed.server_momentum,
                                   fed.server_beta1, fed.server_beta2, fed.server_tau),
         dp_noise_multiplier=dp.noise_multiplier if dp.enabled else None, dp_clipping_norm=dp.clipping_norm,
@@ -255,7 +255,11 @@ def drive_rounds(
     if found is not None:
         path, saved, meta = found
         state, sim.server_moments, sim.residuals = checkpoint_parts(without_tail_average(saved))
-        rd.accept_config(cfg, meta["round"])
+        misfit = state_misfit(state, trainable_state(sim.lm.model))
+        if misfit is not None:
+            raise ConfigError(f"the checkpoint of {rd.path} does not fit the run's config: {misfit}")
+        rd.accept_config(cfg, meta["round"], pinned=meta.get("config"))
+        rd.accept_metrics(meta["round"])
         tail = TailAverage.from_checkpoint(saved, meta.get("tail_average"), cfg.federated.rounds, window)
         stats = ClientStats.from_json(meta["client_stats"])
         rng.bit_generator.state = meta["rng"]
@@ -294,7 +298,8 @@ def drive_rounds(
         if not sim.parts:  # devices train on their own data: partition.json records the sizes they report
             record_reported_sizes(rd, metrics)
         saved = checkpoint_tensors(state, sim.server_moments, sim.residuals)
-        meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json()}
+        meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json(),
+                "config": cfg.model_dump(mode="json")}  # pinned: a resume refuses a config.json edited since
         if tail is not None:
             sums, meta["tail_average"] = tail.to_checkpoint()
             saved.update(sums)

@@ -3,6 +3,11 @@
 Checkpoints are written atomically (temporary file, fsync, rename), so a run killed at any moment leaves
 either the previous checkpoint or the new one, never a torn file. Resuming reads the last checkpoint and
 drops the metrics lines of rounds after it.
+
+What a resume trusts: each checkpoint pins the config it was written with (its metadata's "config"), so a
+config.json edited since is refused (`accept_config`; only the rounds and evaluation-only options may change);
+a checkpoint whose tensors do not fit the config, and a metrics.jsonl that lost lines of checkpointed rounds
+(`accept_metrics`), are refused too. Other commands never write the run's files (`refuse_run_file`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def refuse_run_file(path: Path, option: str) -> None:
+    """Raise ConfigError when writing `path` would replace a file of a run directory (a folder with a
+    config.json): one of RUN_FILES or anything under its adapter/. Only the run's own writer (this module)
+    writes those; a command's output beside them (e.g. evaluate.STEM.json) is fine."""
+    resolved = Path(path).resolve()
+    for folder in resolved.parents:
+        if (folder / "config.json").is_file():
+            name = resolved.relative_to(folder).parts[0]
+            if name in RUN_FILES:
+                raise ConfigError(f"{option} {path} would replace {name} of the run in {folder}: give a path "
+                                  "outside the run's own files")
+            return
+
+
 class RunDir:
     """Files of one run under `out/<run-name>/`."""
 
@@ -106,16 +125,30 @@ class RunDir:
                 if tmp.is_file() and tmp.name[1:].split(".")[0] in {n.split(".")[0] for n in RUN_FILES}:
                     tmp.unlink(missing_ok=True)
 
-    def accept_config(self, cfg: Config, last_round: int = 0) -> None:
+    def accept_config(self, cfg: Config, last_round: int = 0, pinned: dict[str, Any] | None = None) -> None:
         """Check that `cfg` may resume this run after `last_round`; nothing is written (see `commit_config`).
 
-        Only the rounds (to extend a finished run or shorten an unfinished one), the run name, the output
-        folder and the evaluation-only options (federated.tail_average_rounds, heads.eval_pruned and its window)
-        may differ from the run's config.json; anything else raises ConfigError.
+        `pinned` is the config the run's checkpoint was written with (its metadata, `checkpoint_meta`): a
+        config.json edited since cannot change the resumed run. Without one (a checkpoint older than the pin)
+        config.json is the reference. Only the rounds (to extend a finished run or shorten an unfinished one),
+        the run name, the output folder and the evaluation-only options (federated.tail_average_rounds,
+        heads.eval_pruned and its window) may differ (RESUMABLE); anything else raises ConfigError.
         """
         path = self.path / "config.json"
         self.remove_temporary_files()
-        if path.exists():
+        if pinned is not None:
+            try:
+                stored = _resumable(config_from_dict(pinned).model_dump(mode="json"))
+            except (ConfigError, ValueError, TypeError) as err:
+                raise ConfigError(f"the checkpoint of {self.path} holds a damaged config ({err})") from None
+            given = _resumable(cfg.model_dump(mode="json"))
+            changed = sorted(k for k in given if stored.get(k) != given[k])
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {self.path}: its config differs from the one its checkpoint (round {last_round}) "
+                    f"was written with in {changed} (was config.json edited?); a resume may change "
+                    "only the rounds (--resume RUN --rounds N): start a new run for other settings")
+        elif path.exists():
             try:
                 raw = json.loads(path.read_text())
             except (ValueError, UnicodeError) as err:
@@ -129,6 +162,19 @@ class RunDir:
                                   "only the rounds may change")
         if cfg.federated.rounds < last_round:
             raise ConfigError(f"cannot resume {self.path} with {cfg.federated.rounds} rounds: it has run {last_round}")
+
+    def accept_metrics(self, last_round: int) -> None:
+        """Check that metrics.jsonl holds a line for every round up to `last_round`, the checkpoint's: a resumed
+        run's summary counts its rounds, bytes and FLOPs from these lines, and lost ones cannot be rebuilt
+        (ConfigError naming them; lines after the checkpoint, or a line torn by a kill after it, are dropped)."""
+        found = {m.get("round") for m in self.metrics() if isinstance(m, dict)}
+        missing = [r for r in range(last_round + 1) if r not in found]
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise ConfigError(
+                f"cannot resume {self.path}: its {METRICS} lacks the lines of rounds {shown} that its checkpoint "
+                f"(round {last_round}) has done (the file was deleted, cut or edited), and the history of a round "
+                f"cannot be rebuilt: restore {METRICS}, or start afresh with --overwrite")
 
     def commit_config(self, cfg: Config) -> None:
         """Record a resumed run's config (its rounds may have changed) and drop the summary it supersedes;
@@ -154,7 +200,7 @@ class RunDir:
 
     def truncate_metrics(self, last_round: int) -> None:
         """Keep only the metrics of rounds up to `last_round` (resume)."""
-        kept = [m for m in self.metrics() if m.get("round", 0) <= last_round]
+        kept = [m for m in self.metrics() if isinstance(m, dict) and m.get("round", 0) <= last_round]
         atomic_write(self.path / METRICS, "".join(json.dumps(m) + "\n" for m in kept).encode())
 
     def save_checkpoint(self, state: State, meta: dict[str, Any]) -> None:
