@@ -26,13 +26,16 @@ class _Section(BaseModel):
     def _integers_are_integers(cls, value: Any, info: ValidationInfo) -> Any:
         """An integer option takes an integer: pydantic would round 1e9 to 1000000000 and read true as 1
         (`--set federated.rounds=1e9` started a billion-round run)."""
-        if isinstance(value, bool | float) and _takes_integer(cls.model_fields[info.field_name].annotation):
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool | float) and field is not None and _takes_integer(field.annotation):
             raise ValueError(f"must be an integer, got {value!r}")
         return value
 
 
 def _takes_integer(annotation: Any) -> bool:
-    """Whether a field's type is int (or int | None), not float or bool."""
+    """Whether a field's type is int (or int | None, or a choice of integers), not float or bool."""
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, int) and not isinstance(a, bool) for a in get_args(annotation))
     return annotation is int or (get_origin(annotation) in (Union, UnionType) and int in get_args(annotation)
                                  and float not in get_args(annotation))
 
