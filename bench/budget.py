@@ -163,15 +163,10 @@ def table(costs: dict[str, Any], protocol: dict, screens: dict) -> str:
              "saves: upload / FLOPs / memory 64 / memory 256 | best with head pruning | its drop (pt) |",
              "|---|---|---|---|---|---|---|---|"]
     for resource, budget in BUDGETS:
-        meeting = []
-        for row in costs["rows"]:
-            saved = ratios(costs, row)[resource]
-            evidence = accuracy(row, protocol, screens)
-            if saved is not None and saved >= budget and evidence is not None:
-                meeting.append((evidence["seeds"] < 3, evidence["drop"], row, evidence))
-        meeting.sort(key=lambda m: (m[0], m[1]))
-        best = meeting[0] if meeting else None
-        pruning = next((m for m in meeting if prunes_heads(m[2])), None)
+        found = best_meeting(costs, protocol, screens, resource, budget)
+        found_pruning = best_meeting(costs, protocol, screens, resource, budget, pruning=True)
+        best = None if found is None else (False, found[1]["drop"], found[0], found[1])
+        pruning = None if found_pruning is None else (False, found_pruning[1]["drop"], *found_pruning)
 
         def cell(m) -> tuple[str, str, str, str, str]:
             if m is None:
@@ -208,31 +203,43 @@ PRESETS = {"save_upload": "upload", "save_compute": "train_flops", "save_memory"
 
 
 def readme_table(costs: dict[str, Any], protocol: dict, screens: dict) -> str:
-    """The README's copy: per budget, the preset that meets it (configs/save_*.toml, read from its `row`
-    comment), what it saves and its drop."""
+    """The README's copy: per budget, the most accurate configuration that meets it (as `table`), the preset that is
+    that configuration (configs/save_*.toml, by its `# row:` comment), what it saves and its drop."""
     presets = {}
     for name in PRESETS:
         path = ROOT / "configs" / f"{name}.toml"
         if path.exists():
-            presets[name] = preset_row(path.read_text())
-    lines = ["| budget (vs dense) | preset | its options | saves: upload / FLOPs / memory | drop (pt) | 95% interval "
-             "| evidence |", "|---|---|---|---|---|---|---|"]
+            presets[preset_row(path.read_text())] = name
+    lines = ["| budget (vs dense) | best measured | preset | saves: upload / FLOPs / memory (64 tok) | drop (pt) "
+             "| 95% interval | evidence |", "|---|---|---|---|---|---|---|"]
     for resource, budget in BUDGETS:
-        meeting = [(p, row) for p, row in presets.items() if row in costs["rows"]
-                   and (ratios(costs, row)[resource] or 0) >= budget]
-        ev = [(accuracy(row, protocol, screens), p, row) for p, row in meeting]
-        ev = sorted(((e, p, row) for e, p, row in ev if e is not None), key=lambda x: (x[0]["seeds"] < 3, x[0]["drop"]))
-        if not ev:
-            lines.append(f"| {NAMES[resource]} >= {budget:g}x | none yet | - | - | - | - | - |")
+        best = best_meeting(costs, protocol, screens, resource, budget)
+        if best is None:
+            lines.append(f"| {NAMES[resource]} >= {budget:g}x | none measured | - | - | - | - | - |")
             continue
-        e, p, row = ev[0]
+        row, e = best
         r = ratios(costs, row)
         opts = ", ".join(f"{k}={v}" for k, v in ROWS[row].items())
         saves = " / ".join(f"{r[k]:.2f}x" if r[k] else "-" for k in ("upload", "train_flops", "memory"))
         interval = f"[{e['interval'][0]:+.1f}, {e['interval'][1]:+.1f}]" if e["interval"] else "-"
-        lines.append(f"| {NAMES[resource]} >= {budget:g}x | `configs/{p}.toml` | {opts} | {saves} | {e['drop']:+.1f} "
+        preset = f"`configs/{presets[row]}.toml`" if row in presets else "-"
+        lines.append(f"| {NAMES[resource]} >= {budget:g}x | {opts} | {preset} | {saves} | {e['drop']:+.1f} "
                      f"| {interval} | {e['evidence']} |")
     return "\n".join(lines)
+
+
+def best_meeting(costs: dict[str, Any], protocol: dict, screens: dict, resource: str, budget: float,
+                 pruning: bool = False) -> tuple[str, dict[str, Any]] | None:
+    """The row with the smallest drop among those whose `resource` saving is at least `budget` (3-seed evidence
+    before screens; with `pruning`, only rows that prune heads)."""
+    meeting = []
+    for row in costs["rows"]:
+        saved = ratios(costs, row)[resource]
+        evidence = accuracy(row, protocol, screens)
+        if saved is not None and saved >= budget and evidence is not None and (prunes_heads(row) or not pruning):
+            meeting.append((evidence["seeds"] < 3, evidence["drop"], row, evidence))
+    meeting.sort(key=lambda m: (m[0], m[1]))
+    return (meeting[0][2], meeting[0][3]) if meeting else None
 
 
 def preset_row(text: str) -> str | None:
