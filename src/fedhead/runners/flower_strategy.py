@@ -36,10 +36,10 @@ from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server import Reply, head_counts_to_send
 from fedhead.federated.state import State, load_state_
 from fedhead.federated.validation import MAX_LOSS, receive_update
+from fedhead.loop import server_options
 from fedhead.models import HeadLayout, LoadedModel
 from fedhead.runners.flower_client import failure, payload_of, payload_record, send_and_receive
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
-from fedhead.runners.local import server_options
 from fedhead.seeds import SERVER, Stream, derived_seed
 
 log = logging.getLogger("flwr")
