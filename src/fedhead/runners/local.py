@@ -10,52 +10,50 @@ copies of a round are ever built, one at a time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedhead.config import Config
 from fedhead.data.loading import DataError
 from fedhead.federated.client import client_update
 from fedhead.federated.payload import decode_state, decode_update, encode_state, encode_update
-from fedhead.federated.selection import ClientStats, Selection, select_among
-from fedhead.federated.server import Reply, head_counts_to_send, server_round
+from fedhead.federated.selection import ClientStats
+from fedhead.federated.server import Reply, close_round, plan_round
 from fedhead.federated.state import State
 from fedhead.loop import RoundFn, Simulation, drive_rounds, server_options, summarize
 from fedhead.runners.run_dir import RunDir
-from fedhead.seeds import SERVER, Stream, derived_seed, failure_draws
+from fedhead.seeds import failure_draws
 
-__all__ = ["RoundFn", "Simulation", "drive_rounds", "finish_round", "run_round", "run_simulation", "server_options",
-           "summarize"]  # the run context, loop and summary live in fedhead.loop; re-exported for existing imports
+# The run context, loop and summary live in fedhead.loop; re-exported here for existing imports.
+__all__ = ["RoundFn", "Simulation", "drive_rounds", "run_round", "run_simulation", "server_options", "summarize"]
 
 
 def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generator,
               stats: ClientStats) -> tuple[State, dict[str, Any]]:
-    """One round: select, send, train each client, receive, aggregate. Returns (new state, metrics)."""
-    cfg, fed = sim.cfg, sim.cfg.federated
-    t0 = time.perf_counter()
-    eligible = [c for c in range(cfg.partition.num_clients) if fed.selectable(c)]  # all but left-out tiers
-    selection = select_among(eligible, fed, round_, rng, stats, lambda cs: sim.global_losses(state, cs))
+    """One round: open it (`plan_round`: select), send, train each client, receive, close it (`close_round`:
+    screen, aggregate). Returns (new state, metrics)."""
+    cfg = sim.cfg
+    plan = plan_round(range(cfg.partition.num_clients), cfg.federated, cfg.heads, cfg.seed, round_, rng, stats,
+                      sim.lm.layout, lambda cs: sim.global_losses(state, cs))
     # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
     # from the seed); each client trains from the bytes it received and answers with serialised bytes. Each
     # client trains when the server reads its reply, which is folded into the round's sums and let go.
     down = encode_state(state)
-    counts = head_counts_to_send(cfg.heads, stats, sim.lm.layout)
-    failed: list[dict[str, Any]] = []
-    fails = failure_draws(cfg.seed, round_, len(selection.clients))  # simulated dropouts
-    client_seconds = [time.perf_counter() - t0]  # selection, then each client's work
+    failed: list[dict[str, Any]] = []  # appended to while the replies are read
+    fails = failure_draws(cfg.seed, round_, len(plan.selection.clients))  # simulated dropouts
+    client_seconds: list[float] = []  # each client's work, done while the server reads the replies
 
     def replies() -> Iterator[Reply]:
-        for c, u in zip(selection.clients, fails, strict=True):
+        for c, u in zip(plan.selection.clients, fails, strict=True):
             if u < cfg.robust.dropout_probability:
                 failed.append({"client": c, "reason": "dropped out (simulated failure)"})
                 continue
             t = time.perf_counter()
-            update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_, counts,
-                                   sim.residuals.get(c))
+            update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_,
+                                   plan.head_counts, sim.residuals.get(c))
             if update.residual is not None:
                 sim.residuals[c] = update.residual
             blob = encode_update(update)
@@ -64,25 +62,10 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
             client_seconds.append(time.perf_counter() - t)
             yield reply
 
-    return finish_round(sim, state, round_, stats, selection, replies(), client_seconds, failed)
-
-
-def finish_round(sim: Simulation, state: State, round_: int, stats: ClientStats, selection: Selection,
-                 replies: Iterable[Reply], client_seconds: list[float],
-                 failed: list[dict[str, Any]]) -> tuple[State, dict[str, Any]]:
-    """The server's side of a round: `federated.server.server_round` over `replies` (read once, each folded as it
-    is read), timed. `client_seconds`: the seconds of the round's work outside the server (selection, each
-    client), appended to while the replies are read; `failed`: clients that did not answer, with the reason
-    (appended to while the replies are read)."""
-    t0 = time.perf_counter()
-    known = {c: len(sim.parts[c]) for c in selection.clients}
-    noise = torch.Generator().manual_seed(derived_seed(sim.cfg.seed, round_, SERVER, Stream.DP_NOISE))
-    result = server_round(state, round_, replies, selection, stats, sim.server_moments, sim.lm.layout,
-                          server_options(sim.cfg), noise=noise, known_sizes=known, failed=failed)
+    known = {c: len(sim.parts[c]) for c in plan.selection.clients}
+    result = close_round(plan, state, replies(), stats, sim.server_moments, sim.lm.layout, server_options(cfg),
+                         known_sizes=known, failed=failed, client_seconds=client_seconds)
     sim.server_moments = result.moments
-    clients = sum(client_seconds)
-    result.metrics["seconds_clients"] = clients
-    result.metrics["seconds_aggregate"] = time.perf_counter() - t0 - (clients - client_seconds[0])
     return result.state, result.metrics
 
 
