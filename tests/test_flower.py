@@ -35,7 +35,7 @@ from fedhead.config import ConfigError
 from fedhead.data.loading import DataError
 from fedhead.data.tasks import load_device_data
 from fedhead.federated.payload import decode_state
-from fedhead.federated.selection import ClientStats
+from fedhead.federated.selection import ClientStats, select_among
 from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners import flower_engine as fe
@@ -50,7 +50,7 @@ from fedhead.runners.flower_client import (
     payload_record,
 )
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
-from fedhead.runners.flower_strategy import FedHeadStrategy, central_evaluation, select_among
+from fedhead.runners.flower_strategy import FedHeadStrategy, central_evaluation
 from fedhead.runners.local import Simulation, run_simulation
 from fedhead.trained import starting_state
 from tests.conftest import MNLI_TRAIN, ROOT, tiny_config, write_tiny_toml

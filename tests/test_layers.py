@@ -33,9 +33,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data, models", ("fedhead.data", "fedhead.models")),
     ("heads", ("fedhead.heads",)),
     ("federated", ("fedhead.federated",)),
-    # the run loop: the run directory's metrics file and the model a run trained (the engine-neutral round loop,
-    # issue 36 item 1, will join this layer)
-    ("run loop", ("fedhead.run_metrics", "fedhead.trained")),
+    # the run loop: the engine-neutral round loop every driver shares (run context, drive_rounds, summary), the run
+    # directory's metrics file and the model a run trained
+    ("run loop", ("fedhead.loop", "fedhead.run_metrics", "fedhead.trained")),
     ("runners", ("fedhead.runners",)),
     ("evaluate, export, report", ("fedhead.evaluation", "fedhead.export", "fedhead.report", "fedhead.heads_report",
                                   "fedhead.tracking")),
@@ -50,6 +50,8 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # runners/local.py and runners/flower_client.py build their model with trained.build_run_model: the run
     # directory's owner belongs below the runners (issue 36, item 5 moves it there).
     ("fedhead.trained", "fedhead.runners.run_dir"): "run_dir.py is the run directory's owner but sits in runners/",
+    # loop.py (run loop) checkpoints and resumes through the same runners/run_dir.py (issue 36, item 5).
+    ("fedhead.loop", "fedhead.runners.run_dir"): "run_dir.py is the run directory's owner but sits in runners/",
 }
 
 

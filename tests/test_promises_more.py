@@ -40,8 +40,8 @@ def spy_training(monkeypatch):
     seen: list[tuple[torch.nn.Module, dict | None]] = []
     real = client_module.train_local
 
-    def recording(model, data, cfg, tokenizer, generator, frozen_rows=None):
-        result = real(model, data, cfg, tokenizer, generator, frozen_rows)
+    def recording(model, data, cfg, tokenizer, generator, frozen_rows=None, checkpointed=None):
+        result = real(model, data, cfg, tokenizer, generator, frozen_rows, checkpointed)
         seen.append((model, frozen_rows))
         return result
 

@@ -1,4 +1,10 @@
-"""The server's side of a round, as core code that every engine calls with the round's replies.
+"""The server's side of a round, as core code that every engine calls: a round is two calls.
+
+    plan_round(...)  -> RoundPlan    selection among the eligible clients, the head counts to send, the round's
+                                     DP noise generator and start time; the driver then sends the state
+    close_round(plan, replies, ...) -> RoundResult   `server_round` over the replies, with the round's timings
+
+`server_round`, the pure core `close_round` calls:
 
     each reply, as it is read -> values (a quantised upload's deltas + what was sent) -> screen (validation)
             -> record client statistics (selection) -> fold into the running sums (aggregation, or privacy's DP
@@ -25,23 +31,25 @@ A hostile field costs at most that client's update: the honest updates of the ro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedhead.config import HeadsSection
+from fedhead.config import FederatedSection, HeadsSection
 from fedhead.federated.aggregation import HeldUpdates, WeightedSum, aggregator
 from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.privacy import DPSum, epsilon_spent
-from fedhead.federated.selection import ClientStats, Selection
+from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks_of
 from fedhead.federated.state import State
 from fedhead.federated.validation import Rejection, norm_outliers, screen_one
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
+from fedhead.seeds import SERVER, Stream, derived_seed
 
 # What a client may report about its own work (stats and timings): anything else is dropped.
 REPORTED = ("sparsity", "steps", "train_flops", "scoring_flops", "peak_memory_bytes", "train_seconds",
@@ -84,9 +92,29 @@ class Reply:
 
 @dataclass
 class RoundResult:
+    """A closed round: the next global state, the server optimiser's next moments, the round's metrics line."""
+
     state: State
     moments: State
     metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server decided when it opened round `round_` (`plan_round`), for `close_round`.
+
+    selection: the clients sent to, with the selection's reason and priorities.
+    head_counts: heads.schedule = "coverage": [blocks, heads] how often the server has seen each head trained,
+        sent to every client of the round; None for other schedules.
+    noise: the generator of the round's DP noise, seeded from (seed, round, SERVER, Stream.DP_NOISE).
+    started: `time.perf_counter()` when the round opened (seconds_clients counts from it).
+    """
+
+    round_: int
+    selection: Selection
+    head_counts: torch.Tensor | None
+    noise: torch.Generator
+    started: float
 
 
 def reported_stats(*sources: dict[str, Any]) -> dict[str, int | float]:
@@ -275,3 +303,53 @@ def server_round(
         metrics["dp_epsilon"] = epsilon_spent(opts.dp_noise_multiplier, opts.dp_sample_rate, round_, opts.dp_delta)
         metrics["dp_delta"] = opts.dp_delta
     return RoundResult(new_state, new_moments, metrics)
+
+
+def plan_round(available: Iterable[int], fed: FederatedSection, heads: HeadsSection, seed: int, round_: int,
+               rng: np.random.Generator, stats: ClientStats, layout: HeadLayout,
+               global_loss_of: Callable[[list[int]], dict[int, float]], *,
+               started: float | None = None) -> RoundPlan:
+    """Open round `round_`: select among the eligible clients of `available` and fix what the round sends.
+
+    Args:
+        available: the client ids the server can reach (all N in simulation, the connected nodes' on Flower);
+            those `fed.selectable` refuses (left-out tiers) are not eligible.
+        fed, heads, seed: the run's options (selection, clients per round; heads.schedule; the run's seed).
+        rng: the selection RNG (drawn from; checkpointed by the run loop).
+        stats: the server's client statistics (read, not changed).
+        layout: the model's head layout (the coverage counts' shape).
+        global_loss_of: client ids -> the global model's loss on each one's data (power_of_choice candidates).
+        started: when the round opened (default: now), e.g. before the driver encoded the state.
+    Returns:
+        The `RoundPlan`: `selection.select_among` over the sorted eligible ids, the coverage head counts, the DP
+        noise generator seeded from (seed, round_, SERVER, Stream.DP_NOISE), the start time.
+    """
+    started = time.perf_counter() if started is None else started
+    eligible = sorted(c for c in available if fed.selectable(c))
+    selection = select_among(eligible, fed, round_, rng, stats, global_loss_of)
+    counts = head_counts_to_send(heads, stats, layout)
+    noise = torch.Generator().manual_seed(derived_seed(seed, round_, SERVER, Stream.DP_NOISE))
+    return RoundPlan(round_, selection, counts, noise, started)
+
+
+def close_round(plan: RoundPlan, state: State, replies: Iterable[Reply], stats: ClientStats, moments: State,
+                layout: HeadLayout, opts: ServerOptions, *, known_sizes: dict[int, int] | None = None,
+                failed: list[dict[str, Any]] | None = None, bytes_down: int | None = None,
+                client_seconds: Sequence[float] = ()) -> RoundResult:
+    """Close the round `plan` opened: `server_round` over `replies` (read once, each folded as it is read; the
+    arguments after `replies` are server_round's), with the DP noise of the plan, and the round's timings.
+
+    Timings (metrics seconds_clients, seconds_aggregate), with t_close when this call starts:
+        seconds_clients   = (t_close - plan.started) + sum(client_seconds)
+        seconds_aggregate = (now - t_close) - sum(client_seconds)
+    `client_seconds`: the seconds of client work done while the replies are read (a driver that trains each
+    client when its reply is read appends to it; read after the replies); a driver whose clients worked before
+    this call (Flower) leaves it empty.
+    """
+    t_close = time.perf_counter()
+    result = server_round(state, plan.round_, replies, plan.selection, stats, moments, layout, opts,
+                          noise=plan.noise, known_sizes=known_sizes, failed=failed, bytes_down=bytes_down)
+    inside = sum(client_seconds)
+    result.metrics["seconds_clients"] = t_close - plan.started + inside
+    result.metrics["seconds_aggregate"] = time.perf_counter() - t_close - inside
+    return result

@@ -51,10 +51,10 @@ from fedhead.data.loading import LOCAL_FORMATS, DataError
 from fedhead.data.tasks import label_values
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import State
+from fedhead.loop import Simulation, drive_rounds
 from fedhead.models import UnsupportedModelError
 from fedhead.runners.flower_client import send_and_receive
 from fedhead.runners.flower_strategy import FedHeadStrategy
-from fedhead.runners.local import Simulation, drive_rounds
 from fedhead.runners.run_dir import RunDir
 
 log = logging.getLogger("flwr")  # shown by `flwr run --stream` and in the SuperLink's log

@@ -29,10 +29,10 @@ from fedhead.data.tasks import load_device_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import decode_state, encode_state, encode_update
 from fedhead.federated.state import load_state_
+from fedhead.loop import Simulation
 from fedhead.models import LoadedModel
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR
-from fedhead.runners.local import Simulation
 from fedhead.trained import build_run_model
 
 PAYLOAD = "payload"

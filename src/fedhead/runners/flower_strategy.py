@@ -1,5 +1,6 @@
 """fedhead's server as a Flower `Strategy`: client selection among the connected nodes, screening, head-weighted
-aggregation, server optimisers and DP by `fedhead.federated.server.server_round`, over Flower messages.
+aggregation, server optimisers and DP by `fedhead.federated.server` (`plan_round` in configure_train,
+`close_round` in aggregate_train), over Flower messages.
 
 Use it as flwr's `FedAvg` is used, from `strategy.start(grid=..., initial_arrays=..., num_rounds=...,
 evaluate_fn=...)` in a ServerApp, with `fedhead.runners.flower_client.train_reply` in the ClientApp (README,
@@ -29,18 +30,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedhead.config import Config
-from fedhead.federated import server as fedhead_server
 from fedhead.federated.client import evaluate
 from fedhead.federated.payload import encode_state
-from fedhead.federated.selection import ClientStats, Selection, select_among
-from fedhead.federated.server import Reply, head_counts_to_send
+from fedhead.federated.selection import ClientStats
+from fedhead.federated.server import Reply, RoundPlan, close_round, plan_round
 from fedhead.federated.state import State, load_state_
 from fedhead.federated.validation import MAX_LOSS, receive_update
+from fedhead.loop import server_options
 from fedhead.models import HeadLayout, LoadedModel
 from fedhead.runners.flower_client import failure, payload_of, payload_record, send_and_receive
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
-from fedhead.runners.local import server_options
-from fedhead.seeds import SERVER, Stream, derived_seed
 
 log = logging.getLogger("flwr")
 
@@ -50,11 +49,10 @@ class _Round:
     """What configure_train sent, for aggregate_train."""
 
     state: State
-    selection: Selection
+    plan: RoundPlan
     sent: dict[int, int]  # node id -> client id
     messages: dict[int, Message]  # node id -> its train message (the grid sets its message_id when it pushes it)
     down: int  # bytes of the state payload each node was sent
-    t0: float
 
 
 class FedHeadStrategy(Strategy):
@@ -99,8 +97,8 @@ class FedHeadStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Select among the connected nodes (`federated.selection`; new nodes are asked which client they serve)
-        and send each the global state.
+        """Open the round (`federated.server.plan_round`): select among the connected nodes (new nodes are asked
+        which client they serve), and send each the global state (and the coverage head counts).
 
         Args:
             server_round: the round, from 1.
@@ -115,19 +113,20 @@ class FedHeadStrategy(Strategy):
         state = arrays.to_torch_state_dict()
         down = encode_state(state)
         clients = self._wait_for_nodes(grid)
-        selection = select_among(sorted(c for c in clients if self.cfg.federated.selectable(c)), self.cfg.federated,
-                                 server_round, self.rng, self.stats,
-                                 self._global_losses(grid, down, server_round, clients, config))
-        sent = {clients[c]: c for c in selection.clients}
-        messages = {n: self._message(down, n, c, server_round, "train", config) for n, c in sent.items()}
-        self._round = _Round(state, selection, sent, messages, len(down), t0)
+        plan = plan_round(clients, self.cfg.federated, self.cfg.heads, self.cfg.seed, server_round, self.rng,
+                          self.stats, self.layout, self._global_losses(grid, down, server_round, clients, config),
+                          started=t0)
+        sent = {clients[c]: c for c in plan.selection.clients}
+        messages = {n: self._message(down, n, c, server_round, "train", config, plan.head_counts)
+                    for n, c in sent.items()}
+        self._round = _Round(state, plan, sent, messages, len(down))
         return list(messages.values())
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode the updates, record the nodes that failed (no reply, several replies, an error, a reply to
-        another round's or another kind of message, a bad payload), and run `federated.server.server_round`
-        (screen, record client statistics, aggregate, server optimiser or DP).
+        another round's or another kind of message, a bad payload), and close the round
+        (`federated.server.close_round`: screen, record client statistics, aggregate, server optimiser or DP).
 
         A reply belongs to the train message it answers (`reply_to_message_id`: the ids the grid gave the messages
         `configure_train` returned when it pushed them), not to its source: when a node is unreachable Flower's
@@ -158,16 +157,11 @@ class FedHeadStrategy(Strategy):
         if stray:
             log.warning("round %d: %d reply(ies) that answer no train message of this round ignored (from node(s) "
                         "%s)", server_round, len(stray), sorted({m.metadata.src_node_id for m in stray}))
-        t_train = time.perf_counter()
         known = {c: self.known_sizes[c] for c in r.sent.values() if c in partition_clients and c in self.known_sizes}
-        noise = torch.Generator().manual_seed(derived_seed(self.cfg.seed, server_round, SERVER, Stream.DP_NOISE))
-        result = fedhead_server.server_round(
-            r.state, server_round, answered(), r.selection, self.stats, self.moments, self.layout, self.options,
-            noise=noise, known_sizes=known, failed=failed, bytes_down=r.down * len(r.sent))
+        result = close_round(r.plan, r.state, answered(), self.stats, self.moments, self.layout, self.options,
+                             known_sizes=known, failed=failed, bytes_down=r.down * len(r.sent))
         self.moments = result.moments
         metrics = result.metrics
-        metrics["seconds_clients"] = t_train - r.t0
-        metrics["seconds_aggregate"] = time.perf_counter() - t_train
         self.history.append(metrics)
         scalars = {k: metrics[k] for k in ("bytes_down", "bytes_up", "train_flops", "scoring_flops")}
         scalars["clients"] = len(metrics["clients"])
@@ -210,10 +204,10 @@ class FedHeadStrategy(Strategy):
                                "continues after its last checkpoint with run config resume=true")
         return clients
 
-    def _message(self, down: bytes, node: int, client: int, round_: int, kind: str, config: ConfigRecord) -> Message:
+    def _message(self, down: bytes, node: int, client: int, round_: int, kind: str, config: ConfigRecord,
+                 counts: torch.Tensor | None = None) -> Message:
         conf = ConfigRecord({**dict(config.items()), "fedhead-config": self.config_json, "server-round": round_,
                              "client-id": client})
-        counts = head_counts_to_send(self.cfg.heads, self.stats, self.layout) if kind == "train" else None
         if counts is not None:  # heads.schedule = "coverage": the server's per-head training counts, flat
             conf["head-counts"] = [int(n) for n in counts.flatten()]
         content = RecordDict({"arrays": payload_record(down), "config": conf})

@@ -1,0 +1,297 @@
+"""The run loop every engine shares, below the drivers: the run context (`Simulation`: model, data, client
+partitions, the server optimiser's moments and the clients' error-feedback residuals), the server round's options
+(`server_options`), and `drive_rounds`: run directory, resume, the rounds (a driver's round function), evaluation
+with its extras (pruned model, tail average), checkpoints, the adapter and the summary (`summarize`).
+
+Drivers only move bytes over it: the in-process engine (`runners/local.py`) trains each selected client in this
+process, the Flower ServerApp (`runners/flower_app.py`) sends messages to nodes; both hand `drive_rounds` a
+function that runs one round.
+
+Resuming: every round ends with an atomic checkpoint of the global state, the client statistics and the
+selection RNG. `resume=True` continues after the last checkpoint; because each client's randomness is
+derived from (seed, round, client), the resumed run ends with the same metrics as an uninterrupted one
+(timings aside).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from fedhead.config import Config, ConfigError
+from fedhead.data import label_histograms, partition_indices
+from fedhead.data.tasks import TaskData, class_labels, load_task_data
+from fedhead.federated.client import evaluate
+from fedhead.federated.selection import ClientStats
+from fedhead.federated.server import ServerOptions
+from fedhead.federated.server_optimizer import ServerOptimizer
+from fedhead.federated.state import State, load_state_, state_misfit, trainable_state
+from fedhead.federated.tail_average import TailAverage, without_tail_average
+from fedhead.heads.pruning import consensus_heads_mask
+from fedhead.models import LoadedModel
+from fedhead.models.headwise import is_headwise, standard_lora_
+from fedhead.models.loading import load_tokenizer
+from fedhead.models.slicing import prune_heads_
+from fedhead.run_metrics import client_head_masks, tail_mean
+from fedhead.runners.run_dir import RunDir, checkpoint_parts, checkpoint_tensors
+from fedhead.trained import build_run_model
+
+log = logging.getLogger("fedhead")
+
+
+@dataclass
+class Simulation:
+    """Everything a run needs in memory: model, data, client partitions."""
+
+    cfg: Config
+    lm: LoadedModel
+    data: TaskData
+    parts: list[np.ndarray]
+    server_moments: State = field(default_factory=dict)  # the server optimiser's state, checkpointed
+    # federated.upload_bits < 32: each client's error-feedback residual, which a real client keeps (checkpointed)
+    residuals: dict[int, State] = field(default_factory=dict)
+
+    @classmethod
+    def setup(cls, cfg: Config, *, training_data: bool = True) -> Simulation:
+        """Model, data and partitions of `cfg`. training_data=False (a Flower server whose devices bring their
+        own data): data.train is not read, no partitions; the labels come from data.labels or data.eval."""
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        tokenizer = load_tokenizer(cfg)
+        read = cfg if training_data else cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})})
+        data = load_task_data(read, tokenizer)
+        lm = build_run_model(cfg, data.num_labels, tokenizer)
+        if data.train is None:
+            return cls(cfg, lm, data, [])
+        labels = class_labels(data)
+        parts = partition_indices(labels if labels is not None else [0] * len(data.train), cfg.partition, cfg.seed)
+        return cls(cfg, lm, data, parts)
+
+    def evaluate_global(self) -> dict[str, float]:
+        """Loss and the task's metrics of the model as loaded (the global model) on the evaluation set (nothing
+        when there is none: a Flower server without data.eval or training data only aggregates)."""
+        if self.data.eval is None:
+            return {}
+        return evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
+                        task=self.lm.task, generation=self.cfg.generation)
+
+    def evaluate_pruned(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """`heads.eval_pruned`: the global model (as loaded) pruned to the consensus of the client head masks in
+        the last `heads.eval_pruned_window` rounds of `metrics` (`consensus_heads_mask`, per block), scored on
+        the evaluation set; its metrics as pruned_<name>, and pruned_kept_heads. The loaded model is untouched.
+        Nothing when there is no evaluation set or no client update in the window yet."""
+        heads = self.cfg.heads
+        if heads.eval_pruned is None or self.data.eval is None:
+            return {}
+        try:
+            kept, scores = client_head_masks(metrics, heads.eval_pruned_window)
+        except ConfigError:
+            return {}
+        mask = consensus_heads_mask(kept, scores, heads.eval_pruned)
+        work = copy.deepcopy(self.lm.model)
+        prune_heads_(work, self.lm.head_map, mask, self.lm.prefix)
+        result = evaluate(work, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
+                          task=self.lm.task, generation=self.cfg.generation)
+        return {**{f"pruned_{k}": v for k, v in result.items()}, "pruned_kept_heads": int(mask.sum())}
+
+    def evaluate_tail_average(self, tail: TailAverage, state: State) -> dict[str, Any]:
+        """federated.tail_average_rounds, at the last round: the tail-averaged model's metrics as
+        tail_average_<name> (nothing, with a warning, when the run did not see every round of the window, e.g. it
+        was resumed from a checkpoint written without the running sum). The loaded model is left holding `state`."""
+        rounds = self.cfg.federated.rounds
+        if not tail.complete(rounds):
+            log.warning("the tail average over rounds %d-%d is incomplete (%d of them seen): not evaluated",
+                        tail.start, rounds, tail.count)
+            return {"tail_average_rounds_seen": tail.count}
+        if self.data.eval is None:
+            return {}
+        load_state_(self.lm.model, tail.mean(state))
+        result = evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
+                          task=self.lm.task, generation=self.cfg.generation)
+        load_state_(self.lm.model, state)
+        return {f"tail_average_{k}": v for k, v in result.items()}
+
+    def client_data(self, client: int) -> datasets.Dataset:
+        if self.data.train is None:
+            raise ValueError("no training data: this simulation's devices bring their own")
+        return self.data.train.select(self.parts[client])
+
+    def global_losses(self, state: State, clients: list[int]) -> dict[int, float]:
+        """Loss of the global model on each client's data (power-of-choice candidates report it)."""
+        load_state_(self.lm.model, state)
+        sample = self.cfg.federated.power_of_choice_samples
+        return {
+            c: evaluate(self.lm.model, self.client_data(c).select(range(min(sample, len(self.parts[c])))),
+                        self.lm.tokenizer, self.cfg.federated.eval_batch_size, task=self.lm.task)["eval_loss"]
+            for c in clients
+        }
+
+
+def server_options(cfg: Config) -> ServerOptions:
+    """The server round's options from the run's config."""
+    fed, robust, dp = cfg.federated, cfg.robust, cfg.privacy
+    return ServerOptions(
+        aggregation=fed.aggregation, weighting=fed.aggregation_weights, trim_fraction=robust.trim_fraction,
+        max_norm=robust.max_update_norm, norm_action=robust.norm_action, outlier_factor=robust.outlier_factor,
+        min_clients=fed.min_clients, max_examples=fed.max_examples, unverified_sizes=robust.unverified_sizes,
+        optimizer=ServerOptimizer(fed.server_optimizer, fed.server_learning_rate, fed.server_momentum,
+                                  fed.server_beta1, fed.server_beta2, fed.server_tau),
+        dp_noise_multiplier=dp.noise_multiplier if dp.enabled else None, dp_clipping_norm=dp.clipping_norm,
+        dp_delta=dp.delta, dp_sample_rate=fed.clients_per_round / cfg.partition.num_clients)
+
+
+RoundFn = Callable[[State, int, np.random.Generator, ClientStats], tuple[State, dict[str, Any]]]
+
+
+def drive_rounds(
+    sim: Simulation,
+    rd: RunDir,
+    round_fn: RoundFn,
+    *,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    start: float | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The run loop shared by every engine: run directory, resume, rounds (`round_fn`), evaluation, checkpoints,
+    adapter and summary. `round_fn(state, round, rng, stats)` returns the next state and the round's metrics."""
+    cfg = sim.cfg
+    start = time.perf_counter() if start is None else start
+    state = trainable_state(sim.lm.model)
+    stats, rng, first = ClientStats(), np.random.default_rng(cfg.seed), 1
+    window = cfg.federated.tail_average_rounds
+    tail = TailAverage.for_run(cfg.federated.rounds, window)
+    found = rd.newest_checkpoint() if resume else None
+    checkpoint = None if found is None else found[1:]
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s: starting from round 1", rd.path)
+    if found is not None:
+        path, saved, meta = found
+        state, sim.server_moments, sim.residuals = checkpoint_parts(without_tail_average(saved))
+        misfit = state_misfit(state, trainable_state(sim.lm.model))
+        if misfit is not None:
+            raise ConfigError(f"the checkpoint of {rd.path} does not fit the run's config: {misfit}")
+        rd.accept_config(cfg, meta["round"], pinned=meta.get("config"))
+        rd.accept_metrics(meta["round"])
+        tail = TailAverage.from_checkpoint(saved, meta.get("tail_average"), cfg.federated.rounds, window)
+        stats = ClientStats.from_json(meta["client_stats"])
+        rng.bit_generator.state = meta["rng"]
+        first = meta["round"] + 1
+        rd.truncate_metrics(meta["round"])
+        to_go = (f"rounds {first} to {cfg.federated.rounds} to go" if first <= cfg.federated.rounds
+                 else "no round to go (the summary is written again)")
+        log.info("resuming %s from %s after round %d: %s", rd.path, path.name, meta["round"], to_go)
+    else:
+        rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite or resume)
+        (rd.path / "metrics.jsonl").unlink(missing_ok=True)
+        labels = class_labels(sim.data)
+        hist = None if labels is None else label_histograms(labels, sim.parts, sim.data.num_labels)
+        rd.write_json("partition.json", {"label_names": sim.data.label_names, "sizes": [len(p) for p in sim.parts],
+                                         "label_histograms": hist})
+        initial = sim.evaluate_global()
+        rd.append_metrics({"round": 0, **initial})
+        if on_round:
+            on_round({"round": 0, **initial})
+    if checkpoint is not None and first > cfg.federated.rounds:
+        rd.commit_config(cfg)  # nothing left to run: the summary is rewritten below
+    for round_ in range(first, cfg.federated.rounds + 1):
+        state, metrics = round_fn(state, round_, rng, stats)
+        if tail is not None:
+            tail.add(round_, state)
+        if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
+            load_state_(sim.lm.model, state)
+            t = time.perf_counter()
+            metrics.update(sim.evaluate_global())
+            metrics["seconds_eval"] = time.perf_counter() - t
+            if cfg.heads.eval_pruned is not None:  # reads the metrics log: only when asked for
+                metrics.update(sim.evaluate_pruned([*rd.metrics(), metrics]))
+        if round_ == cfg.federated.rounds and tail is not None:
+            metrics.update(sim.evaluate_tail_average(tail, state))
+        rd.append_metrics(metrics)
+        if not sim.parts:  # devices train on their own data: partition.json records the sizes they report
+            record_reported_sizes(rd, metrics)
+        saved = checkpoint_tensors(state, sim.server_moments, sim.residuals)
+        meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json(),
+                "config": cfg.model_dump(mode="json")}  # pinned: a resume refuses a config.json edited since
+        if tail is not None:
+            sums, meta["tail_average"] = tail.to_checkpoint()
+            saved.update(sums)
+            meta["tail_average"]["complete"] = tail.complete(round_) and round_ == cfg.federated.rounds
+        rd.save_checkpoint(saved, meta)
+        if checkpoint is not None and round_ == first:
+            rd.commit_config(cfg)
+        if on_round:
+            on_round(metrics)
+        if stop_after is not None and round_ >= stop_after and round_ < cfg.federated.rounds:
+            return {"stopped_after": round_}
+    return _finish(sim, state, rd, time.perf_counter() - start)
+
+
+def record_reported_sizes(rd: RunDir, metrics: dict[str, Any]) -> None:
+    """Merge the training-set sizes the round's clients reported (`num_examples` of the accepted updates) into
+    partition.json's "reported_sizes" ({client id: size}, the last report of each client), for a run whose server
+    holds no training data ("sizes" stays empty: the server cannot check what a device says it has)."""
+    reported = {str(c["client"]): c["num_examples"] for c in metrics.get("clients", []) if "num_examples" in c}
+    if not reported:
+        return
+    partition = rd.read_json("partition.json") if (rd.path / "partition.json").is_file() else {}
+    sizes = {**partition.get("reported_sizes", {}), **reported}
+    partition["reported_sizes"] = dict(sorted(sizes.items(), key=lambda item: int(item[0])))
+    rd.write_json("partition.json", partition)
+
+
+def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[str, Any]:
+    load_state_(sim.lm.model, state)
+    model = sim.lm.model
+    if is_headwise(model):  # saved as the equivalent standard peft LoRA (rank U * r_h), which peft can load
+        model = copy.deepcopy(model)
+        standard_lora_(model)
+    model.save_pretrained(str(rd.path / "adapter"))
+    (rd.path / "adapter" / "labels.json").write_text(json.dumps(sim.data.label_names))
+    summary = summarize(rd.metrics(), sim.cfg.metric)
+    summary["seconds_total_last_session"] = seconds
+    rd.write_json("summary.json", summary)
+    return summary
+
+
+def summarize(metrics: list[dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
+    """Totals and final values of a run's metrics lines; `metric` is the run's headline score (its initial,
+    final and best values are also written as `*_accuracy` when it is accuracy). `tail_mean_score` is the mean
+    of the last TAIL evaluations: with few label-skewed clients a round, one evaluation swings by points."""
+    rounds = [m for m in metrics if m.get("round", 0) > 0]
+    evaluated = [m for m in metrics if metric in m]
+    scores = {
+        "initial": evaluated[0][metric] if evaluated else None,
+        "final": evaluated[-1][metric] if evaluated else None,
+        "best": max((m[metric] for m in evaluated), default=None),
+    }
+    scores["tail_mean"] = tail_mean(metrics, metric)
+    summary: dict[str, Any] = {"rounds": len(rounds), "metric": metric}
+    summary.update({f"{k}_score": v for k, v in scores.items()})
+    if rounds and f"tail_average_{metric}" in rounds[-1]:  # federated.tail_average_rounds: the averaged model
+        summary["tail_average_score"] = rounds[-1][f"tail_average_{metric}"]
+    pruned = [m for m in evaluated if f"pruned_{metric}" in m]
+    if pruned:  # heads.eval_pruned: the pruned deployment's final and tail-mean scores beside the whole model's
+        summary["pruned_final_score"] = pruned[-1][f"pruned_{metric}"]
+        summary["pruned_tail_mean_score"] = tail_mean(metrics, f"pruned_{metric}")
+        summary["pruned_kept_heads"] = pruned[-1]["pruned_kept_heads"]
+    if metric == "accuracy":
+        summary.update({f"{k}_accuracy": v for k, v in scores.items()})
+    summary.update({
+        "final_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
+        "bytes_down": sum(m["bytes_down"] for m in rounds),
+        "bytes_up": sum(m["bytes_up"] for m in rounds),
+        "train_flops": sum(m["train_flops"] for m in rounds),
+        "scoring_flops": sum(m["scoring_flops"] for m in rounds),
+        "seconds_clients": sum(m["seconds_clients"] for m in rounds),
+    })
+    return summary
