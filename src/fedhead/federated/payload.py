@@ -109,6 +109,8 @@ def decode_update(blob: bytes) -> ClientUpdate:
     if bits != 32:
         tensors = _dequantized(tensors, bits, meta.get("shapes"))
     stats = meta.get("stats", {})
+    if not isinstance(stats, dict):
+        raise ValueError(f"the update's stats are not a JSON object ({type(stats).__name__})")
     return ClientUpdate(
         client_id=meta["client_id"],
         num_examples=meta["num_examples"],
@@ -118,7 +120,7 @@ def decode_update(blob: bytes) -> ClientUpdate:
         loss_before=meta["loss_before"],
         loss_after=meta["loss_after"],
         train_loss=meta["train_loss"],
-        stats=dict(stats) if isinstance(stats, dict) else {},
+        stats=dict(stats),
         upload_bits=bits,
     )
 
