@@ -22,11 +22,15 @@ Rows (60 rounds, 3 seeds, all 9,815 pairs, tail average of the last 5 rounds, pa
 from __future__ import annotations
 
 import argparse
+import json
 
 from common import ROOT
 from frontier import RESULTS, frontier_rows, run
 
 ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt")
+# the weak tier of each federation, as a single-tier row that bench/budget.py costs measures
+WEAK_TIER = {"mixfed-weak-heads": "weak-remove-0.9-ckpt-steps3", "mixfed-weak-ckpt": "weak-ckpt-steps2"}
+COSTS = ROOT / "docs" / "results" / "budget_costs.json"
 RECORDS = ROOT / "docs" / "results" / "heterogeneous"
 RUNS = ROOT / "bench" / "results" / "heterogeneous"
 TABLE = ROOT / "docs" / "results" / "heterogeneous.md"
@@ -51,6 +55,19 @@ def table() -> str:
             continue
         interval = f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]" if len(r["seeds"]) > 1 else "-"
         lines.append(f"| `{name}` | {len(r['seeds'])} | {r['accuracy']:.4f} | {r['drop']:+.1f} | {interval} |")
+    lines += ["", "The weak tier's client round against dense's (`bench/budget.py costs`; a weak device needs at least "
+              "2x on both):", "", "| weak tier | as the row | training FLOPs saved | peak training memory saved "
+              "(64 tokens) | fits |", "|---|---|---|---|---|"]
+    costs = json.loads(COSTS.read_text()) if COSTS.exists() else {"rows": {}}
+    for federation, weak in WEAK_TIER.items():
+        if weak not in costs["rows"]:
+            lines.append(f"| `{federation}` | `{weak}` | not measured | - | - |")
+            continue
+        dense, mine = costs["rows"]["dense"], costs["rows"][weak]
+        flops = dense["train_flops"] / mine["train_flops"]
+        memory = dense["peak_memory_bytes"] / mine["peak_memory_bytes"]
+        fits = "yes" if flops >= 2 and memory >= 2 else "no"
+        lines.append(f"| `{federation}` | `{weak}` | {flops:.2f}x | {memory:.2f}x | {fits} |")
     return "\n".join(lines)
 
 
