@@ -284,7 +284,7 @@ def main() -> None:
             old = json.loads(COSTS.read_text())  # ratio of the two batches' dense times (each ratio is in-batch)
             scale = {key: measured["rows"]["dense"][key] / old["rows"]["dense"][key]
                      for key in ("client_round_seconds_median", "client_step_seconds_median")}
-            kept = {row: {k: v * scale.get(k, 1.0) for k, v in values.items()}
+            kept = {row: {k: v * scale[k] if k in scale else v for k, v in values.items()}
                     for row, values in old["rows"].items() if row not in measured["rows"]}
             measured["rows"] = {**kept, **measured["rows"]}
             measured["batches"] = [*old.get("batches", [old["protocol"]]), measured["protocol"]]
