@@ -1,0 +1,56 @@
+"""The presets named by what they save (configs/save_*.toml) are the configurations the budget table measured:
+each names its measured row (`# row: NAME`), loads to exactly that row's config, and states the drop its records
+give; the README's budget block is what `bench/budget.py table` writes from the records."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fedhead.config import load_config
+from tests.conftest import ROOT, load_bench
+
+PRESETS = sorted((ROOT / "configs").glob("save_*.toml"))
+
+
+def test_there_is_a_preset_for_each_resource():
+    assert [p.stem for p in PRESETS] == ["save_compute", "save_memory", "save_upload"]
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_a_budget_preset_is_its_measured_row(preset):
+    budget = load_bench("budget")
+    frontier = load_bench("frontier")
+    text = preset.read_text()
+    row = budget.preset_row(text)
+    assert row in frontier.ROWS, f"{preset.name}: '# row: {row}' is not a frontier row"
+    measured = load_config(frontier.BASE, {**frontier.ROWS[row], **frontier.PROTOCOL})
+    mine = load_config(preset)
+    assert mine.model_dump(exclude={"run_name"}) == measured.model_dump(exclude={"run_name"}), preset.name
+    costs = json.loads(budget.COSTS.read_text())
+    assert row in costs["rows"], f"{row}: not in {budget.COSTS.name} (run bench/budget.py costs)"
+    # the drop the comment states is the records' (protocol, exact or screen), to 0.1 point
+    protocol = {r["row"]: r for r in frontier.frontier_rows(frontier.RESULTS)}
+    screens = {r["row"]: r for r in frontier.frontier_rows(budget.SCREEN)}
+    evidence = budget.accuracy(row, protocol, screens)
+    assert evidence is not None, f"{row}: no accuracy record"
+    stated = re.search(r"# measured: drop ([+-][0-9.]+) points \(([^)]*)\)", text)
+    assert stated, f"{preset.name}: no '# measured: drop X points (evidence)' line"
+    assert float(stated.group(1)) == pytest.approx(round(evidence["drop"], 1), abs=0.051), preset.name
+    assert stated.group(2) == evidence["evidence"], preset.name
+    # and it meets the budget its name promises, by the measured costs
+    resource = budget.PRESETS[preset.stem]
+    assert (budget.ratios(costs, row)[resource] or 0) >= 1.2, f"{preset.name} saves no {resource}"
+
+
+def test_readme_budget_block_is_the_tables_output():
+    budget = load_bench("budget")
+    frontier = load_bench("frontier")
+    costs = json.loads(budget.COSTS.read_text())
+    protocol = {r["row"]: r for r in frontier.frontier_rows(frontier.RESULTS)}
+    screens = {r["row"]: r for r in frontier.frontier_rows(budget.SCREEN)}
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- budget:start -->\n", 1)[1].split("<!-- budget:end -->", 1)[0]
+    assert block.strip() == budget.readme_table(costs, protocol, screens).strip()
