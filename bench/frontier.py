@@ -681,7 +681,7 @@ def main() -> None:
             if name == "frontier" and results.exists():
                 text += "\n\n" + convergence(results) + "\n\n" + contrasts(results)
                 short = (table(results, only=PROTOCOL_ROWS) + "\n\nThe decomposition rows (A frozen on dense, and "
-                         "the like) are in [docs/results/frontier.md](docs/results/frontier.md). " +
+                         "the like) are in [results/frontier.md](results/frontier.md). " +
                          convergence(results))
             (RESULTS.parent / f"{name}.md").write_text(text + "\n")
             if results.exists():
