@@ -441,11 +441,14 @@ def load_records(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return by_row
 
 
-def frontier_rows(results: Path, costs: Path = COSTS) -> list[dict[str, Any]]:
+def frontier_rows(results: Path, costs: Path = COSTS, dense_from: Path | None = None) -> list[dict[str, Any]]:
     """Per row: seeds paired with dense, the full-set accuracy, the paired drop (mean, sd, 95% interval), the
     run totals (FLOPs, bytes) as ratios dense / row (above 1: the row saves) averaged over the paired seeds, and
-    the client time and memory ratios of the controlled measurement in `costs` (None where it lacks the row)."""
+    the client time and memory ratios of the controlled measurement in `costs` (None where it lacks the row).
+    `dense_from`: another records folder whose dense records pair with these rows (the mixed federation's)."""
     records = load_records(results)
+    if dense_from is not None:
+        records["dense"] = load_records(dense_from).get("dense", {})
     measured = json.loads(costs.read_text())["rows"] if costs.exists() else {}
 
     def cost_ratio(row: str, key: str) -> float | None:

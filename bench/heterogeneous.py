@@ -39,11 +39,8 @@ TABLE = ROOT / "docs" / "results" / "heterogeneous.md"
 def table() -> str:
     """The mixed federation's rows beside all-dense (the frontier's dense records of the same seeds)."""
     dense = {r["row"]: r for r in frontier_rows(RESULTS)}.get("dense")
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    for path in RESULTS.glob("dense.seed*.json"):  # all-dense: the frontier's records, paired by seed
-        if not (RECORDS / path.name).exists():
-            (RECORDS / path.name).write_bytes(path.read_bytes())
-    rows = {r["row"]: r for r in frontier_rows(RECORDS)}
+    # all-dense: the frontier's own records, paired by seed (no copy in RECORDS)
+    rows = {r["row"]: r for r in frontier_rows(RECORDS, dense_from=RESULTS)} if RECORDS.exists() else {}
     lines = ["| federation | seeds | accuracy (9,815 pairs) | drop vs all-dense (pt) | 95% interval |",
              "|---|---|---|---|---|"]
     if dense is not None:
