@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The budget frontier's protocol runs (issue "What a small device should run") as two one-thread lanes (2 cores):
+# the save_upload and save_compute presets' rows with 3 seeds (60 rounds; seed 0 extends its 30-round screen),
+# then the mixed federation's rows. Resumable: a finished run is skipped, an interrupted one resumes from its
+# checkpoint in bench/results/ (kept as long as the checkout). `python bench/frontier.py status` shows progress.
+#
+#     nohup bash bench/budget_lanes.sh &   # then: python bench/budget.py table; python bench/heterogeneous.py table
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+mkdir -p bench/logs
+lane() {  # lane NAME ITEM...: ROW@SEED runs a frontier row, mixfed:ROW@SEED a mixed-federation row
+  local name=$1; shift
+  for item in "$@"; do
+    local row=${item%@*} seed=${item#*@}
+    if [[ $row == mixfed:* ]]; then
+      "$PY" bench/heterogeneous.py run --rows "${row#mixfed:}" --seeds "$seed" --threads 1 >> "bench/logs/budget-$name.log" 2>&1
+    else
+      "$PY" bench/frontier.py run --rows "$row" --seeds "$seed" --threads 1 >> "bench/logs/budget-$name.log" 2>&1
+    fi
+  done
+}
+lane a dense-up4@0 dense-up4@1 dense-up4@2 \
+  mixfed:mixfed-capable-only@0 mixfed:mixfed-weak-heads@0 mixfed:mixfed-capable-only@1 mixfed:mixfed-weak-heads@1 \
+  mixfed:mixfed-capable-only@2 mixfed:mixfed-weak-heads@2 &
+lane b dense-steps6@0 dense-steps6@1 dense-steps6@2 \
+  mixfed:mixfed-weak-ckpt@0 mixfed:mixfed-weak-ckpt@1 mixfed:mixfed-weak-ckpt@2 &
+wait
