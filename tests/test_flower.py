@@ -50,7 +50,8 @@ from fedhead.runners.flower_client import (
     payload_record,
 )
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
-from fedhead.runners.flower_strategy import FedHeadStrategy, central_evaluation
+from fedhead.runners.flower_start import central_evaluation
+from fedhead.runners.flower_strategy import FedHeadStrategy
 from fedhead.runners.local import Simulation, run_simulation
 from fedhead.trained import starting_state
 from tests.conftest import MNLI_TRAIN, ROOT, tiny_config, write_tiny_toml

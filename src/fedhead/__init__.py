@@ -42,7 +42,7 @@ _HOMES: dict[str, str] = {
     "run_simulation": "fedhead.runners.local",
     "run_flower": "fedhead.runners.flower_engine",
     "FedHeadStrategy": "fedhead.runners.flower_strategy",
-    "central_evaluation": "fedhead.runners.flower_strategy",
+    "central_evaluation": "fedhead.runners.flower_start",
     "query_reply": "fedhead.runners.flower_client",
     "train_reply": "fedhead.runners.flower_client",
     "evaluate_reply": "fedhead.runners.flower_client",
@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time the names l
     from fedhead.models.loading import LoadedModel, build_model
     from fedhead.runners.flower_client import evaluate_reply, query_reply, train_reply
     from fedhead.runners.flower_engine import run_flower
-    from fedhead.runners.flower_strategy import FedHeadStrategy, central_evaluation
+    from fedhead.runners.flower_start import central_evaluation
+    from fedhead.runners.flower_strategy import FedHeadStrategy
     from fedhead.runners.local import run_simulation
     from fedhead.trained import build_run_model
 

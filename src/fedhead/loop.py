@@ -1,10 +1,12 @@
-"""The run loop every engine shares, below the drivers: the run context (`Simulation`: model, data, client
-partitions, the server optimiser's moments and the clients' error-feedback residuals), the server round's options
-(`server_options`), and `drive_rounds`: run directory, resume, the rounds (a driver's round function), evaluation
-with its extras (pruned model, tail average), checkpoints, the adapter and the summary (`summarize`).
+"""The run loop every engine shares, below the drivers: the run context (`RunContext`; `Simulation` holds model,
+data, client partitions, the server optimiser's moments and the clients' error-feedback residuals), the server
+round's options (`server_options`), and `drive_rounds`: run directory, resume, the rounds (a driver's round
+function), evaluation with its extras (pruned model, tail average), checkpoints, the adapter and the summary
+(`summarize`).
 
 Drivers only move bytes over it: the in-process engine (`runners/local.py`) trains each selected client in this
-process, the Flower ServerApp (`runners/flower_app.py`) sends messages to nodes; both hand `drive_rounds` a
+process, the Flower ServerApp (`runners/flower_app.py`) and `FedHeadStrategy.start` (`runners/flower_start.py`,
+whose run context evaluates through the user's `evaluate_fn`) send messages to nodes; each hands `drive_rounds` a
 function that runs one round.
 
 Resuming: every round ends with an atomic checkpoint of the global state, the client statistics and the
@@ -21,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
 import numpy as np
@@ -46,6 +48,46 @@ from fedhead.runners.run_dir import RunDir, checkpoint_parts, checkpoint_tensors
 from fedhead.trained import build_run_model
 
 log = logging.getLogger("fedhead")
+
+
+class RunContext(Protocol):
+    """What `drive_rounds` needs from a driver besides its round function.
+
+    Attributes:
+        cfg: the run's options.
+        server_moments: the server optimiser's state (checkpointed; the round function updates it).
+        residuals: client id -> error-feedback residual, for clients that live in this process (checkpointed).
+        brings_own_data: devices train on their own data (the server holds no partition): partition.json records
+            the sizes they report.
+    """
+
+    cfg: Config
+    server_moments: State
+    residuals: dict[int, State]
+
+    @property
+    def brings_own_data(self) -> bool: ...
+
+    def initial_state(self) -> State:
+        """The global trainable state before round 1."""
+        ...
+
+    def partition_record(self) -> dict[str, Any]:
+        """partition.json: label names, partition sizes, label histograms."""
+        ...
+
+    def evaluate(self, state: State, round_: int) -> dict[str, Any]:
+        """Loss and the task's metrics of the global model `state` after `round_` (0: before training); nothing
+        when there is nothing to evaluate on."""
+        ...
+
+    def evaluate_pruned(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """`heads.eval_pruned` on the global model last evaluated (`evaluate`), from the metrics lines so far."""
+        ...
+
+    def save_model(self, state: State, rd: RunDir) -> None:
+        """The final global model, at the end of the run."""
+        ...
 
 
 @dataclass
@@ -75,6 +117,34 @@ class Simulation:
         parts = partition_indices(labels if labels is not None else [0] * len(data.train), cfg.partition, cfg.seed)
         return cls(cfg, lm, data, parts)
 
+    @property
+    def brings_own_data(self) -> bool:
+        return not self.parts
+
+    def initial_state(self) -> State:
+        return trainable_state(self.lm.model)
+
+    def partition_record(self) -> dict[str, Any]:
+        labels = class_labels(self.data)
+        hist = None if labels is None else label_histograms(labels, self.parts, self.data.num_labels)
+        return {"label_names": self.data.label_names, "sizes": [len(p) for p in self.parts], "label_histograms": hist}
+
+    def evaluate(self, state: State, round_: int) -> dict[str, Any]:
+        """The global model `state`, loaded into the model (it stays loaded), on the evaluation set."""
+        load_state_(self.lm.model, state)
+        return self.evaluate_global()
+
+    def save_model(self, state: State, rd: RunDir) -> None:
+        """The adapter (headwise LoRA saved as the equivalent standard peft LoRA of rank U * r_h, which peft can
+        load) and its labels, in rd/adapter."""
+        load_state_(self.lm.model, state)
+        model = self.lm.model
+        if is_headwise(model):
+            model = copy.deepcopy(model)
+            standard_lora_(model)
+        model.save_pretrained(str(rd.path / "adapter"))
+        (rd.path / "adapter" / "labels.json").write_text(json.dumps(self.data.label_names))
+
     def evaluate_global(self) -> dict[str, float]:
         """Loss and the task's metrics of the model as loaded (the global model) on the evaluation set (nothing
         when there is none: a Flower server without data.eval or training data only aggregates)."""
@@ -101,23 +171,6 @@ class Simulation:
         result = evaluate(work, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
                           task=self.lm.task, generation=self.cfg.generation)
         return {**{f"pruned_{k}": v for k, v in result.items()}, "pruned_kept_heads": int(mask.sum())}
-
-    def evaluate_tail_average(self, tail: TailAverage, state: State) -> dict[str, Any]:
-        """federated.tail_average_rounds, at the last round: the tail-averaged model's metrics as
-        tail_average_<name> (nothing, with a warning, when the run did not see every round of the window, e.g. it
-        was resumed from a checkpoint written without the running sum). The loaded model is left holding `state`."""
-        rounds = self.cfg.federated.rounds
-        if not tail.complete(rounds):
-            log.warning("the tail average over rounds %d-%d is incomplete (%d of them seen): not evaluated",
-                        tail.start, rounds, tail.count)
-            return {"tail_average_rounds_seen": tail.count}
-        if self.data.eval is None:
-            return {}
-        load_state_(self.lm.model, tail.mean(state))
-        result = evaluate(self.lm.model, self.data.eval, self.lm.tokenizer, self.cfg.federated.eval_batch_size,
-                          task=self.lm.task, generation=self.cfg.generation)
-        load_state_(self.lm.model, state)
-        return {f"tail_average_{k}": v for k, v in result.items()}
 
     def client_data(self, client: int) -> datasets.Dataset:
         if self.data.train is None:
@@ -152,7 +205,7 @@ RoundFn = Callable[[State, int, np.random.Generator, ClientStats], tuple[State, 
 
 
 def drive_rounds(
-    sim: Simulation,
+    sim: RunContext,
     rd: RunDir,
     round_fn: RoundFn,
     *,
@@ -166,7 +219,7 @@ def drive_rounds(
     adapter and summary. `round_fn(state, round, rng, stats)` returns the next state and the round's metrics."""
     cfg = sim.cfg
     start = time.perf_counter() if start is None else start
-    state = trainable_state(sim.lm.model)
+    state = sim.initial_state()
     stats, rng, first = ClientStats(), np.random.default_rng(cfg.seed), 1
     window = cfg.federated.tail_average_rounds
     tail = TailAverage.for_run(cfg.federated.rounds, window)
@@ -177,7 +230,7 @@ def drive_rounds(
     if found is not None:
         path, saved, meta = found
         state, sim.server_moments, sim.residuals = checkpoint_parts(without_tail_average(saved))
-        misfit = state_misfit(state, trainable_state(sim.lm.model))
+        misfit = state_misfit(state, sim.initial_state())
         if misfit is not None:
             raise ConfigError(f"the checkpoint of {rd.path} does not fit the run's config: {misfit}")
         rd.accept_config(cfg, meta["round"], pinned=meta.get("config"))
@@ -193,11 +246,8 @@ def drive_rounds(
     else:
         rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite or resume)
         (rd.path / "metrics.jsonl").unlink(missing_ok=True)
-        labels = class_labels(sim.data)
-        hist = None if labels is None else label_histograms(labels, sim.parts, sim.data.num_labels)
-        rd.write_json("partition.json", {"label_names": sim.data.label_names, "sizes": [len(p) for p in sim.parts],
-                                         "label_histograms": hist})
-        initial = sim.evaluate_global()
+        rd.write_json("partition.json", sim.partition_record())
+        initial = sim.evaluate(state, 0)
         rd.append_metrics({"round": 0, **initial})
         if on_round:
             on_round({"round": 0, **initial})
@@ -208,16 +258,15 @@ def drive_rounds(
         if tail is not None:
             tail.add(round_, state)
         if round_ % cfg.federated.eval_every == 0 or round_ == cfg.federated.rounds:
-            load_state_(sim.lm.model, state)
             t = time.perf_counter()
-            metrics.update(sim.evaluate_global())
+            metrics.update(sim.evaluate(state, round_))
             metrics["seconds_eval"] = time.perf_counter() - t
             if cfg.heads.eval_pruned is not None:  # reads the metrics log: only when asked for
                 metrics.update(sim.evaluate_pruned([*rd.metrics(), metrics]))
         if round_ == cfg.federated.rounds and tail is not None:
-            metrics.update(sim.evaluate_tail_average(tail, state))
+            metrics.update(evaluate_tail_average(sim, tail, state))
         rd.append_metrics(metrics)
-        if not sim.parts:  # devices train on their own data: partition.json records the sizes they report
+        if sim.brings_own_data:  # devices train on their own data: partition.json records the sizes they report
             record_reported_sizes(rd, metrics)
         saved = checkpoint_tensors(state, sim.server_moments, sim.residuals)
         meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json(),
@@ -249,14 +298,20 @@ def record_reported_sizes(rd: RunDir, metrics: dict[str, Any]) -> None:
     rd.write_json("partition.json", partition)
 
 
-def _finish(sim: Simulation, state: State, rd: RunDir, seconds: float) -> dict[str, Any]:
-    load_state_(sim.lm.model, state)
-    model = sim.lm.model
-    if is_headwise(model):  # saved as the equivalent standard peft LoRA (rank U * r_h), which peft can load
-        model = copy.deepcopy(model)
-        standard_lora_(model)
-    model.save_pretrained(str(rd.path / "adapter"))
-    (rd.path / "adapter" / "labels.json").write_text(json.dumps(sim.data.label_names))
+def evaluate_tail_average(sim: RunContext, tail: TailAverage, state: State) -> dict[str, Any]:
+    """federated.tail_average_rounds, at the last round: the metrics of the tail-averaged model (the mean of the
+    last rounds' global states) as tail_average_<name>; nothing, with a warning, when the run did not see every
+    round of the window (e.g. it was resumed from a checkpoint written without the running sum)."""
+    rounds = sim.cfg.federated.rounds
+    if not tail.complete(rounds):
+        log.warning("the tail average over rounds %d-%d is incomplete (%d of them seen): not evaluated",
+                    tail.start, rounds, tail.count)
+        return {"tail_average_rounds_seen": tail.count}
+    return {f"tail_average_{k}": v for k, v in sim.evaluate(tail.mean(state), rounds).items()}
+
+
+def _finish(sim: RunContext, state: State, rd: RunDir, seconds: float) -> dict[str, Any]:
+    sim.save_model(state, rd)
     summary = summarize(rd.metrics(), sim.cfg.metric)
     summary["seconds_total_last_session"] = seconds
     rd.write_json("summary.json", summary)

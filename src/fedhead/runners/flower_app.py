@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhead.config import Config, ConfigError, load_config
@@ -53,7 +53,6 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import State
 from fedhead.loop import Simulation, drive_rounds
 from fedhead.models import UnsupportedModelError
-from fedhead.runners.flower_client import send_and_receive
 from fedhead.runners.flower_strategy import FedHeadStrategy
 from fedhead.runners.run_dir import RunDir
 
@@ -73,20 +72,6 @@ def readable_here(source: str | None) -> bool:
 def nodes_config(cfg: Config, sim: Simulation) -> Config:
     """The config the nodes are sent: the run's, with the label values the server's model was built with."""
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": label_values(sim.data)})})
-
-
-def run_round(strategy: FedHeadStrategy, sim: Simulation, grid: Grid, state: State, round_: int,
-              rng: np.random.Generator, stats: ClientStats) -> tuple[State, dict[str, Any]]:
-    """One round of fedhead's run loop through the strategy: configure_train, the messages, aggregate_train.
-    The run loop's (checkpointed) selection RNG, client statistics and server-optimiser moments are the
-    strategy's for the round. Returns (next state, fedhead's metrics line)."""
-    strategy.rng, strategy.stats, strategy.moments = rng, stats, sim.server_moments
-    messages = list(strategy.configure_train(round_, ArrayRecord(state), ConfigRecord(), grid))
-    replies = send_and_receive(grid, messages, strategy.round_timeout)
-    arrays, _ = strategy.aggregate_train(round_, replies.values())
-    sim.server_moments = strategy.moments
-    assert arrays is not None
-    return arrays.to_torch_state_dict(), strategy.history[-1]
 
 
 def server_options(run_config: dict[str, Any]) -> tuple[Config, Path, bool, float, float]:
@@ -122,7 +107,7 @@ def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, resume: bool = False,
     strategy.summary()
 
     def round_fn(state: State, round_: int, rng: np.random.Generator, stats: ClientStats):
-        return run_round(strategy, sim, grid, state, round_, rng, stats)
+        return strategy.run_round(grid, sim, state, round_, rng, stats)
 
     def on_round(m: dict[str, Any]) -> None:
         keys = ("selected", "train_loss", cfg.metric, "eval_loss", "failed", "rejected", "skipped")

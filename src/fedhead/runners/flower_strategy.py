@@ -4,8 +4,10 @@ aggregation, server optimisers and DP by `fedhead.federated.server` (`plan_round
 
 Use it as flwr's `FedAvg` is used, from `strategy.start(grid=..., initial_arrays=..., num_rounds=...,
 evaluate_fn=...)` in a ServerApp, with `fedhead.runners.flower_client.train_reply` in the ClientApp (README,
-"Your own Flower app"); fedhead's run loop (`fedhead run --engine flower`, deployments) drives the same
-`configure_train` / `aggregate_train` with checkpoints and a run directory (`flower_app.run_round`).
+"Your own Flower app"). Either way fedhead's run loop (`fedhead.loop.drive_rounds`) drives `run_round`
+(configure_train, the messages, aggregate_train) with checkpoints, resume, the evaluation cadence and the tail
+average: `start` with the user's `evaluate_fn` (`flower_start`), fedhead's ServerApp (`fedhead run --engine flower`,
+deployments) with the model and data it loads (`flower_app.serve`).
 
 Arrays in and out are the global trainable state as an `ArrayRecord` of named tensors (LoRA adapters and the task
 head: `ArrayRecord(trainable_state(model))`, `result.arrays.to_torch_state_dict()`). What travels to and from the
@@ -16,30 +18,33 @@ the real messages.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedhead.config import Config
-from fedhead.federated.client import evaluate
 from fedhead.federated.payload import encode_state
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import Reply, RoundPlan, close_round, plan_round
-from fedhead.federated.state import State, load_state_
-from fedhead.federated.validation import MAX_LOSS, receive_update
-from fedhead.loop import server_options
-from fedhead.models import HeadLayout, LoadedModel
-from fedhead.runners.flower_client import failure, payload_of, payload_record, send_and_receive
+from fedhead.federated.state import State
+from fedhead.federated.validation import MAX_LOSS
+from fedhead.loop import RunContext, drive_rounds, server_options
+from fedhead.models import HeadLayout
+from fedhead.runners.flower_client import failure, payload_record, send_and_receive
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
+from fedhead.runners.flower_replies import decode_train_reply, replies_by_node
+from fedhead.runners.flower_start import EvaluateFn, StartedRun, round_totals, started_config
+from fedhead.runners.run_dir import RunDir
+from fedhead.seeds import failure_draws
 
 log = logging.getLogger("flwr")
 
@@ -53,6 +58,7 @@ class _Round:
     sent: dict[int, int]  # node id -> client id
     messages: dict[int, Message]  # node id -> its train message (the grid sets its message_id when it pushes it)
     down: int  # bytes of the state payload each node was sent
+    dropped: list[int]  # robust.dropout_probability: selected clients not sent to (simulated failures)
 
 
 class FedHeadStrategy(Strategy):
@@ -67,14 +73,19 @@ class FedHeadStrategy(Strategy):
         round_timeout: seconds a round waits for replies (also the messages' time to live), default 3600.
         node_wait: seconds configure_train waits for clients_per_round (first round) or min_clients usable
             nodes, default 600.
+        run_dir: under `start`, the run directory (checkpoints, metrics.jsonl, summary.json); default none: a
+            temporary one, gone when `start` returns.
+        resume: under `start`, continue after the last checkpoint in run_dir (none there: from round 1).
 
     Server-side state: `stats` (client statistics), `rng` (selection), `moments` (server optimiser), `nodes`
     (node id -> client id, `flower_nodes.NodeTable`) and `history` (fedhead's full metrics line of each round).
     """
 
     def __init__(self, cfg: Config, layout: HeadLayout, *, known_sizes: dict[int, int] | None = None,
-                 round_timeout: float = 3600.0, node_wait: float = 600.0) -> None:
+                 round_timeout: float = 3600.0, node_wait: float = 600.0, run_dir: str | Path | None = None,
+                 resume: bool = False) -> None:
         self.cfg, self.layout = cfg, layout
+        self.run_dir, self.resume = run_dir, resume
         self.options = server_options(cfg)
         self.known_sizes = dict(known_sizes or {})
         self.round_timeout, self.node_wait = round_timeout, node_wait
@@ -94,6 +105,54 @@ class FedHeadStrategy(Strategy):
                  fed.min_clients, self.cfg.heads.tiers or self.cfg.heads.sparsity)
 
     # --- Strategy
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: EvaluateFn | None = None) -> Result:
+        """Flower's `Strategy.start` driven by fedhead's run loop (`flower_start`): checkpoints in run_dir and
+        resume, evaluate_fn at round 0, every federated.eval_every rounds and the last, the tail average.
+
+        Args:
+            grid: the Grid of the ServerApp.
+            initial_arrays: the global trainable state before round 1.
+            num_rounds: the rounds (replaces federated.rounds).
+            timeout: seconds a round waits for replies (replaces round_timeout).
+            train_config: entries added to every train message's "config".
+            evaluate_config: unused (no federated evaluation).
+            evaluate_fn: central evaluation of the global model, `evaluate_fn(round, arrays)`.
+        Returns:
+            The final global state, each round's totals and the central evaluations (earlier sessions' rounds of a
+            resumed run included). ConfigError before any round for an option `start` cannot honour.
+        """
+        self.cfg, self.round_timeout = started_config(self.cfg, num_rounds), timeout
+        self.config_json = self.cfg.model_dump_json()
+        run = StartedRun(self.cfg, initial_arrays.to_torch_state_dict(), evaluate_fn)
+        log.info("Starting %s strategy:", type(self).__name__)
+        self.summary()
+
+        def on_round(m: dict[str, Any]) -> None:
+            log.info("[ROUND %d/%d] %s", m["round"], num_rounds, {k: v for k, v in m.items() if k not in (
+                "clients", "rejected", "client_timings")})
+
+        with tempfile.TemporaryDirectory(prefix="fedhead-") as scratch:
+            rd = RunDir(self.run_dir if self.run_dir is not None else scratch)
+            drive_rounds(run, rd, lambda state, r, rng, stats: self.run_round(grid, run, state, r, rng, stats,
+                                                                              train_config),
+                         resume=self.resume, on_round=on_round)
+            return run.result(rd)
+
+    def run_round(self, grid: Grid, run: RunContext, state: State, round_: int, rng: np.random.Generator,
+                  stats: ClientStats, config: ConfigRecord | None = None) -> tuple[State, dict[str, Any]]:
+        """One round of fedhead's run loop (`fedhead.loop.RoundFn`): configure_train, the messages,
+        aggregate_train, with the run loop's (checkpointed) selection RNG, client statistics and server-optimiser
+        moments. Returns (next state, fedhead's metrics line)."""
+        self.rng, self.stats, self.moments = rng, stats, run.server_moments
+        messages = list(self.configure_train(round_, ArrayRecord(state), config or ConfigRecord(), grid))
+        replies = send_and_receive(grid, messages, self.round_timeout)
+        arrays, _ = self.aggregate_train(round_, replies.values())
+        run.server_moments = self.moments
+        assert arrays is not None
+        return arrays.to_torch_state_dict(), self.history[-1]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -116,10 +175,13 @@ class FedHeadStrategy(Strategy):
         plan = plan_round(clients, self.cfg.federated, self.cfg.heads, self.cfg.seed, server_round, self.rng,
                           self.stats, self.layout, self._global_losses(grid, down, server_round, clients, config),
                           started=t0)
-        sent = {clients[c]: c for c in plan.selection.clients}
+        draws = failure_draws(self.cfg.seed, server_round, len(plan.selection.clients))  # as the in-process engine
+        dropped = [c for c, u in zip(plan.selection.clients, draws, strict=True)
+                   if u < self.cfg.robust.dropout_probability]
+        sent = {clients[c]: c for c in plan.selection.clients if c not in dropped}
         messages = {n: self._message(down, n, c, server_round, "train", config, plan.head_counts)
                     for n, c in sent.items()}
-        self._round = _Round(state, plan, sent, messages, len(down))
+        self._round = _Round(state, plan, sent, messages, len(down), dropped)
         return list(messages.values())
 
     def aggregate_train(self, server_round: int,
@@ -143,11 +205,15 @@ class FedHeadStrategy(Strategy):
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
         by_node, stray = replies_by_node(replies, r.messages)
-        failed: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = [{"client": c, "reason": "dropped out (simulated failure)"} for c in r.dropped]
 
         def answered() -> Iterator[Reply]:  # decoded when the server round reads it, folded and let go
             for node, client in r.sent.items():
-                reply, why = self._decode(by_node.get(node, []), node, client, r.down, server_round)
+                received = by_node.get(node, [])
+                reply, why = decode_train_reply(received, client, r.down, server_round, self.round_timeout)
+                if reply is None and len(received) == 1 and received[0].has_error() and \
+                        received[0].error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
+                    self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
                 if reply is not None:
                     yield reply
                 else:
@@ -161,13 +227,8 @@ class FedHeadStrategy(Strategy):
         result = close_round(r.plan, r.state, answered(), self.stats, self.moments, self.layout, self.options,
                              known_sizes=known, failed=failed, bytes_down=r.down * len(r.sent))
         self.moments = result.moments
-        metrics = result.metrics
-        self.history.append(metrics)
-        scalars = {k: metrics[k] for k in ("bytes_down", "bytes_up", "train_flops", "scoring_flops")}
-        scalars["clients"] = len(metrics["clients"])
-        if metrics["train_loss"] is not None:
-            scalars["train_loss"] = metrics["train_loss"]
-        return ArrayRecord(result.state), MetricRecord(scalars)
+        self.history.append(result.metrics)
+        return ArrayRecord(result.state), round_totals(result.metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -232,68 +293,3 @@ class FedHeadStrategy(Strategy):
             return out
         return losses
 
-    def _decode(self, received: list[Message], node: int, client: int, down: int,
-                round_: int) -> tuple[Reply | None, str]:
-        """The decoded reply of `node` (sent to `client`) to this round's train message, or None and why it does
-        not count (no reply, several, an error, a reply to another message, a bad payload)."""
-        if len(received) > 1:
-            return None, f"{len(received)} replies to one train message"
-        if not received:
-            return None, f"no reply within round-timeout ({self.round_timeout:g} s)"
-        reply = received[0]
-        why = failure(reply)
-        if why is not None:
-            if reply.error.code in (DATA_ERROR, NODE_CONFIG_ERROR):
-                self.nodes.exclude(node, why)  # it cannot serve this run until it reconnects
-            return None, why
-        kind, group = reply.metadata.message_type, reply.metadata.group_id
-        if (kind, group) != (MessageType.TRAIN, str(round_)):
-            return None, f"not a reply to this round's train message ({kind[:20]!r} message of round {group[:20]!r})"
-        try:
-            blob = payload_of(reply.content["update"])
-        except Exception as err:  # noqa: BLE001 - whatever a node sends, the server goes on
-            return None, f"bad payload: {type(err).__name__}: {err}"
-        update, problem = receive_update(blob)
-        if update is None:
-            problem = problem or "undecodable"
-            return None, problem if problem.startswith("bad payload") else f"bad payload: {problem}"
-        try:  # reported, not trusted: the server round keeps known keys with sane values only
-            reported = dict(reply.content["metrics"].items())
-        except Exception:  # noqa: BLE001 - a reply without metrics still counts
-            reported = {}
-        return Reply(client, update, down, len(blob), reported), ""
-
-
-def replies_by_node(replies: Iterable[Message], sent: dict[int, Message]) -> tuple[dict[int, list[Message]],
-                                                                                 list[Message]]:
-    """({node: the replies to the message sent to it}, the other replies), by the message each reply answers.
-
-    Args:
-        replies: the replies pulled for the round.
-        sent: node id -> the message sent to it, pushed (its `metadata.message_id` set by the grid).
-    Returns:
-        Each node's replies: those whose `reply_to_message_id` is its message's id and whose source is the node
-        or Flower's SuperLink (which answers for an unreachable node, or for a message whose time to live ran
-        out); and the replies that answer no message in `sent` or come from another node.
-    """
-    node_of = {m.metadata.message_id: n for n, m in sent.items() if m.metadata.message_id}
-    by_node: dict[int, list[Message]] = {}
-    stray: list[Message] = []
-    for m in replies:
-        node = node_of.get(m.metadata.reply_to_message_id)
-        if node is not None and m.metadata.src_node_id in (node, SUPERLINK_NODE_ID):
-            by_node.setdefault(node, []).append(m)
-        else:
-            stray.append(m)
-    return by_node, stray
-
-
-def central_evaluation(lm: LoadedModel, data: datasets.Dataset, cfg: Config
-                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """An `evaluate_fn` for `Strategy.start`: loss and the task's metrics of the global model on `data`."""
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_state_(lm.model, arrays.to_torch_state_dict())
-        metrics = evaluate(lm.model, data, lm.tokenizer, cfg.federated.eval_batch_size, task=lm.task,
-                           generation=cfg.generation)
-        return MetricRecord({name: value for name, value in metrics.items()})
-    return evaluate_fn
