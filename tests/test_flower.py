@@ -39,7 +39,7 @@ from fedhead.federated.selection import ClientStats, select_among
 from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners import flower_engine as fe
-from fedhead.runners.flower_app import RunRefused, ThroughFlower, main, nodes_config
+from fedhead.runners.flower_app import RunRefused, main, nodes_config
 from fedhead.runners.flower_client import (
     _LOADED,
     NodeIdentity,
@@ -50,9 +50,10 @@ from fedhead.runners.flower_client import (
     payload_record,
 )
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
-from fedhead.runners.flower_start import central_evaluation
+from fedhead.runners.flower_start import ThroughFlower, central_evaluation
 from fedhead.runners.flower_strategy import FedHeadStrategy
 from fedhead.runners.local import Simulation, run_simulation
+from fedhead.runners.run_dir import RunDir
 from fedhead.trained import starting_state
 from tests.conftest import MNLI_TRAIN, ROOT, tiny_config, write_tiny_toml
 
@@ -556,10 +557,47 @@ def readme_flower_app() -> str:
     return text[start:text.index("```", start)]
 
 
+def _run_readme_app(tmp_path: Path, name: str, run_config: dict, kill_after_round: int | None = None) -> str:
+    """`flwr run` of the README's app (tmp_path/app) on Flower's simulation engine with two simulated SuperNodes,
+    in a SuperLink of its own; with `kill_after_round`, the SuperLink and everything it started are killed
+    (SIGKILL) as soon as that round's checkpoint is in the run directory. Returns the run's log."""
+    home, port = tmp_path / f"flower-home-{name}", fe.free_port()
+    fe.write_connection(home, "sim", port)
+    env = fe.flower_env(home)
+    link = fe.start([fe.executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                     "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
+                    env, home / "superlink.log")
+    try:
+        fe.wait_for_port(port, 60, link, home / "superlink.log")
+        path = fe.write_run_config(tmp_path / f"run_config-{name}.toml", run_config)
+        cpus = fe.simulation_cpus()
+        run = fe.start([fe.executable("flwr"), "run", str(tmp_path / "app"), "sim", "--run-config", str(path),
+                        "--federation-config", f"num-supernodes=2 client-resources-num-cpus={cpus} "
+                        f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}", "--stream"],
+                       env, home / "flwr-run.log")
+        try:
+            if kill_after_round is None:
+                run.wait(timeout=420)
+            else:
+                run_dir, deadline = RunDir(run_config["out"]), time.monotonic() + 420
+                while time.monotonic() < deadline and run.poll() is None:
+                    found = run_dir.newest_checkpoint() if (run_dir.path / "checkpoint.safetensors").exists() else None
+                    if found is not None and found[2]["round"] >= kill_after_round:
+                        break
+                    time.sleep(0.05)
+                os.killpg(link.pid, signal.SIGKILL)  # the SuperLink and the simulation it runs, mid-round
+                assert found is not None and found[2]["round"] == kill_after_round, "killed too late"
+        finally:
+            fe.stop(run)
+    finally:
+        fe.stop(link)
+    return (home / "flwr-run.log").read_text(errors="replace")
+
+
 @pytest.mark.slow
-def test_readme_flower_app_runs_through_strategy_start_on_the_simulation_engine(tiny_bert_dir, tmp_path):
-    # Prepare: the README's app file and a pyproject naming its apps; a config without data.train; one file per
-    # partition, of different sizes
+def test_readme_flower_app_killed_after_round_2_resumes_to_the_uninterrupted_runs_state(tiny_bert_dir, tmp_path):
+    # Prepare: the README's app file and a pyproject naming its apps; a config without data.train, 3 rounds,
+    # evaluation every 2 rounds and a tail average over the last 2; one file per partition, of different sizes
     app = tmp_path / "app"
     app.mkdir()
     (app / "my_app.py").write_text(readme_flower_app())
@@ -569,40 +607,36 @@ def test_readme_flower_app_runs_through_strategy_start_on_the_simulation_engine(
         _write_records(data_dir / f"{i}.jsonl", _mnli(count))
     config = write_tiny_toml(tmp_path / "user.toml", tiny_bert_dir, data={"train": "", "labels": LABELS},
                              partition={"num_clients": 2}, heads={"sparsity": 0.5},
-                             federated={"clients_per_round": 2, "selection": "loss_gap",
-                                        "aggregation": "head_weighted"})
-    home, port = tmp_path / "flower-home", fe.free_port()
-    fe.write_connection(home, "sim", port)
-    env = fe.flower_env(home)
-    link = fe.start([fe.executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                     "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
-                    env, home / "superlink.log")
-    out = tmp_path / "adapter"
-    try:
-        fe.wait_for_port(port, 60, link, home / "superlink.log")
-        run_config = fe.write_run_config(tmp_path / "run_config.toml", {
-            "config": str(config), "data-dir": str(data_dir), "out": str(out)})
-        cpus = fe.simulation_cpus()
-        # Execute: `flwr run` of the user's app on Flower's simulation engine, two simulated SuperNodes
-        run = fe.start([fe.executable("flwr"), "run", str(app), "sim", "--run-config", str(run_config),
-                        "--federation-config", f"num-supernodes=2 client-resources-num-cpus={cpus} "
-                        f"client-resources-num-gpus=0.0 init-args-num-cpus={cpus}", "--stream"],
-                       env, home / "flwr-run.log")
-        try:
-            run.wait(timeout=420)
-        finally:
-            fe.stop(run)
-    finally:
-        fe.stop(link)
-    # Assert: Strategy.start ran both rounds with fedhead's strategy and the central evaluation of evaluate_fn,
-    # and the app saved a trained adapter
-    log = (home / "flwr-run.log").read_text(errors="replace")
-    assert (out / "adapter_model.safetensors").exists(), log[-6000:]
-    assert "Starting FedHeadStrategy strategy" in log and "fedhead: selection loss_gap" in log
-    assert "[ROUND 2/2]" in log and "ServerApp-side Evaluate Metrics" in log and "'accuracy'" in log
-    assert "dropped" not in log and "is not used" not in log  # both nodes trained in both rounds
-    trained = decode_state((out / "adapter_model.safetensors").read_bytes())
+                             federated={"clients_per_round": 2, "selection": "loss_gap", "rounds": 3,
+                                        "aggregation": "head_weighted", "eval_every": 2, "tail_average_rounds": 2,
+                                        "local_steps": 4})
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    # Execute: the app killed after round 2's checkpoint, the same `flwr run` again, and an uninterrupted run
+    _run_readme_app(tmp_path, "killed", {"config": str(config), "data-dir": str(data_dir), "out": str(killed)},
+                    kill_after_round=2)
+    resumed_log = _run_readme_app(tmp_path, "resumed", {"config": str(config), "data-dir": str(data_dir),
+                                                       "out": str(killed)})
+    log = _run_readme_app(tmp_path, "whole", {"config": str(config), "data-dir": str(data_dir), "out": str(whole)})
+    # Assert: Strategy.start ran fedhead's strategy with central evaluation at rounds 0, 2 and 3 and the tail
+    # average, and the app saved a trained adapter
+    assert "Starting FedHeadStrategy strategy" in log and "fedhead: selection loss_gap" in log, log[-6000:]
+    assert "[ROUND 3/3]" in log and "dropped" not in log  # both nodes trained in every round
+    assert "resuming" in resumed_log and "after round 2: rounds 3 to 3 to go" in resumed_log, resumed_log[-6000:]
+    a, b = _metrics(killed), _metrics(whole)
+    assert [m["round"] for m in a] == [m["round"] for m in b] == [0, 1, 2, 3]
+    assert [sorted(k for k in m if k in ("accuracy", "eval_loss")) for m in b] == [["accuracy", "eval_loss"], [],
+                                                                                ["accuracy", "eval_loss"],
+                                                                                ["accuracy", "eval_loss"]]
+    for x, y in zip(a, b, strict=True):
+        assert x.get("selected") == y.get("selected") and x.get("bytes_up") == y.get("bytes_up")
+        assert np.allclose(x.get("eval_loss", 0.0), y.get("eval_loss", 0.0), rtol=1e-4, atol=1e-6)
+    assert "tail_average_accuracy" in b[-1] and "tail_average_accuracy" in a[-1]
+    assert np.isclose(a[-1]["tail_average_eval_loss"], b[-1]["tail_average_eval_loss"], rtol=1e-4, atol=1e-6)
+    ka, kb = (decode_state((d / "checkpoint.safetensors").read_bytes()) for d in (killed, whole))
+    assert ka.keys() == kb.keys() and all(torch.allclose(ka[k], kb[k], rtol=1e-4, atol=1e-6) for k in ka)
+    trained = decode_state((whole / "adapter" / "adapter_model.safetensors").read_bytes())
     assert any("lora_B" in k and bool(v.abs().sum() > 0) for k, v in trained.items())  # B starts at zero
+    assert (killed / "adapter" / "adapter_model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------ slow: a loopback deployment

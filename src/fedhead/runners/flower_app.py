@@ -53,6 +53,7 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import State
 from fedhead.loop import Simulation, drive_rounds
 from fedhead.models import UnsupportedModelError
+from fedhead.runners.flower_start import route_fedhead_logs_through_flower
 from fedhead.runners.flower_strategy import FedHeadStrategy
 from fedhead.runners.run_dir import RunDir
 
@@ -133,21 +134,9 @@ class OneLineRefusal(logging.Filter):
         return True
 
 
-class ThroughFlower(logging.Handler):
-    """Hands fedhead's log records (resume, damaged checkpoints, ...) to Flower's logger, which shows them under
-    `flwr run --stream` and in the SuperLink's log."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        log.handle(record)
-
-
 def show_fedhead_logs_through_flower() -> None:
     """fedhead's INFO and higher records through Flower's logger, once each; refusals in one line."""
-    fedhead_log = logging.getLogger("fedhead")
-    if not any(isinstance(h, ThroughFlower) for h in fedhead_log.handlers):
-        fedhead_log.addHandler(ThroughFlower())
-    fedhead_log.setLevel(logging.INFO)
-    fedhead_log.propagate = False
+    route_fedhead_logs_through_flower()
     if not any(isinstance(f, OneLineRefusal) for f in log.filters):
         log.addFilter(OneLineRefusal())
 

@@ -17,6 +17,7 @@ user's `evaluate_fn`, the devices keep their own error-feedback residuals, and t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from fedhead.federated.state import State, load_state_
 from fedhead.models import LoadedModel
 from fedhead.runners.run_dir import RunDir
 
+log = logging.getLogger("flwr")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 TRAIN_TOTALS = ("bytes_down", "bytes_up", "train_flops", "scoring_flops")
 
@@ -117,3 +119,21 @@ def central_evaluation(lm: LoadedModel, data: datasets.Dataset, cfg: Config) -> 
                            generation=cfg.generation)
         return MetricRecord({name: value for name, value in metrics.items()})
     return evaluate_fn
+
+
+class ThroughFlower(logging.Handler):
+    """Hands fedhead's log records (resume, damaged checkpoints, ...) to Flower's logger, which shows them under
+    `flwr run --stream` and in the SuperLink's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.handle(record)
+
+
+def route_fedhead_logs_through_flower() -> None:
+    """fedhead's INFO and higher records through Flower's logger, once each (a ServerApp's own lines reach the
+    user only through Flower's logger)."""
+    fedhead_log = logging.getLogger("fedhead")
+    if not any(isinstance(h, ThroughFlower) for h in fedhead_log.handlers):
+        fedhead_log.addHandler(ThroughFlower())
+    fedhead_log.setLevel(logging.INFO)
+    fedhead_log.propagate = False

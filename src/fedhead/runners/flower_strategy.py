@@ -2,17 +2,14 @@
 aggregation, server optimisers and DP by `fedhead.federated.server` (`plan_round` in configure_train,
 `close_round` in aggregate_train), over Flower messages.
 
-Use it as flwr's `FedAvg` is used, from `strategy.start(grid=..., initial_arrays=..., num_rounds=...,
-evaluate_fn=...)` in a ServerApp, with `fedhead.runners.flower_client.train_reply` in the ClientApp (README,
-"Your own Flower app"). Either way fedhead's run loop (`fedhead.loop.drive_rounds`) drives `run_round`
-(configure_train, the messages, aggregate_train) with checkpoints, resume, the evaluation cadence and the tail
-average: `start` with the user's `evaluate_fn` (`flower_start`), fedhead's ServerApp (`fedhead run --engine flower`,
-deployments) with the model and data it loads (`flower_app.serve`).
+Use it as flwr's `FedAvg` is, from `strategy.start(...)` in a ServerApp with `flower_client.train_reply` in the
+ClientApp (README, "Your own Flower app"). Either way fedhead's run loop (`fedhead.loop.drive_rounds`) drives
+`run_round` with checkpoints, resume, the evaluation cadence and the tail average: `start` with the user's
+`evaluate_fn` (`flower_start`), fedhead's ServerApp with the model and data it loads (`flower_app.serve`).
 
 Arrays in and out are the global trainable state as an `ArrayRecord` of named tensors (LoRA adapters and the task
-head: `ArrayRecord(trainable_state(model))`, `result.arrays.to_torch_state_dict()`). What travels to and from the
-nodes is fedhead's own safetensors payload (`flower_client.payload_record`), so the bytes recorded are those of
-the real messages.
+head). What travels to and from the nodes is fedhead's own safetensors payload (`flower_client.payload_record`),
+so the bytes recorded are those of the real messages.
 """
 
 from __future__ import annotations
@@ -42,7 +39,13 @@ from fedhead.models import HeadLayout
 from fedhead.runners.flower_client import failure, payload_record, send_and_receive
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
 from fedhead.runners.flower_replies import decode_train_reply, replies_by_node
-from fedhead.runners.flower_start import EvaluateFn, StartedRun, round_totals, started_config
+from fedhead.runners.flower_start import (
+    EvaluateFn,
+    StartedRun,
+    round_totals,
+    route_fedhead_logs_through_flower,
+    started_config,
+)
 from fedhead.runners.run_dir import RunDir
 from fedhead.seeds import failure_draws
 
@@ -127,6 +130,7 @@ class FedHeadStrategy(Strategy):
         self.cfg, self.round_timeout = started_config(self.cfg, num_rounds), timeout
         self.config_json = self.cfg.model_dump_json()
         run = StartedRun(self.cfg, initial_arrays.to_torch_state_dict(), evaluate_fn)
+        route_fedhead_logs_through_flower()
         log.info("Starting %s strategy:", type(self).__name__)
         self.summary()
 
