@@ -6,15 +6,16 @@ a small device should run").
                                                 # tokens), time; docs/results/budget_costs.json
     python bench/budget.py table                # docs/results/budget.md from the costs and the frontier's records
 
-**Costs** are one controlled measurement, not the runs' own logs: one process builds every row's model and runs
-the same client's round (client 0 of seed 0, round 1, from each row's initial global state) for each row in turn,
-`--repeats` times. Training FLOPs (torch's flop counter, eager attention), the upload (the serialised update's
-bytes) and the peak training memory (the bytes autograd keeps for the backward, the largest recomputed layer
-under checkpointing, a gradient and AdamW's two moments per trainable value) are exact and deterministic; round
-and step times are medians, good to about 0.1x. Memory is also measured at 256 tokens: each row of the client's
-data repeated to 256 real tokens (no padding), one pass. Memory ratios are given against dense with eager
-attention (what every row trains with) and against dense with `sdpa` (the best kernel for training memory; its
-FLOPs are not counted on the CPU, so no FLOP ratio is given for sdpa rows).
+**Costs** are one controlled measurement (`measure_costs` in bench/frontier_costs.py, shared with `frontier.py
+costs`), not the runs' own logs: one process builds every row's model and runs the same client's round (client 0 of
+seed 0, round 1, from each row's initial global state) for each row in turn, `--repeats` times. Training FLOPs
+(torch's flop counter, eager attention), the upload (the serialised update's bytes) and the peak training memory
+(the bytes autograd keeps for the backward, the largest recomputed layer under checkpointing, a gradient and AdamW's
+two moments per trainable value) are exact and deterministic; round and step times are medians, good to about 0.1x.
+Memory is also measured at 256 tokens: each row of the client's data repeated to 256 real tokens (no padding), one
+pass. Memory ratios are given against dense with eager attention (what every row trains with) and against dense with
+`sdpa` (the best kernel for training memory; its FLOPs are not counted on the CPU, so no FLOP ratio is given for
+sdpa rows).
 
 **Accuracy** comes from the frontier's records (bench/frontier.py: 60 rounds, 3 seeds, all 9,815 pairs, the mean
 of the last 5 rounds' global models, paired with dense of the same seed) when a row has them, else from its
@@ -25,17 +26,12 @@ checkpointing alone, `EXACT`) takes dense's accuracy: tests/test_levers.py shows
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
-import statistics
-import time
 from typing import Any
 
 from common import ROOT
-from frontier import BASE, PROTOCOL, RESULTS, ROWS, frontier_rows
-
-from fedhead.config import load_config
+from frontier import RESULTS, ROWS, frontier_rows
+from frontier_costs import measure_costs
 
 COSTS = ROOT / "docs" / "results" / "budget_costs.json"
 SCREEN = RESULTS.parent / "screen30"
@@ -52,65 +48,6 @@ BUDGETS = (("upload", 2.0), ("upload", 5.0), ("upload", 10.0), ("train_flops", 1
            ("memory", 2.0), ("memory", 3.0), ("memory_256", 2.0), ("memory_256", 3.0))
 NAMES = {"upload": "upload", "train_flops": "training FLOPs", "memory": "peak training memory (64 tokens)",
          "memory_256": "peak training memory (256 tokens)"}
-
-
-def _to_tokens(data, length: int):
-    """Each row's own tokens repeated to exactly `length` real tokens (no padding): a client's data at `length`."""
-    def stretch(row: dict[str, Any]) -> dict[str, Any]:
-        reps = -(-length // len(row["input_ids"]))
-        out = {key: (value * reps)[:length] for key, value in row.items() if isinstance(value, list)}
-        return {**row, **out}
-    return data.map(stretch)
-
-
-def measure(rows: list[str], repeats: int, threads: int, client: int = 0, seed: int = 0) -> dict[str, Any]:
-    """Each row's client round (see the module docstring): FLOPs, upload bytes, memory at 64 and 256 tokens, time."""
-    import torch
-
-    from fedhead.federated.client import client_update
-    from fedhead.federated.payload import encode_update
-    from fedhead.federated.state import trainable_state
-    from fedhead.models import build_model
-    from fedhead.runners.local import Simulation
-
-    base = load_config(BASE, {**PROTOCOL, "seed": seed, "threads": threads})
-    sim = Simulation.setup(base)
-    data = sim.client_data(client)
-    long_data = _to_tokens(data, 256)
-    built = {}
-    for row in rows:
-        cfg = load_config(BASE, {**ROWS[row], **PROTOCOL, "seed": seed, "threads": threads})
-        lm = build_model(cfg, sim.data.num_labels, sim.lm.tokenizer)
-        built[row] = (cfg, lm, trainable_state(lm.model))
-    seconds: dict[str, list[float]] = {row: [] for row in rows}
-    step: dict[str, list[float]] = {row: [] for row in rows}
-    out: dict[str, dict[str, Any]] = {}
-    for repeat in range(repeats + 1):  # the first pass warms up and is not timed
-        for row in rows:
-            cfg, lm, state = built[row]
-            start = time.perf_counter()
-            update = client_update(lm, state, data, cfg, client, 1)
-            elapsed = time.perf_counter() - start
-            out[row] = {"train_flops": int(update.stats["train_flops"]), "steps": int(update.stats["steps"]),
-                        "bytes_up": len(encode_update(update)), "peak_memory_bytes": int(update.stats[
-                            "peak_memory_bytes"]), "attention": cfg.model.attn_implementation}
-            if repeat:
-                seconds[row].append(elapsed)
-                step[row].append(update.timings["train_seconds"] / update.stats["steps"])
-        print(f"  costs: pass {repeat} of {repeats} done", flush=True)
-    for row in rows:  # one row at a time, its model let go after (21 models and 256-token steps ran out of 24 GiB)
-        cfg, lm, state = built.pop(row)
-        out[row]["peak_memory_bytes_256"] = int(client_update(lm, state, long_data, cfg, client, 1)
-                                                .stats["peak_memory_bytes"])
-        out[row]["client_round_seconds_median"] = statistics.median(seconds[row])
-        out[row]["client_step_seconds_median"] = statistics.median(step[row])
-        print(f"  {row}: {out[row]}", flush=True)
-        del cfg, lm, state
-        gc.collect()
-    return {"protocol": {"client": client, "round": 1, "seed": seed, "examples": len(data), "repeats": repeats,
-                         "threads": threads, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-                         "processor": platform.processor() or platform.platform()},
-            "rows": out}
 
 
 def ratios(costs: dict[str, Any], row: str) -> dict[str, float | None]:
@@ -279,7 +216,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "costs":
         rows = ["dense", *[r for r in args.rows if r != "dense"]]
-        measured = measure(rows, args.repeats, args.threads)
+        measured = measure_costs(rows, args.repeats, args.threads, long_tokens=256)
         if COSTS.exists():  # rows measured before keep their exact counts; their times are rescaled by the
             old = json.loads(COSTS.read_text())  # ratio of the two batches' dense times (each ratio is in-batch)
             scale = {key: measured["rows"]["dense"][key] / old["rows"]["dense"][key]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
+import tomli_w
 
-from tests.conftest import load_bench
+from tests.conftest import MNLI_EVAL, MNLI_TRAIN, load_bench
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,37 @@ def test_measuring_costs_of_new_rows_keeps_the_old_rows_on_the_new_batchs_scale(
     replaced = frontier.merge_costs(old, batch({"dense": 30.0}, client=3))  # another client: not comparable
     assert set(replaced["rows"]) == {"dense"}
 
+
+
+def test_one_cost_measurement_serves_the_frontier_and_the_budget(frontier, tiny_bert_dir, tmp_path, monkeypatch):
+    # Prepare: the frontier's base config on the tiny BERT (a client round of 2 local steps at batch 8)
+    base = tmp_path / "tiny_base.toml"
+    base.write_text(tomli_w.dumps({
+        "model": {"name": tiny_bert_dir, "max_length": 64},
+        "data": {"train": str(MNLI_TRAIN), "eval": str(MNLI_EVAL), "train_size": 240, "eval_size": 64},
+        "partition": {"method": "dirichlet", "alpha": 1.0, "num_clients": 6},
+        "federated": {"clients_per_round": 3, "local_steps": 2, "batch_size": 8},
+        "heads": {"samples": 8}}))
+    monkeypatch.setattr(sys.modules["frontier_costs"], "BASE", base)
+    budget = load_bench("budget")
+
+    # Execute
+    measured = frontier.measure_costs(["dense", "remove-0.9"], repeats=1, threads=1, long_tokens=128)
+    kept = frontier.frontier_costs(measured)
+
+    # Assert: `budget.py costs` and `frontier.py costs` measure with the same function
+    assert budget.measure_costs is frontier.measure_costs
+    assert measured["protocol"]["client"] == 0 and measured["protocol"]["round"] == 1
+    dense, remove = measured["rows"]["dense"], measured["rows"]["remove-0.9"]
+    assert list(measured["rows"]) == ["dense", "remove-0.9"] and dense["steps"] == remove["steps"] == 2
+    assert remove["train_flops"] < dense["train_flops"] and remove["bytes_up"] < dense["bytes_up"]
+    assert dense["peak_memory_bytes_128"] > dense["peak_memory_bytes"] > remove["peak_memory_bytes"]
+    assert dense["client_round_seconds_median"] > 0 and dense["attention"] == "eager"
+    # the frontier's file keeps its three columns, as before the budget shared the measurement
+    assert kept["protocol"] == measured["protocol"]
+    assert kept["rows"]["remove-0.9"] == {key: remove[key] for key in
+                                          ("client_round_seconds_median", "client_step_seconds_median",
+                                           "peak_memory_bytes")}
 
 def test_the_readme_copy_keeps_only_the_protocol_rows(frontier, tmp_path):
     for row in ("dense", "sparse-0.9", "dense-freeze_a"):
