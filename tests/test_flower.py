@@ -7,6 +7,7 @@ only and is stopped by its pid (its session) in a finally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -301,6 +302,35 @@ def test_coverage_schedule_counts_travel_with_the_train_messages(tiny_bert_dir, 
     assert int(counts.max() - counts.min()) <= 2
 
 
+def test_strategy_start_drops_the_in_process_engines_clients_evaluates_on_its_cadence_and_refuses_eval_pruned(
+        tiny_bert_dir, tmp_path, task_identity):
+    # Prepare: simulated dropouts (robust.dropout_probability), evaluation every 2 of 3 rounds; the same run on the
+    # in-process engine; partition nodes over the server's own data
+    cfg = tiny_config(tiny_bert_dir, tmp_path, partition={"num_clients": 3}, robust={"dropout_probability": 0.5},
+                      federated={"clients_per_round": 3, "rounds": 3, "eval_every": 2, "local_steps": 1})
+    local = run_simulation(cfg, tmp_path / "local")
+    sim = Simulation.setup(cfg)
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0, run_dir=tmp_path / "start")
+    grid = LoopGrid(client_app, {10 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)})
+    # Execute
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=3,
+                            evaluate_fn=central_evaluation(sim.lm, sim.data.eval, cfg))
+    # Assert: the same clients drop out in each round, the same evaluations, the run directory of a run
+    a, b = _metrics(tmp_path / "local"), _metrics(tmp_path / "start")
+    dropped = [sorted(f["client"] for f in m["failed"]) for m in a[1:]]
+    assert any(dropped) and dropped == [sorted(f["client"] for f in m["failed"]) for m in b[1:]]
+    assert all(f["reason"] == "dropped out (simulated failure)" for m in b[1:] for f in m["failed"])
+    assert [m.get("selected") for m in a] == [m.get("selected") for m in b]
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 2, 3] and "accuracy" not in b[1]
+    assert np.isclose(result.evaluate_metrics_serverapp[3]["eval_loss"], a[3]["eval_loss"], rtol=1e-4)
+    assert local["rounds"] == 3 and (tmp_path / "start" / "summary.json").is_file()
+    # an option start cannot honour is refused before any round
+    pruned = tiny_config(tiny_bert_dir, tmp_path, heads={"sparsity": 0.5, "eval_pruned": 0.5})
+    with pytest.raises(ConfigError, match="heads.eval_pruned needs the model on the server"):
+        FedHeadStrategy(pruned, sim.lm.layout, node_wait=0.0).start(
+            grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=1)
+
+
 class DyingNodeGrid(LoopGrid):
     """A LoopGrid whose node `dead` is gone from round `from_round` on: its messages are answered as Flower's
     SuperLink answers those of a node that stopped sending heartbeats (with Flower's own function)."""
@@ -557,6 +587,16 @@ def readme_flower_app() -> str:
     return text[start:text.index("```", start)]
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (the SuperLink starts the simulation in a session of its own)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+
+
 def _run_readme_app(tmp_path: Path, name: str, run_config: dict, kill_after_round: int | None = None) -> str:
     """`flwr run` of the README's app (tmp_path/app) on Flower's simulation engine with two simulated SuperNodes,
     in a SuperLink of its own; with `kill_after_round`, the SuperLink and everything it started are killed
@@ -585,7 +625,7 @@ def _run_readme_app(tmp_path: Path, name: str, run_config: dict, kill_after_roun
                     if found is not None and found[2]["round"] >= kill_after_round:
                         break
                     time.sleep(0.05)
-                os.killpg(link.pid, signal.SIGKILL)  # the SuperLink and the simulation it runs, mid-round
+                _kill_tree(link.pid)  # the SuperLink and the simulation it runs (its own session), mid-round
                 assert found is not None and found[2]["round"] == kill_after_round, "killed too late"
         finally:
             fe.stop(run)
