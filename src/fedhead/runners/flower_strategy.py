@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedhead.config import Config
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.federated.payload import encode_state
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import Reply, RoundPlan, close_round, plan_round
