@@ -15,7 +15,7 @@ from frontier_protocol import BASE, CONVERGENCE_ROUNDS, PROTOCOL, PROTOCOL_ROWS,
 from frontier_records import load_records, make_record, record_path
 
 from fedhead.config import load_config
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.runners.local import run_simulation
 from fedhead.runners.run_dir import RunDir
 

@@ -39,7 +39,7 @@ from common import ROOT, load_finished_run
 from fedhead.data.batching import batches_of, collate
 from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.heads.importance import score_heads
 from fedhead.heads.pruning import kept_heads_mask
 from fedhead.models.slicing import prune_heads_

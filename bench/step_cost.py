@@ -96,8 +96,8 @@ def time_steps(model, batch, warmup: int, repeats: int) -> tuple[float, int | No
 
 
 def memory(model, batch) -> int:
-    """Peak training memory of one step as the client reports it (fedhead.federated.client.train_local): the
-    bytes autograd saves for the backward (activations) + a gradient and AdamW's two moments per trainable value.
+    """Peak training memory of one step as the client reports it (fedhead.federated.local_training.train_local):
+    the bytes autograd saves for the backward (activations) + a gradient and AdamW's two moments per trainable value.
     In training mode, as a client trains: dropout keeps its masks for the backward."""
     model.train()
     with saved_activation_bytes(model) as saved:

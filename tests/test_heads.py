@@ -3,8 +3,10 @@ import copy
 import pytest
 import torch
 
+from fedhead.config import HeadsSection
 from fedhead.heads import head_confidence, kept_heads_mask, score_heads
 from fedhead.heads.importance import real_token_mask
+from fedhead.heads.plan import head_plan
 from fedhead.heads.pruning import consensus_heads_mask, heads_to_keep, sampled_scores
 from fedhead.models import head_map_for
 from fedhead.models.head_map import UnsupportedModelError
@@ -52,6 +54,33 @@ def test_heads_to_keep_and_masks():
     assert floor.tolist() == [[True, False, False, False], [False, False, False, True]]
     per_block = kept_heads_mask(scores, 0.5, scope="per_block")
     assert per_block.tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+# head_plan's table on one block of 4 heads ranked 0 > 1 > 2 > 3 where the client keeps head 3 only (as a
+# schedule may), at sparsity 0.75 and compute_sparsity 0.5: top(0.5) = heads {0, 1}; (computed, side) by mode
+PLAN_ROWS = {
+    "remove": ({}, [0, 0, 0, 1], [0, 0, 0, 0]),
+    "train_sparse": ({}, [1, 1, 1, 1], [0, 0, 0, 0]),
+    "sparse_backward": ({}, [0, 0, 0, 1], [1, 1, 1, 0]),
+    "mixed": ({}, [1, 1, 0, 1], [0, 0, 0, 0]),
+    "mixed_no_grad": ({"mode": "mixed", "frozen_autograd": False}, [0, 0, 0, 1], [1, 1, 0, 0]),
+    "mixed_removes_all_pruned": ({"mode": "mixed", "compute_sparsity": 0.75}, [0, 0, 0, 1], [0, 0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("row", sorted(PLAN_ROWS))
+def test_head_plan_follows_its_table(row):
+    # Prepare
+    options, computed, side = PLAN_ROWS[row]
+    heads = HeadsSection(**{"mode": row, "sparsity": 0.75, "compute_sparsity": 0.5, "scope": "per_block", **options})
+    ranking = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    kept = torch.tensor([[False, False, False, True]])
+    # Execute
+    plan = head_plan(heads, 0.75, kept, ranking)
+    # Assert
+    assert torch.equal(plan.kept, kept)
+    assert plan.computed.int().tolist() == [computed], "computed"
+    assert plan.side.int().tolist() == [side], "side"
 
 
 def test_consensus_keeps_the_most_often_kept_heads_ties_by_mean_score():

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fedhead.cli import app
 from fedhead.config import ConfigError
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.models import build_model
 from fedhead.models.loading import is_adapter_parameter
 from fedhead.runners.local import Simulation, run_simulation

@@ -275,7 +275,7 @@ def test_power_of_choice_scores_candidates_on_its_own_sample(sim):
     from flwr.app import Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedhead.federated.client import evaluate
+    from fedhead.federated.evaluation import evaluate
     from fedhead.federated.payload import encode_state
     from fedhead.runners.flower_client import evaluate_reply, payload_record
 

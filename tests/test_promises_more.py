@@ -378,7 +378,7 @@ def test_beam_search_reaches_generate(tmp_path):
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     from fedhead.config import GenerationSection, config_from_dict
-    from fedhead.federated.client import generate_texts
+    from fedhead.federated.evaluation import generate_texts
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT.parent / "shared/models/t5-small-tokenizer")
     torch.manual_seed(0)

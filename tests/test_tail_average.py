@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fedhead.cli import app
 from fedhead.config import ConfigError
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.federated.payload import decode_state
 from fedhead.federated.state import load_state_
 from fedhead.federated.tail_average import PREFIX, TailAverage

@@ -40,7 +40,7 @@ from fedhead.data.generation import check_fields as check_generation_fields
 from fedhead.data.generation import encode_evaluation, render_inputs
 from fedhead.data.loading import DataError, check_fields, label_names_of, load_records, tokenize_split
 from fedhead.federated.accounting import count_flops
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.models.loading import device_of
 from fedhead.models.slicing import prune_heads_
 from fedhead.trained import TrainedRun, consensus_mask_of_run, load_trained
@@ -200,8 +200,8 @@ def _classification(run: TrainedRun, records: datasets.Dataset, source: str, lab
 def _generation(run: TrainedRun, records: datasets.Dataset, source: str, label_map: LabelMap,
                 batch_size: int) -> tuple[datasets.Dataset, Scorer]:
     """The encoded records and the function scoring a model on them: the run loop's evaluation
-    (`federated.client.evaluate`), references from the label sets (text-to-text classification) or the target
-    field."""
+    (`fedhead.federated.evaluation.evaluate`), references from the label sets (text-to-text classification) or the
+    target field."""
     cfg = run.cfg
     if cfg.data.target_field is not None:
         if label_map:

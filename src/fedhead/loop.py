@@ -32,7 +32,7 @@ import torch
 from fedhead.config import Config, ConfigError
 from fedhead.data import label_histograms, partition_indices
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import ServerOptions
 from fedhead.federated.server_optimizer import ServerOptimizer

@@ -26,7 +26,8 @@ from flwr.serverapp import Grid
 from fedhead.config import Config
 from fedhead.data.loading import DataError
 from fedhead.data.tasks import load_device_data
-from fedhead.federated.client import client_update, evaluate
+from fedhead.federated.client import client_update
+from fedhead.federated.evaluation import evaluate
 from fedhead.federated.payload import decode_state, encode_state, encode_update
 from fedhead.federated.state import load_state_
 from fedhead.loop import Simulation

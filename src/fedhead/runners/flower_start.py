@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
 from fedhead.config import Config, ConfigError
-from fedhead.federated.client import evaluate
+from fedhead.federated.evaluation import evaluate
 from fedhead.federated.state import State, load_state_
 from fedhead.models import LoadedModel
 from fedhead.runners.run_dir import RunDir
