@@ -19,7 +19,7 @@ The client time and memory columns come from `costs`, not from the runs' own tim
 cores here, so their wall-clock times measure the neighbour as much as the row): one process builds every row's
 client from the same global state and times the same client's round (scoring, 8 local steps, the post-round
 loss) for each row in turn, round-robin, `--repeats` times, and records the median round time, the median
-seconds per local step, and the peak training memory the client reports (fedhead.federated.client.train_local:
+seconds per local step, and the peak training memory the client reports (fedhead.federated.local_training.train_local:
 the bytes autograd saves for the backward, plus a gradient and AdamW's two moments per trainable value). Ratios
 are to dense in the same measurement (docs/results/frontier_costs.json). Measuring a few new rows adds them to
 the file: dense is measured again in every batch and the old rows' times are rescaled by it (merge_costs).

@@ -310,7 +310,8 @@ def test_strategy_start_drops_the_in_process_engines_clients_evaluates_on_its_ca
                       federated={"clients_per_round": 3, "rounds": 3, "eval_every": 2, "local_steps": 1})
     local = run_simulation(cfg, tmp_path / "local")
     sim = Simulation.setup(cfg)
-    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0, run_dir=tmp_path / "start")
+    strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0, run_dir=tmp_path / "start",
+                               known_sizes={c: len(p) for c, p in enumerate(sim.parts)})
     grid = LoopGrid(client_app, {10 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)})
     # Execute
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=3,
