@@ -46,8 +46,8 @@ from common import ROOT, load_finished_run
 
 from fedhead.config import load_config
 from fedhead.federated.client import evaluate
+from fedhead.run_dir import RunDir
 from fedhead.runners.local import run_simulation
-from fedhead.runners.run_dir import RunDir
 
 BASE = ROOT / "configs" / "paper_base.toml"
 # tail average of the last 5 rounds' global models: the model scored on the full set beside the last round's
@@ -206,7 +206,7 @@ def full_eval(run_dir: Path, tail_average: bool = False) -> dict[str, float]:
 def has_tail_average(run_dir: Path) -> bool:
     """Whether the run's last checkpoint holds a complete tail average."""
     checkpoint = RunDir(run_dir).load_checkpoint()
-    return checkpoint is not None and bool(checkpoint[1].get("tail_average", {}).get("complete"))
+    return checkpoint is not None and checkpoint.tail_averaged_state() is not None
 
 
 def learning_by_rounds(metrics: list[dict[str, Any]], rounds: int, width: int = 10) -> list[dict[str, Any]]:
@@ -232,7 +232,7 @@ def lora_a_row_norm(run_dir: Path) -> float | None:
     checkpoint = RunDir(run_dir).load_checkpoint()
     if checkpoint is None:
         return None
-    norms = [float(t.norm(dim=1).mean()) for k, t in checkpoint[0].items() if ".lora_A." in k and "/" not in k]
+    norms = [float(t.norm(dim=1).mean()) for k, t in checkpoint.state.items() if ".lora_A." in k]
     return statistics.mean(norms) if norms else None
 
 
