@@ -12,7 +12,7 @@ from typing import Any
 
 from frontier_protocol import RESULTS, RUNS
 
-from fedhead.runners.run_dir import RunDir
+from fedhead.run_dir import RunDir
 
 
 def record_path(row: str, seed: int, results: Path = RESULTS) -> Path:

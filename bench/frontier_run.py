@@ -16,8 +16,8 @@ from frontier_records import load_records, make_record, record_path
 
 from fedhead.config import load_config
 from fedhead.federated.evaluation import evaluate
+from fedhead.run_dir import RunDir
 from fedhead.runners.local import run_simulation
-from fedhead.runners.run_dir import RunDir
 
 
 def full_eval(run_dir: Path, tail_average: bool = False) -> dict[str, float]:

@@ -43,8 +43,8 @@ from fedhead.federated.evaluation import evaluate
 from fedhead.heads.importance import score_heads
 from fedhead.heads.pruning import kept_heads_mask
 from fedhead.models.slicing import prune_heads_
+from fedhead.run_dir import RunDir
 from fedhead.run_metrics import client_head_masks
-from fedhead.runners.run_dir import RunDir
 from fedhead.trained import consensus_mask_of_run
 
 RESULTS = ROOT / "docs" / "results" / "pruned_deployment"

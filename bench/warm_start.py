@@ -36,9 +36,8 @@ from frontier import RESULTS as FRONTIER_RECORDS
 from frontier import full_eval as score_on_every_pair
 
 from fedhead.config import load_config
+from fedhead.run_dir import RunDir
 from fedhead.runners.local import run_simulation
-from fedhead.runners.run_dir import RunDir
-from fedhead.trained import read_run_config
 
 RUNS = ROOT / "bench" / "results" / "warm_start"
 RESULTS = ROOT / "docs" / "results" / "warm_start"
@@ -56,7 +55,7 @@ def full_eval(run_dir: Path, tail_average: bool) -> dict[str, float]:
     """The finished warm-start run's last-round (or tail-averaged) global model on every evaluation pair, kept in
     the run folder so that a rerun does not score it again."""
     rd = RunDir(run_dir)
-    name = f"full_eval.r{read_run_config(run_dir).federated.rounds}{'.tail_average' if tail_average else ''}.json"
+    name = f"full_eval.r{rd.read_config().federated.rounds}{'.tail_average' if tail_average else ''}.json"
     if not (run_dir / name).exists():
         rd.write_json(name, score_on_every_pair(run_dir, tail_average))
     return rd.read_json(name)
@@ -64,7 +63,7 @@ def full_eval(run_dir: Path, tail_average: bool) -> dict[str, float]:
 
 def run_row(row: str, source: Path, rounds: int, pairs: int, threads: int) -> dict[str, Any]:
     """Continue `source`'s model for `rounds` rounds with `row`'s options; returns the row's record."""
-    seed = read_run_config(source).seed
+    seed = RunDir(source).read_config().seed
     overrides = {**ROWS[row], **PROTOCOL, "federated.rounds": rounds, "federated.eval_every": 5,
                  "data.eval_size": pairs, "seed": seed, "threads": threads, "model.init_from": str(source)}
     cfg = load_config(BASE, overrides)

@@ -39,6 +39,7 @@ from fedhead.federated.payload import decode_state
 from fedhead.federated.selection import ClientStats, select_among
 from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
+from fedhead.run_dir import RunDir
 from fedhead.runners import flower_engine as fe
 from fedhead.runners.flower_app import RunRefused, main, nodes_config
 from fedhead.runners.flower_client import (
@@ -54,7 +55,6 @@ from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTabl
 from fedhead.runners.flower_start import ThroughFlower, central_evaluation
 from fedhead.runners.flower_strategy import FedHeadStrategy
 from fedhead.runners.local import Simulation, run_simulation
-from fedhead.runners.run_dir import RunDir
 from fedhead.trained import starting_state
 from tests.conftest import MNLI_TRAIN, ROOT, tiny_config, write_tiny_toml
 
@@ -623,11 +623,11 @@ def _run_readme_app(tmp_path: Path, name: str, run_config: dict, kill_after_roun
                 run_dir, deadline = RunDir(run_config["out"]), time.monotonic() + 420
                 while time.monotonic() < deadline and run.poll() is None:
                     found = run_dir.newest_checkpoint() if (run_dir.path / "checkpoint.safetensors").exists() else None
-                    if found is not None and found[2]["round"] >= kill_after_round:
+                    if found is not None and found[1].round >= kill_after_round:
                         break
                     time.sleep(0.05)
                 _kill_tree(link.pid)  # the SuperLink and the simulation it runs (its own session), mid-round
-                assert found is not None and found[2]["round"] == kill_after_round, "killed too late"
+                assert found is not None and found[1].round == kill_after_round, "killed too late"
         finally:
             fe.stop(run)
     finally:

@@ -26,8 +26,8 @@ from fedhead.federated.state import trainable_state
 from fedhead.models.head_map import UnsupportedModelError, head_map_for
 from fedhead.models.loading import build_model, enable_activation_checkpointing_, load_tokenizer
 from fedhead.models.slicing import gather_kept, prune_heads_
+from fedhead.run_dir import RESIDUALS
 from fedhead.runners.local import Simulation, run_round, run_simulation
-from fedhead.runners.run_dir import RESIDUALS
 from tests.conftest import read_metrics, strip_timings, tiny_config
 
 

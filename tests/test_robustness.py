@@ -18,8 +18,8 @@ from fedhead.federated.privacy import dp_aggregate, epsilon_spent
 from fedhead.federated.validation import receive_update, screen_updates
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
+from fedhead.run_dir import CHECKPOINT, RunDir
 from fedhead.runners.local import run_simulation
-from fedhead.runners.run_dir import CHECKPOINT, RunDir
 from tests.conftest import ROOT, read_metrics, strip_timings, tiny_config, write_tiny_toml
 
 LAYOUT = HeadLayout(num_blocks=2, num_heads=2, head_dim=2, sliced={"qb": (0, 0), "oa": (1, 1)})
@@ -157,7 +157,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tiny_bert_dir, tmp_path):
     run_simulation(cfg, tmp_path / "c", stop_after=2)
     path = tmp_path / "c" / CHECKPOINT
     path.write_bytes(path.read_bytes()[:100])  # torn
-    assert RunDir(tmp_path / "c").load_checkpoint()[1]["round"] == 1
+    assert RunDir(tmp_path / "c").load_checkpoint().round == 1
     run_simulation(cfg, tmp_path / "c", resume=True)
     strip = strip_timings
     assert strip(read_metrics(tmp_path / "c")) == strip(read_metrics(tmp_path / "ref"))

@@ -14,7 +14,8 @@ from fedhead.config import ConfigError
 from fedhead.federated.evaluation import evaluate
 from fedhead.federated.payload import decode_state
 from fedhead.federated.state import load_state_
-from fedhead.federated.tail_average import PREFIX, TailAverage
+from fedhead.federated.tail_average import TailAverage
+from fedhead.run_dir import TAIL_AVERAGE
 from fedhead.runners.local import Simulation, run_simulation
 from fedhead.trained import load_trained
 from tests.conftest import MNLI_EVAL, read_metrics, strip_timings, tiny_config
@@ -29,11 +30,11 @@ def test_running_mean_over_the_window_only():
     assert tail.complete(5) and not tail.complete(6)
     mean = tail.mean(like)
     assert mean["w"].dtype == torch.float32 and torch.equal(mean["w"], torch.full((2,), 1.5))
-    sums, meta = tail.to_checkpoint()
-    again = TailAverage.from_checkpoint(sums, meta, rounds=5, window=2)
+    again = TailAverage.resumed(tail, rounds=5, window=2)  # a resumed run: the checkpoint's sum goes on
     assert torch.equal(again.mean(like)["w"], mean["w"]) and again.count == 2
-    moved = TailAverage.from_checkpoint(sums, meta, rounds=8, window=2)  # extended run: a new window, empty
+    moved = TailAverage.resumed(tail, rounds=8, window=2)  # extended run: a new window, empty
     assert moved.start == 7 and moved.count == 0
+    assert TailAverage.resumed(None, rounds=5, window=2).count == 0 and TailAverage.resumed(tail, 5, 0) is None
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_tail_average_is_the_mean_of_the_last_rounds_states(averaged_run):
     expected = evaluate(sim.lm.model, sim.data.eval, sim.lm.tokenizer, cfg.federated.eval_batch_size)
     run = load_trained(out / "run", tail_average=True)
     # Assert
-    assert any(k.startswith(PREFIX) for k in state_4)
+    assert any(k.startswith(TAIL_AVERAGE) for k in state_4)
     assert last["tail_average_eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-6)
     assert last["tail_average_accuracy"] == expected["accuracy"] == summary["tail_average_score"]
     params = dict(run.lm.model.named_parameters())

@@ -18,7 +18,7 @@ from fedhead.federated.payload import ClientUpdate
 from fedhead.federated.selection import ClientStats, Selection
 from fedhead.federated.server import Reply, ServerOptions, server_round
 from fedhead.federated.server_optimizer import ServerOptimizer
-from fedhead.runners.run_dir import RunDir
+from fedhead.run_dir import RunDir
 from tests.test_robustness import GLOBAL, LAYOUT, valid_update
 
 FULL = ((True, True), (True, True))

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedhead.config import Config, ConfigError, config_from_dict, config_reference, load_config
+from fedhead.config import Config, ConfigError, config_reference, load_config
 from fedhead.data.loading import DataError
 from fedhead.models.head_map import UnsupportedModelError
 from fedhead.run_metrics import TAIL
@@ -116,6 +116,8 @@ def run(
         help="Also write each round's scalars to RUN_DIR/tensorboard (needs fedhead[tensorboard]).")] = False,
 ) -> None:
     """Run a federated experiment; results go to OUT/RUN_NAME/."""
+    from fedhead.run_dir import RunDir
+
     run_simulation: Callable[..., dict[str, Any]]  # the engine: both take (cfg, run_dir, resume=, on_round=, ...)
     if engine == Engine.flower:
         from fedhead.runners.flower_engine import run_flower as run_simulation
@@ -125,20 +127,14 @@ def run(
     _setup_logging()
     try:
         if resume is not None:
-            if not (resume / "config.json").is_file():
-                raise ConfigError(f"{resume} is not a run directory (no config.json)")
+            resumed = RunDir(resume)
+            resumed.read_config_json()  # a folder without a readable config.json is refused before anything else
             others = _overrides(seed=seed, out=out, name=name, sparsity=sparsity, clients=clients,
                                 clients_per_round=clients_per_round, init_from=init_from)
             if config is not None or set_ or others:
                 raise ConfigError("--resume continues the run with its own config.json; only --rounds may be given "
                                   "with it (to extend a finished run)")
-            try:
-                stored = json.loads((resume / "config.json").read_text())
-                if rounds is not None:
-                    stored["federated"]["rounds"] = rounds
-            except (ValueError, TypeError, KeyError) as err:
-                raise ConfigError(f"{resume / 'config.json'} is damaged ({type(err).__name__}: {err})") from None
-            cfg = config_from_dict(stored)
+            cfg = resumed.read_config(rounds)
             run_dir = resume
         else:
             overrides = {**_parse_set(set_ or []), **_overrides(
@@ -234,7 +230,7 @@ def evaluate(
 ) -> None:
     """Score a run's trained global model on a dataset: one line per metric, and a JSON file."""
     from fedhead.evaluation import evaluate_run, parse_label_map
-    from fedhead.runners.run_dir import refuse_run_file
+    from fedhead.run_dir import refuse_run_file
 
     try:
         mapping = parse_label_map(label_map)
@@ -288,7 +284,7 @@ def heads(
 ) -> None:
     """Score the attention heads of the configured model on the configured data and draw a heat map."""
     from fedhead.heads_report import score_and_plot
-    from fedhead.runners.run_dir import refuse_run_file
+    from fedhead.run_dir import refuse_run_file
 
     try:
         cfg = load_config(config, {"heads.importance": method})

@@ -9,10 +9,10 @@ process, the Flower ServerApp (`runners/flower_app.py`) and `FedHeadStrategy.sta
 whose run context evaluates through the user's `evaluate_fn`) send messages to nodes; each hands `drive_rounds` a
 function that runs one round.
 
-Resuming: every round ends with an atomic checkpoint of the global state, the client statistics and the
-selection RNG. `resume=True` continues after the last checkpoint; because each client's randomness is
-derived from (seed, round, client), the resumed run ends with the same metrics as an uninterrupted one
-(timings aside).
+Resuming: every round ends with an atomic checkpoint (`fedhead.run_dir.Checkpoint`) of the global state, the
+server optimiser's moments, the clients' residuals, the client statistics, the selection RNG and the tail
+average. `resume=True` continues after the last checkpoint; because each client's randomness is derived from
+(seed, round, client), the resumed run ends with the same metrics as an uninterrupted one (timings aside).
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import ServerOptions
 from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, state_misfit, trainable_state
-from fedhead.federated.tail_average import TailAverage, without_tail_average
+from fedhead.federated.tail_average import TailAverage
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel
 from fedhead.models.headwise import is_headwise, standard_lora_
 from fedhead.models.loading import load_tokenizer
 from fedhead.models.slicing import prune_heads_
+from fedhead.run_dir import LABELS, PARTITION, SUMMARY, Checkpoint, RunDir
 from fedhead.run_metrics import client_head_masks, tail_mean
-from fedhead.runners.run_dir import RunDir, checkpoint_parts, checkpoint_tensors
 from fedhead.trained import build_run_model
 
 log = logging.getLogger("fedhead")
@@ -142,8 +142,8 @@ class Simulation:
         if is_headwise(model):
             model = copy.deepcopy(model)
             standard_lora_(model)
-        model.save_pretrained(str(rd.path / "adapter"))
-        (rd.path / "adapter" / "labels.json").write_text(json.dumps(self.data.label_names))
+        model.save_pretrained(str(rd.adapter_dir))
+        (rd.adapter_dir / LABELS).write_text(json.dumps(self.data.label_names))
 
     def evaluate_global(self) -> dict[str, float]:
         """Loss and the task's metrics of the model as loaded (the global model) on the evaluation set (nothing
@@ -224,34 +224,33 @@ def drive_rounds(
     window = cfg.federated.tail_average_rounds
     tail = TailAverage.for_run(cfg.federated.rounds, window)
     found = rd.newest_checkpoint() if resume else None
-    checkpoint = None if found is None else found[1:]
-    if resume and checkpoint is None:
+    if resume and found is None:
         log.warning("no checkpoint in %s: starting from round 1", rd.path)
     if found is not None:
-        path, saved, meta = found
-        state, sim.server_moments, sim.residuals = checkpoint_parts(without_tail_average(saved))
+        path, saved = found
+        state, sim.server_moments, sim.residuals = saved.state, saved.server_moments, saved.residuals
         misfit = state_misfit(state, sim.initial_state())
         if misfit is not None:
             raise ConfigError(f"the checkpoint of {rd.path} does not fit the run's config: {misfit}")
-        rd.accept_config(cfg, meta["round"], pinned=meta.get("config"))
-        rd.accept_metrics(meta["round"])
-        tail = TailAverage.from_checkpoint(saved, meta.get("tail_average"), cfg.federated.rounds, window)
-        stats = ClientStats.from_json(meta["client_stats"])
-        rng.bit_generator.state = meta["rng"]
-        first = meta["round"] + 1
-        rd.truncate_metrics(meta["round"])
+        rd.accept_config(cfg, saved.round, pinned=saved.config)
+        rd.accept_metrics(saved.round)
+        tail = TailAverage.resumed(saved.tail_average, cfg.federated.rounds, window)
+        stats = saved.client_stats
+        rng.bit_generator.state = saved.rng
+        first = saved.round + 1
+        rd.truncate_metrics(saved.round)
         to_go = (f"rounds {first} to {cfg.federated.rounds} to go" if first <= cfg.federated.rounds
                  else "no round to go (the summary is written again)")
-        log.info("resuming %s from %s after round %d: %s", rd.path, path.name, meta["round"], to_go)
+        log.info("resuming %s from %s after round %d: %s", rd.path, path.name, saved.round, to_go)
     else:
         rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite or resume)
-        (rd.path / "metrics.jsonl").unlink(missing_ok=True)
-        rd.write_json("partition.json", sim.partition_record())
+        rd.metrics_file.unlink(missing_ok=True)
+        rd.write_json(PARTITION, sim.partition_record())
         initial = sim.evaluate(state, 0)
         rd.append_metrics({"round": 0, **initial})
         if on_round:
             on_round({"round": 0, **initial})
-    if checkpoint is not None and first > cfg.federated.rounds:
+    if found is not None and first > cfg.federated.rounds:
         rd.commit_config(cfg)  # nothing left to run: the summary is rewritten below
     for round_ in range(first, cfg.federated.rounds + 1):
         state, metrics = round_fn(state, round_, rng, stats)
@@ -268,15 +267,12 @@ def drive_rounds(
         rd.append_metrics(metrics)
         if sim.brings_own_data:  # devices train on their own data: partition.json records the sizes they report
             record_reported_sizes(rd, metrics)
-        saved = checkpoint_tensors(state, sim.server_moments, sim.residuals)
-        meta = {"round": round_, "rng": rng.bit_generator.state, "client_stats": stats.to_json(),
-                "config": cfg.model_dump(mode="json")}  # pinned: a resume refuses a config.json edited since
-        if tail is not None:
-            sums, meta["tail_average"] = tail.to_checkpoint()
-            saved.update(sums)
-            meta["tail_average"]["complete"] = tail.complete(round_) and round_ == cfg.federated.rounds
-        rd.save_checkpoint(saved, meta)
-        if checkpoint is not None and round_ == first:
+        rd.save_checkpoint(Checkpoint(
+            round=round_, state=state, rng=dict(rng.bit_generator.state), client_stats=stats,
+            config=cfg.model_dump(mode="json"),  # pinned: a resume refuses a config.json edited since
+            server_moments=sim.server_moments, residuals=sim.residuals, tail_average=tail,
+            tail_average_complete=tail is not None and tail.complete(round_) and round_ == cfg.federated.rounds))
+        if found is not None and round_ == first:
             rd.commit_config(cfg)
         if on_round:
             on_round(metrics)
@@ -292,10 +288,10 @@ def record_reported_sizes(rd: RunDir, metrics: dict[str, Any]) -> None:
     reported = {str(c["client"]): c["num_examples"] for c in metrics.get("clients", []) if "num_examples" in c}
     if not reported:
         return
-    partition = rd.read_json("partition.json") if (rd.path / "partition.json").is_file() else {}
+    partition = rd.read_json(PARTITION) if rd.partition_file.is_file() else {}
     sizes = {**partition.get("reported_sizes", {}), **reported}
     partition["reported_sizes"] = dict(sorted(sizes.items(), key=lambda item: int(item[0])))
-    rd.write_json("partition.json", partition)
+    rd.write_json(PARTITION, partition)
 
 
 def evaluate_tail_average(sim: RunContext, tail: TailAverage, state: State) -> dict[str, Any]:
@@ -314,7 +310,7 @@ def _finish(sim: RunContext, state: State, rd: RunDir, seconds: float) -> dict[s
     sim.save_model(state, rd)
     summary = summarize(rd.metrics(), sim.cfg.metric)
     summary["seconds_total_last_session"] = seconds
-    rd.write_json("summary.json", summary)
+    rd.write_json(SUMMARY, summary)
     return summary
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fedhead.run_metrics import TAIL, headline_metric, read_metrics, tail_mean
-from fedhead.runners.run_dir import refuse_run_file
+from fedhead.config import ConfigError
+from fedhead.run_dir import CONFIG, METRICS, RunDir, refuse_run_file
+from fedhead.run_metrics import TAIL, headline_metric, tail_mean
 
 
 class ReportError(ValueError):
@@ -36,23 +37,27 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> Run:
-        if not (path / "metrics.jsonl").is_file() or not (path / "config.json").is_file():
-            raise ReportError(f"{path} is not a run directory (config.json and metrics.jsonl needed)")
+        rd = RunDir(path)
+        if not rd.metrics_file.is_file() or not rd.config_file.is_file():
+            raise ReportError(f"{path} is not a run directory ({CONFIG} and {METRICS} needed)")
         try:
-            config = json.loads((path / "config.json").read_text())
-            lines = read_metrics(path / "metrics.jsonl")
+            config = rd.read_config_json()  # not validated: a run of an older fedhead is reported as it ran
+        except ConfigError as err:
+            raise ReportError(str(err)) from None
+        try:
+            lines = rd.metrics()
         except (ValueError, UnicodeError) as err:
             raise ReportError(f"{path}: unreadable run files ({type(err).__name__}: {err})") from None
-        if not isinstance(config, dict) or not all(isinstance(config.get(s), dict) for s in CONFIG_SECTIONS):
-            raise ReportError(f"{path}/config.json is not a fedhead config")
+        if not all(isinstance(config.get(s), dict) for s in CONFIG_SECTIONS):
+            raise ReportError(f"{rd.config_file} is not a fedhead config")
         for number, line in enumerate(lines, 1):
             problem = _metrics_line_problem(line)
             if problem is not None:
-                raise ReportError(f"{path}/metrics.jsonl line {number} is not a fedhead metrics line: {problem}")
+                raise ReportError(f"{rd.metrics_file} line {number} is not a fedhead metrics line: {problem}")
         rounds = [m for m in lines if m["round"] > 0]
         if not rounds:
             held = "is empty" if not lines else "holds only round 0 (the initial evaluation)"
-            raise ReportError(f"{path} has no finished round to report: its metrics.jsonl {held}")
+            raise ReportError(f"{path} has no finished round to report: its {METRICS} {held}")
         initial = next((m for m in lines if m["round"] == 0), {})
         return cls(path, config, rounds, initial)
 

@@ -17,21 +17,19 @@ as metrics.jsonl records them.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedhead.config import Config, ConfigError, config_from_dict
+from fedhead.config import Config, ConfigError
 from fedhead.federated.state import State, load_state_, state_misfit, trainable_state
-from fedhead.federated.tail_average import tail_average_of_checkpoint, without_tail_average
 from fedhead.heads.pruning import consensus_heads_mask
 from fedhead.models import LoadedModel, build_model
 from fedhead.models.loading import is_adapter_parameter, load_tokenizer
+from fedhead.run_dir import RunDir
 from fedhead.run_metrics import client_head_masks
-from fedhead.runners.run_dir import CHECKPOINT, RunDir, checkpoint_parts
 
 
 @dataclass
@@ -50,20 +48,6 @@ class TrainedRun:
     path: Path
 
 
-def read_run_config(run_dir: str | Path) -> Config:
-    """The config.json of a run directory; ConfigError with one line when it is missing or damaged."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such run directory")
-    file = path / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"{path} is not a run directory (no config.json)")
-    try:
-        return config_from_dict(json.loads(file.read_text()))
-    except (ValueError, UnicodeError) as err:
-        raise ConfigError(f"{file} is damaged ({type(err).__name__}: {' '.join(str(err).split())})") from None
-
-
 def load_trained(run_dir: str | Path, device: str | None = None, tail_average: bool | None = False) -> TrainedRun:
     """Rebuild the global model of `run_dir` from its config and last checkpoint (see the module docstring).
 
@@ -78,24 +62,18 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
             tail_average) a run that has no complete tail average.
     """
     path = Path(run_dir)
-    cfg = read_run_config(path)
+    rd = RunDir(path)
+    cfg = rd.read_config()
     if device is not None:
         cfg = cfg.model_copy(update={"device": device})
-    rd = RunDir(path)
-    try:
-        label_names = [str(n) for n in rd.read_json("partition.json")["label_names"]]
-    except FileNotFoundError:
-        raise ConfigError(f"{path} has no partition.json: the run never started") from None
-    except (ValueError, UnicodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path / 'partition.json'} is damaged ({type(err).__name__}: {err})") from None
+    label_names = rd.read_label_names()
     checkpoint = rd.load_checkpoint()
     if checkpoint is None:
-        raise ConfigError(f"{path} has no readable checkpoint (checkpoint.safetensors): the run has not finished "
-                          "a round")
-    saved, meta = checkpoint
-    state = checkpoint_parts(without_tail_average(saved))[0]
+        raise ConfigError(f"{path} has no readable checkpoint ({rd.checkpoint_file.name}): the run has not "
+                          "finished a round")
+    state = checkpoint.state
     if tail_average is not False:
-        averaged = tail_average_of_checkpoint(saved, meta)
+        averaged = checkpoint.tail_averaged_state()
         if averaged is None and tail_average:
             raise ConfigError(f"{path} has no complete tail average: the run needs federated.tail_average_rounds "
                               "> 0 and to have finished its last round")
@@ -110,7 +88,7 @@ def load_trained(run_dir: str | Path, device: str | None = None, tail_average: b
                           f"{misfit}")
     load_state_(lm.model, state)
     lm.model.eval()
-    return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=int(meta["round"]), path=path)
+    return TrainedRun(cfg=cfg, lm=lm, label_names=label_names, round=checkpoint.round, path=path)
 
 
 def build_run_model(cfg: Config, num_labels: int = 0, tokenizer: PreTrainedTokenizerBase | None = None
@@ -140,7 +118,7 @@ def starting_state(run_dir: str | Path) -> State:
         ConfigError: `run_dir` is no run directory or has no checkpoint (`load_trained`).
     """
     path = Path(run_dir).resolve()
-    checkpoint = path / CHECKPOINT
+    checkpoint = RunDir(path).checkpoint_file
     return _starting_state(str(path), checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0)
 
 
@@ -175,7 +153,7 @@ def consensus_mask_of_run(run_dir: str | Path, sparsity: float, window: int = 5)
         raise ConfigError(f"pruned sparsity must be in (0, 1), got {sparsity}")
     if window < 1:
         raise ConfigError(f"the consensus window must be at least one round, got {window}")
-    read_run_config(run_dir)
+    RunDir(run_dir).read_config()
     kept, scores = client_head_masks(RunDir(run_dir).metrics(), window)
     if bool(kept.all()) and bool((scores == scores.flatten()[0]).all()):
         raise ConfigError(f"the client updates of the last {window} rounds kept every head and did not score them: "

@@ -9,18 +9,15 @@ run (Polyak-Ruppert averaging of the server's iterates; stochastic weight averag
 
 where theta_t is the global trainable state after round t and R = federated.rounds. It changes nothing in training
 (the clients always receive theta_t): it is a second, steadier model to deploy and to compare runs by. The running
-sum is kept in float64 and checkpointed with the state, so a resumed run ends with the same average; a run extended
-to more rounds starts a new window.
+sum is kept in float64 and checkpointed with the state (`fedhead.run_dir.Checkpoint`), so a resumed run ends with
+the same average; a run extended to more rounds starts a new window.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from fedhead.federated.state import State
-
-PREFIX = "tail_average/"  # prefix of the running sum's tensors in a checkpoint
 
 
 @dataclass
@@ -57,33 +54,13 @@ class TailAverage:
             raise ValueError("the tail average holds no round yet")
         return {name: (total / self.count).to(like[name].dtype) for name, total in self.total.items()}
 
-    def to_checkpoint(self) -> tuple[State, dict[str, Any]]:
-        """(tensors to save beside the state, under PREFIX; metadata for the checkpoint's meta)."""
-        return {PREFIX + k: v for k, v in self.total.items()}, {"start": self.start, "count": self.count}
-
     @classmethod
-    def from_checkpoint(cls, saved: State, meta: dict[str, Any] | None, rounds: int,
-                        window: int) -> TailAverage | None:
-        """The accumulator of a resumed run: the checkpoint's when it averages the same window, else a fresh one
-        (a run extended to more rounds has a new window; a checkpoint without a sum starts counting anew, and a
-        window it has already entered then stays incomplete)."""
+    def resumed(cls, saved: TailAverage | None, rounds: int, window: int) -> TailAverage | None:
+        """The accumulator of a resumed run of `rounds` rounds averaging its last `window`: the checkpoint's
+        (`saved`) when it averages the same window, else a fresh one (a run extended to more rounds has a new
+        window; a checkpoint without a sum starts counting anew, and a window it has already entered then stays
+        incomplete)."""
         fresh = cls.for_run(rounds, window)
-        if fresh is None or not meta or meta.get("start") != fresh.start:
+        if fresh is None or saved is None or saved.start != fresh.start:
             return fresh
-        total = {k[len(PREFIX):]: v.double() for k, v in saved.items() if k.startswith(PREFIX)}
-        return cls(start=fresh.start, count=int(meta["count"]), total=total)
-
-
-def without_tail_average(saved: State) -> State:
-    """A checkpoint's tensors less the tail average's running sum."""
-    return {k: v for k, v in saved.items() if not k.startswith(PREFIX)}
-
-
-def tail_average_of_checkpoint(saved: State, meta: dict[str, Any]) -> State | None:
-    """theta_bar from a checkpoint (its tensors and meta), or None when it holds no complete tail average."""
-    info = meta.get("tail_average")
-    if not info or not info.get("complete"):
-        return None
-    total = {k[len(PREFIX):]: v for k, v in saved.items() if k.startswith(PREFIX)}
-    like = {k: saved[k] for k in total}
-    return TailAverage(start=int(info["start"]), count=int(info["count"]), total=total).mean(like)
+        return cls(start=fresh.start, count=saved.count, total={k: v.double() for k, v in saved.total.items()})

@@ -53,9 +53,9 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.state import State
 from fedhead.loop import Simulation, drive_rounds
 from fedhead.models import UnsupportedModelError
+from fedhead.run_dir import RunDir
 from fedhead.runners.flower_start import route_fedhead_logs_through_flower
 from fedhead.runners.flower_strategy import FedHeadStrategy
-from fedhead.runners.run_dir import RunDir
 
 log = logging.getLogger("flwr")  # shown by `flwr run --stream` and in the SuperLink's log
 
@@ -83,11 +83,13 @@ def server_options(run_config: dict[str, Any]) -> tuple[Config, Path, bool, floa
     if not config and not run_dir:
         raise ConfigError("the run config needs config (a fedhead config file on the SuperLink machine) or run-dir "
                           "(a run directory with config.json)")
-    path = Path(config or Path(run_dir) / "config.json")
-    if not path.is_file():
-        raise ConfigError(f"config file not found on the SuperLink machine: {path.resolve()} (run config "
-                          f"{'config' if config else 'run-dir'})")
-    cfg = Config.model_validate_json(path.read_text()) if path.suffix == ".json" else load_config(path)
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found on the SuperLink machine: {path.resolve()} (run config config)")
+        cfg = Config.model_validate_json(path.read_text()) if path.suffix == ".json" else load_config(path)
+    else:  # the run directory's own config.json
+        cfg = RunDir(Path(run_dir).resolve()).read_config()
     path = Path(run_dir) if run_dir else Path(cfg.out) / (cfg.run_name or "run")
     return (cfg, path, resume, float(run_config.get("round-timeout", 3600.0)),
             float(run_config.get("node-wait", 600.0)))

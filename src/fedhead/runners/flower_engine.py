@@ -29,8 +29,7 @@ from typing import Any
 
 from fedhead.config import Config
 from fedhead.data.loading import DataError
-from fedhead.run_metrics import read_metrics
-from fedhead.runners.run_dir import RunDir
+from fedhead.run_dir import RunDir
 
 APP_NAME = "fedhead-flower"
 FLOWER_ENV = {
@@ -201,12 +200,12 @@ def run_flower(
         if checkpoint is None:
             rd.accept_config(cfg)
         else:
-            rd.accept_config(cfg, checkpoint[1]["round"], pinned=checkpoint[1].get("config"))
-            rd.accept_metrics(checkpoint[1]["round"])
+            rd.accept_config(cfg, checkpoint.round, pinned=checkpoint.config)
+            rd.accept_metrics(checkpoint.round)
         rd.commit_config(cfg)  # the ServerApp reads config.json: it may extend the rounds
     else:
         rd.create(cfg.model_dump_json(indent=2), overwrite=overwrite)  # config.json: what the ServerApp reads
-    (run_dir / "summary.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends
+    rd.summary_file.unlink(missing_ok=True)  # written again by the ServerApp when the run ends
     home = Path(tempfile.mkdtemp(prefix="fedhead-flower-"))
     app = write_app(home / "app")
     port = free_port()
@@ -231,7 +230,7 @@ def run_flower(
         try:
             while True:
                 done = flwr.poll() is not None
-                lines = read_metrics(run_dir / "metrics.jsonl")  # a line being written is read next time
+                lines = rd.metrics()  # a line being written is read next time
                 for metrics in lines[seen:]:
                     seen += 1
                     if on_round:
@@ -242,12 +241,11 @@ def run_flower(
         finally:
             if flwr.poll() is None:
                 stop(flwr)
-        summary_path = run_dir / "summary.json"
-        if not summary_path.exists():
+        if not rd.summary_file.exists():
             raise RuntimeError(f"the Flower run ended without a summary in {run_dir}; logs in {home}"
                                f"{_tail(home / 'flwr-run.log')}")
         ok = True
-        return json.loads(summary_path.read_text())
+        return json.loads(rd.summary_file.read_text())
     finally:
         stop(link)
         if ok and not keep_home:

@@ -29,7 +29,7 @@ from fedhead.config import Config, ConfigError
 from fedhead.federated.evaluation import evaluate
 from fedhead.federated.state import State, load_state_
 from fedhead.models import LoadedModel
-from fedhead.runners.run_dir import RunDir
+from fedhead.run_dir import RunDir
 
 log = logging.getLogger("flwr")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]

@@ -36,6 +36,7 @@ from fedhead.federated.state import State
 from fedhead.federated.validation import MAX_LOSS
 from fedhead.loop import RunContext, drive_rounds, server_options
 from fedhead.models import HeadLayout
+from fedhead.run_dir import RunDir
 from fedhead.runners.flower_client import failure, payload_record, send_and_receive
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
 from fedhead.runners.flower_replies import decode_train_reply, replies_by_node
@@ -46,7 +47,6 @@ from fedhead.runners.flower_start import (
     route_fedhead_logs_through_flower,
     started_config,
 )
-from fedhead.runners.run_dir import RunDir
 from fedhead.seeds import failure_draws
 
 log = logging.getLogger("flwr")

@@ -24,7 +24,7 @@ from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import Reply, close_round, plan_round
 from fedhead.federated.state import State
 from fedhead.loop import RoundFn, Simulation, drive_rounds, server_options, summarize
-from fedhead.runners.run_dir import RunDir
+from fedhead.run_dir import RunDir
 from fedhead.seeds import failure_draws
 
 # The run context, loop and summary live in fedhead.loop; re-exported here for existing imports.
