@@ -76,14 +76,19 @@ def ratios(costs: dict[str, Any], row: str) -> dict[str, float | None]:
 def accuracy(row: str, protocol: dict[str, dict[str, Any]], screens: dict[str, dict[str, Any]]
              ) -> dict[str, Any] | None:
     """A row's accuracy evidence (`frontier.frontier_rows` by row): the protocol's paired drop (3 seeds: mean, sd,
-    95% interval), an exact row's (dense's, by `EXACT`), or its 30-round screen's drop against dense's screen (one
-    seed)."""
+    95% interval), an exact row's (dense's, by `EXACT`), the protocol's drop over the seeds recorded so far (fewer
+    than 3: no interval), or its 30-round screen's drop against dense's screen (one seed)."""
     source = EXACT.get(row, row)
     if source in protocol and len(protocol[source]["seeds"]) >= 3:
         r = protocol[source]
         evidence = "exact: dense's gradients" if source != row else f"{len(r['seeds'])} seeds, 60 rounds"
         return {"drop": r["drop"], "sd": r["drop_sd"], "interval": (r["drop_low"], r["drop_high"]),
                 "seeds": len(r["seeds"]), "evidence": evidence}
+    if source in protocol:  # the protocol under way: fewer than 3 seeds, paired with dense's, no interval
+        r = protocol[source]
+        n, model = len(r["seeds"]), "tail average" if r["model"].startswith("mean") else "last round"
+        return {"drop": r["drop"], "sd": None, "interval": None, "seeds": n,
+                "evidence": f"{n} of 3 seeds, 60 rounds, {model}"}
     if source in screens:
         r = screens[source]
         model = "tail average" if r["model"].startswith("mean") else "last round"
