@@ -18,6 +18,7 @@ average. `resume=True` continues after the last checkpoint; because each client'
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -120,6 +121,11 @@ class Simulation:
     @property
     def brings_own_data(self) -> bool:
         return not self.parts
+
+    @functools.cached_property
+    def options(self) -> ServerOptions:
+        """The server round's options (`server_options`), built once."""
+        return server_options(self.cfg)
 
     def initial_state(self) -> State:
         return trainable_state(self.lm.model)

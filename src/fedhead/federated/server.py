@@ -49,7 +49,7 @@ from fedhead.federated.state import State
 from fedhead.federated.validation import Rejection, norm_outliers, screen_one
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
-from fedhead.seeds import SERVER, Stream, derived_seed
+from fedhead.seeds import SERVER, Stream, derived_seed, failure_draws
 
 # What a client may report about its own work (stats and timings): anything else is dropped.
 REPORTED = ("sparsity", "steps", "train_flops", "scoring_flops", "peak_memory_bytes", "train_seconds",
@@ -108,6 +108,8 @@ class RoundPlan:
         sent to every client of the round; None for other schedules.
     noise: the generator of the round's DP noise, seeded from (seed, round, SERVER, Stream.DP_NOISE).
     started: `time.perf_counter()` when the round opened (seconds_clients counts from it).
+    dropped: `robust.dropout_probability` (simulation): the selected clients that fail this round, not sent to;
+        selected client i fails when u_i < p, u = `seeds.failure_draws(seed, round, len(selected))`.
     """
 
     round_: int
@@ -115,6 +117,11 @@ class RoundPlan:
     head_counts: torch.Tensor | None
     noise: torch.Generator
     started: float
+    dropped: list[int] = field(default_factory=list)
+
+    def dropouts(self) -> list[dict[str, Any]]:
+        """The `failed` entries of the dropped clients."""
+        return [{"client": c, "reason": "dropped out (simulated failure)"} for c in self.dropped]
 
 
 def reported_stats(*sources: dict[str, Any]) -> dict[str, int | float]:
@@ -308,7 +315,7 @@ def server_round(
 def plan_round(available: Iterable[int], fed: FederatedSection, heads: HeadsSection, seed: int, round_: int,
                rng: np.random.Generator, stats: ClientStats, layout: HeadLayout,
                global_loss_of: Callable[[list[int]], dict[int, float]], *,
-               started: float | None = None) -> RoundPlan:
+               started: float | None = None, dropout_probability: float = 0.0) -> RoundPlan:
     """Open round `round_`: select among the eligible clients of `available` and fix what the round sends.
 
     Args:
@@ -320,16 +327,19 @@ def plan_round(available: Iterable[int], fed: FederatedSection, heads: HeadsSect
         layout: the model's head layout (the coverage counts' shape).
         global_loss_of: client ids -> the global model's loss on each one's data (power_of_choice candidates).
         started: when the round opened (default: now), e.g. before the driver encoded the state.
+        dropout_probability: `robust.dropout_probability`, simulated failures (default none).
     Returns:
         The `RoundPlan`: `selection.select_among` over the sorted eligible ids, the coverage head counts, the DP
-        noise generator seeded from (seed, round_, SERVER, Stream.DP_NOISE), the start time.
+        noise generator seeded from (seed, round_, SERVER, Stream.DP_NOISE), the start time, the dropped clients.
     """
     started = time.perf_counter() if started is None else started
     eligible = sorted(c for c in available if fed.selectable(c))
     selection = select_among(eligible, fed, round_, rng, stats, global_loss_of)
     counts = head_counts_to_send(heads, stats, layout)
     noise = torch.Generator().manual_seed(derived_seed(seed, round_, SERVER, Stream.DP_NOISE))
-    return RoundPlan(round_, selection, counts, noise, started)
+    draws = failure_draws(seed, round_, len(selection.clients))
+    dropped = [c for c, u in zip(selection.clients, draws, strict=True) if u < dropout_probability]
+    return RoundPlan(round_, selection, counts, noise, started, dropped)
 
 
 def close_round(plan: RoundPlan, state: State, replies: Iterable[Reply], stats: ClientStats, moments: State,

@@ -47,7 +47,6 @@ from fedhead.runners.flower_start import (
     route_fedhead_logs_through_flower,
     started_config,
 )
-from fedhead.seeds import failure_draws
 
 log = logging.getLogger("flwr")
 
@@ -61,7 +60,6 @@ class _Round:
     sent: dict[int, int]  # node id -> client id
     messages: dict[int, Message]  # node id -> its train message (the grid sets its message_id when it pushes it)
     down: int  # bytes of the state payload each node was sent
-    dropped: list[int]  # robust.dropout_probability: selected clients not sent to (simulated failures)
 
 
 class FedHeadStrategy(Strategy):
@@ -178,14 +176,11 @@ class FedHeadStrategy(Strategy):
         clients = self._wait_for_nodes(grid)
         plan = plan_round(clients, self.cfg.federated, self.cfg.heads, self.cfg.seed, server_round, self.rng,
                           self.stats, self.layout, self._global_losses(grid, down, server_round, clients, config),
-                          started=t0)
-        draws = failure_draws(self.cfg.seed, server_round, len(plan.selection.clients))  # as the in-process engine
-        dropped = [c for c, u in zip(plan.selection.clients, draws, strict=True)
-                   if u < self.cfg.robust.dropout_probability]
-        sent = {clients[c]: c for c in plan.selection.clients if c not in dropped}
+                          started=t0, dropout_probability=self.cfg.robust.dropout_probability)
+        sent = {clients[c]: c for c in plan.selection.clients if c not in plan.dropped}
         messages = {n: self._message(down, n, c, server_round, "train", config, plan.head_counts)
                     for n, c in sent.items()}
-        self._round = _Round(state, plan, sent, messages, len(down), dropped)
+        self._round = _Round(state, plan, sent, messages, len(down))
         return list(messages.values())
 
     def aggregate_train(self, server_round: int,
@@ -209,7 +204,7 @@ class FedHeadStrategy(Strategy):
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
         by_node, stray = replies_by_node(replies, r.messages)
-        failed: list[dict[str, Any]] = [{"client": c, "reason": "dropped out (simulated failure)"} for c in r.dropped]
+        failed = r.plan.dropouts()  # robust.dropout_probability: not sent to
 
         def answered() -> Iterator[Reply]:  # decoded when the server round reads it, folded and let go
             for node, client in r.sent.items():

@@ -25,7 +25,6 @@ from fedhead.federated.server import Reply, close_round, plan_round
 from fedhead.federated.state import State
 from fedhead.loop import RoundFn, Simulation, drive_rounds, server_options, summarize
 from fedhead.run_dir import RunDir
-from fedhead.seeds import failure_draws
 
 # The run context, loop and summary live in fedhead.loop; re-exported here for existing imports.
 __all__ = ["RoundFn", "Simulation", "drive_rounds", "run_round", "run_simulation", "server_options", "summarize"]
@@ -37,19 +36,17 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
     screen, aggregate). Returns (new state, metrics)."""
     cfg = sim.cfg
     plan = plan_round(range(cfg.partition.num_clients), cfg.federated, cfg.heads, cfg.seed, round_, rng, stats,
-                      sim.lm.layout, lambda cs: sim.global_losses(state, cs))
+                      sim.lm.layout, lambda cs: sim.global_losses(state, cs),
+                      dropout_probability=cfg.robust.dropout_probability)
     # The server sends the global trainable state (with freeze_a, A is not trainable: clients rebuild it
     # from the seed); each client trains from the bytes it received and answers with serialised bytes. Each
     # client trains when the server reads its reply, which is folded into the round's sums and let go.
     down = encode_state(state)
-    failed: list[dict[str, Any]] = []  # appended to while the replies are read
-    fails = failure_draws(cfg.seed, round_, len(plan.selection.clients))  # simulated dropouts
     client_seconds: list[float] = []  # each client's work, done while the server reads the replies
 
     def replies() -> Iterator[Reply]:
-        for c, u in zip(plan.selection.clients, fails, strict=True):
-            if u < cfg.robust.dropout_probability:
-                failed.append({"client": c, "reason": "dropped out (simulated failure)"})
+        for c in plan.selection.clients:
+            if c in plan.dropped:  # simulated failures
                 continue
             t = time.perf_counter()
             update = client_update(sim.lm, decode_state(down), sim.client_data(c), cfg, c, round_,
@@ -63,8 +60,8 @@ def run_round(sim: Simulation, state: State, round_: int, rng: np.random.Generat
             yield reply
 
     known = {c: len(sim.parts[c]) for c in plan.selection.clients}
-    result = close_round(plan, state, replies(), stats, sim.server_moments, sim.lm.layout, server_options(cfg),
-                         known_sizes=known, failed=failed, client_seconds=client_seconds)
+    result = close_round(plan, state, replies(), stats, sim.server_moments, sim.lm.layout, sim.options,
+                         known_sizes=known, failed=plan.dropouts(), client_seconds=client_seconds)
     sim.server_moments = result.moments
     return result.state, result.metrics
 
