@@ -8,28 +8,35 @@ so a path is quoted):
                                                accepts), checked against the run's config (fields, data.labels)
     partition-id=I num-partitions=N          partition I of the run's data.train (simulations and demos)
 
+A ClientApp process loads the run's model and its node's training rows once per run and keeps them for the next
+messages (`node_data`); no evaluation set is read on a node. Flower's simulation engine keeps its worker processes
+for the run; its deployment engine starts a process per message, which loads them again.
+
 fedhead's safetensors bytes travel unchanged as one `Array` of an `ArrayRecord`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from transformers import PreTrainedTokenizerBase
 
 from fedhead.config import Config
 from fedhead.data.loading import DataError
-from fedhead.data.tasks import load_device_data
+from fedhead.data.tasks import load_device_data, load_task_data
 from fedhead.federated.client import client_update, evaluate
 from fedhead.federated.payload import decode_state, encode_state, encode_update
 from fedhead.federated.state import load_state_
-from fedhead.loop import Simulation
+from fedhead.loop import client_partitions
 from fedhead.models import LoadedModel
 from fedhead.models.loading import load_tokenizer
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR
@@ -194,30 +201,82 @@ class NodeData:
     data: datasets.Dataset
 
 
-CACHED = 4  # runs (config, data file) a process keeps loaded: one in a SuperNode's ClientApp process
-_LOADED: dict[tuple[str, str | None], tuple[Config, LoadedModel, Simulation | datasets.Dataset]] = {}
+@dataclass(frozen=True)
+class NodeRows:
+    """A node's training rows as loaded: its own file's (device-local form), or the run's data.train with every
+    client's partition (partition form: one load serves every partition a process is asked for)."""
+
+    train: datasets.Dataset
+    num_labels: int  # the size of the classifier the model is built with
+    parts: list[np.ndarray] | None = None  # partition form: each client's indices into `train`
+
+    def of(self, client: int) -> datasets.Dataset:
+        """Client `client`'s rows: its partition, or the whole file."""
+        return self.train if self.parts is None else self.train.select(self.parts[client])
 
 
-def node_data(config_json: str, identity: NodeIdentity) -> NodeData:
-    """The run's model and this node's data: its own file (device-local form, with the run's labels) or its
-    partition of data.train (one loaded simulation serves every partition a process is asked for). DataError
-    when the data does not fit the run's config."""
-    key = (config_json, identity.data)
-    if key not in _LOADED:
-        while len(_LOADED) >= CACHED:
-            _LOADED.pop(next(iter(_LOADED)))
-        cfg = Config.model_validate_json(config_json)
-        if identity.data is None:
-            sim = Simulation.setup(cfg)
-            _LOADED[key] = (cfg, sim.lm, sim)
-        else:
-            torch.set_num_threads(cfg.threads or torch.get_num_threads())
-            tokenizer = load_tokenizer(cfg)
-            rows = load_device_data(cfg, identity.data, tokenizer)
-            _LOADED[key] = (cfg, build_run_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
-    cfg, lm, source = _LOADED[key]
-    data = source.client_data(int(identity.client_id or 0)) if isinstance(source, Simulation) else source
-    return NodeData(cfg, lm, data)
+ROWS_KEPT = 4  # nodes' rows a process keeps loaded: one in a SuperNode's ClientApp process, more in a test's grid
+
+
+def node_data(run_id: int, config_json: str, identity: NodeIdentity) -> NodeData:
+    """The run's model and this node's rows, loaded once per run in this process and kept for its next messages
+    (one run's model, `ROWS_KEPT` nodes' rows): its own file (device-local form, with the run's labels) or its
+    partition of data.train. No evaluation set is read: a node evaluates (power-of-choice) on its training rows.
+
+    Keeping the model is safe because every message loads the received global state into it before use
+    (`client_update`, `evaluate_reply`) and trains a copy of it; the error-feedback residual lives in the
+    node's `context.state`. Where this process serves one message only (Flower's deployment engine starts a
+    ClientApp process per message), the loads are paid per message.
+
+    Args:
+        run_id: Flower's run id (`context.run_id`): a new run loads again, even with the same config.
+        config_json: the run's config as the message carries it.
+        identity: what the node serves (`node_identity`).
+    Raises:
+        DataError: the data does not fit the run's config.
+        ValueError: partition form in a run without data.train; ConfigError (a ValueError): the model cannot be
+            built (e.g. model.init_from names no run).
+    """
+    cfg, _ = run_settings(run_id, config_json)
+    rows = node_rows(run_id, config_json, identity.data)
+    lm = run_model(run_id, config_json, rows.num_labels)
+    return NodeData(cfg, lm, rows.of(int(identity.client_id or 0)))
+
+
+@functools.lru_cache(maxsize=1)
+def run_settings(run_id: int, config_json: str) -> tuple[Config, PreTrainedTokenizerBase]:
+    """The run's config and tokenizer, read once per run; sets this process's torch threads (`threads`)."""
+    cfg = Config.model_validate_json(config_json)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    return cfg, load_tokenizer(cfg)
+
+
+@functools.lru_cache(maxsize=ROWS_KEPT)
+def node_rows(run_id: int, config_json: str, source: str | None) -> NodeRows:
+    """The training rows of the node whose own file is `source` (None: partition form, data.train and its
+    partitions, `client_partitions`); DataError when they do not fit the run's config, ValueError when the run
+    has no data.train to partition."""
+    cfg, tokenizer = run_settings(run_id, config_json)
+    if source is not None:
+        return NodeRows(load_device_data(cfg, source, tokenizer), len(cfg.data.labels or []))
+    data = load_task_data(cfg, tokenizer, held_out=False)
+    if data.train is None:
+        raise ValueError("the run has no data.train to partition: start this node with its own file "
+                         "(--node-config 'data=\"/path/local.jsonl\"')")
+    return NodeRows(data.train, data.num_labels, client_partitions(cfg, data))
+
+
+@functools.lru_cache(maxsize=1)
+def run_model(run_id: int, config_json: str, num_labels: int) -> LoadedModel:
+    """The run's model (`build_run_model`), built once per run: the process keeps one."""
+    cfg, tokenizer = run_settings(run_id, config_json)
+    return build_run_model(cfg, num_labels, tokenizer)
+
+
+def forget_runs() -> None:
+    """Drop every run this process keeps loaded (what a fresh ClientApp process starts from)."""
+    for cache in (run_settings, node_rows, run_model):
+        cache.cache_clear()
 
 
 def _serve(msg: Message, context: Context, reply: Any) -> Message:
@@ -228,7 +287,7 @@ def _serve(msg: Message, context: Context, reply: Any) -> Message:
         if identity.client_id is not None and config_int(conf, "client-id") != identity.client_id:
             raise ValueError(f"message for client {config_int(conf, 'client-id')} reached the node of client "
                              f"{identity.client_id}")
-        node = node_data(str(conf["fedhead-config"]), identity)
+        node = node_data(context.run_id, str(conf["fedhead-config"]), identity)
     except DataError as err:
         return Message(Error(DATA_ERROR, f"data: {err}"), reply_to=msg)
     except ValueError as err:
