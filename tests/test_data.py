@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fedhead.config import DataSection, PartitionSection
-from fedhead.data import DataError, label_histograms, load_classification_data, partition_indices
+from fedhead.data import DataError, label_histograms, load_classification_data, loading, partition_indices
 from tests.conftest import MNLI_EVAL, MNLI_TRAIN
 
 
@@ -99,3 +99,23 @@ def test_random_subset_spans_a_sorted_file(tokenizer):
 
 def test_empty_eval_in_toml_holds_out_training_examples():
     assert DataSection(eval="").eval is None
+
+
+@pytest.mark.parametrize("eval_source", [str(MNLI_EVAL), None])
+def test_without_the_held_out_set_the_training_rows_are_the_same_and_no_eval_file_is_read(
+        tokenizer, eval_source, monkeypatch):
+    """held_out=False (a Flower node): the evaluation file is not read, nor are held-out rows tokenised, and the
+    training rows are those of the full load (eval_size rows are still split off data.train when there is no
+    eval file)."""
+    # Prepare
+    cfg = DataSection(train=str(MNLI_TRAIN), eval=eval_source, train_size=60, eval_size=20)
+    full = load_classification_data(cfg, tokenizer, 32)
+    reads: list[str] = []
+    read = loading.load_records
+    monkeypatch.setattr(loading, "load_records", lambda source, split: reads.append(source) or read(source, split))
+    # Execute
+    node = load_classification_data(cfg, tokenizer, 32, held_out=False)
+    # Assert
+    assert full.eval is not None and node.eval is None and reads == [str(MNLI_TRAIN)]
+    assert node.train["input_ids"] == full.train["input_ids"] and node.train["labels"] == full.train["labels"]
+    assert node.label_names == full.label_names

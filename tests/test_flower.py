@@ -33,6 +33,7 @@ from flwr.server.superlink.linkstate.utils import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedhead.config import ConfigError
+from fedhead.data import loading
 from fedhead.data.loading import DataError
 from fedhead.data.tasks import load_device_data
 from fedhead.federated.payload import decode_state
@@ -41,16 +42,15 @@ from fedhead.federated.state import trainable_state
 from fedhead.models.loading import load_tokenizer
 from fedhead.run_dir import RunDir
 from fedhead.runners import flower_engine as fe
+from fedhead.runners import flower_node
 from fedhead.runners.flower_app import RunRefused, main, nodes_config
 from fedhead.runners.flower_client import (
-    _LOADED,
-    NodeIdentity,
+    RESIDUAL,
     client_app,
-    node_data,
-    node_identity,
     payload_of,
     payload_record,
 )
+from fedhead.runners.flower_node import NodeIdentity, forget_runs, node_data, node_identity
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR, NodeTable
 from fedhead.runners.flower_start import ThroughFlower, central_evaluation
 from fedhead.runners.flower_strategy import FedHeadStrategy
@@ -179,10 +179,12 @@ def test_device_data_is_checked_against_the_run_config(tiny_bert_dir, tmp_path):
 
 class LoopGrid:
     """The part of Flower's Grid a strategy uses, delivering each message to a ClientApp in this process with
-    the node config of its node (as a SuperNode would)."""
+    the node config of its node and the node's context of run `run_id`, kept between messages (as a SuperNode
+    would)."""
 
-    def __init__(self, app: ClientApp, node_configs: dict[int, dict]) -> None:
-        self.app, self.node_configs, self.replies = app, node_configs, {}
+    def __init__(self, app: ClientApp, node_configs: dict[int, dict], run_id: int = 1) -> None:
+        self.app, self.node_configs, self.run_id, self.replies = app, node_configs, run_id, {}
+        self.contexts: dict[int, Context] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
@@ -198,9 +200,10 @@ class LoopGrid:
     def answer(self, msg: Message) -> Message:
         """The reply of the message's node: its ClientApp's."""
         node = msg.metadata.dst_node_id
-        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                          run_config={})
-        return self.app(msg, context)
+        if node not in self.contexts:
+            self.contexts[node] = Context(run_id=self.run_id, node_id=node, node_config=self.node_configs[node],
+                                          state=RecordDict(), run_config={})
+        return self.app(msg, self.contexts[node])
 
     def pull_messages(self, ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
@@ -261,9 +264,9 @@ def test_warm_started_devices_build_the_source_model_and_one_without_the_source_
     # Execute: one round; then the source moves away and a fresh device process tries again
     strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
     strategy.start(grid=LoopGrid(client_app, nodes), initial_arrays=ArrayRecord(initial), num_rounds=1)
-    device = node_data(cfg.model_dump_json(), node_identity(nodes[7])).lm.model
+    device = node_data(1, cfg.model_dump_json(), node_identity(nodes[7])).lm.model
     source_dir.rename(tmp_path / "moved")
-    _LOADED.clear()
+    forget_runs()
     again = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
     again.start(grid=LoopGrid(client_app, nodes), initial_arrays=ArrayRecord(initial), num_rounds=1)
     # Assert: the server's start and the device's frozen A are the source's; without it, both devices fail
@@ -330,6 +333,75 @@ def test_strategy_start_drops_the_in_process_engines_clients_evaluates_on_its_ca
     with pytest.raises(ConfigError, match="heads.eval_pruned needs the model on the server"):
         FedHeadStrategy(pruned, sim.lm.layout, node_wait=0.0).start(
             grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=1)
+
+
+class FreshProcessGrid(LoopGrid):
+    """A LoopGrid whose every message finds a fresh ClientApp process, as on Flower's deployment engine (a
+    flwr-clientapp process per message): nothing loaded is kept, only the node's context."""
+
+    def __init__(self, app: ClientApp, node_configs: dict[int, dict]) -> None:
+        super().__init__(app, node_configs)
+        self.kinds: list[str] = []  # the message type of each message answered
+
+    def answer(self, msg: Message) -> Message:
+        forget_runs()
+        self.kinds.append(msg.metadata.message_type)
+        return super().answer(msg)
+
+
+def test_a_node_loads_once_per_run_and_answers_as_a_fresh_process_would(tiny_bert_dir, tmp_path, task_identity,
+                                                                        monkeypatch):
+    """A node builds the run's model and loads its rows once per run, not once per message, and reads no
+    evaluation set; every reply equals the one a fresh process gives (the kept model is reset from each
+    message's payload, the error-feedback residual stays in context.state). Three partitions served by one
+    process, train_sparse, an 8-bit upload and power-of-choice's evaluate messages, two rounds (4 trainings on
+    3 nodes: one node at least carries its residual into a second round)."""
+    # Prepare: nodes in partition form; the node side's model builds and record reads counted
+    cfg = tiny_config(tiny_bert_dir, tmp_path, partition={"num_clients": 3},
+                      heads={"sparsity": 0.5, "mode": "train_sparse"},
+                      federated={"rounds": 2, "clients_per_round": 2, "local_steps": 1, "upload_bits": 8,
+                                 "selection": "power_of_choice", "power_of_choice_d": 3,
+                                 "power_of_choice_samples": 8})
+    sim = Simulation.setup(cfg)
+    nodes = {10 + c: {"partition-id": c, "num-partitions": 3} for c in range(3)}
+    builds: list[int] = []
+    reads: list[str] = []
+    build, read = flower_node.build_run_model, loading.load_records
+    monkeypatch.setattr(flower_node, "build_run_model", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(loading, "load_records", lambda source, split: reads.append(source) or read(source, split))
+
+    def run(grid: LoopGrid) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        strategy = FedHeadStrategy(nodes_config(cfg, sim), sim.lm.layout, node_wait=0.0)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)),
+                                num_rounds=2)
+        return strategy.history, result.arrays.to_torch_state_dict()
+
+    def replies(history: list[dict]) -> list[dict]:  # all but the timings
+        def timeless(d: dict) -> dict:
+            return {k: v for k, v in d.items() if "seconds" not in k}
+        return [timeless(line) | {"clients": [timeless(c) for c in line["clients"]]} for line in history]
+
+    # Execute: the run with the node's process kept; the same run with a fresh process per message; a new run
+    forget_runs()
+    kept_grid, fresh_grid = LoopGrid(client_app, nodes), FreshProcessGrid(client_app, nodes)
+    kept_history, kept = run(kept_grid)
+    kept_builds, kept_reads = len(builds), list(reads)
+    fresh_history, fresh = run(fresh_grid)
+    fresh_builds = len(builds) - kept_builds
+    node = node_data(2, nodes_config(cfg, sim).model_dump_json(), NodeIdentity(0, 3))
+    # Assert: one build and one read of data.train for the whole run, against one per message in fresh processes
+    assert kept_builds == 1 and kept_reads == [cfg.data.train]
+    assert fresh_builds == fresh_grid.kinds.count("train") + fresh_grid.kinds.count("evaluate") == 2 * (2 + 3)
+    assert cfg.data.eval not in reads and node.data["input_ids"] == sim.client_data(0)["input_ids"]
+    assert len(builds) == kept_builds + fresh_builds + 1  # a new run builds its own
+    # the replies are the fresh processes' exactly
+    assert all(line["clients"] and "kept_heads" in line["clients"][0] for line in kept_history)
+    assert replies(kept_history) == replies(fresh_history)
+    assert kept.keys() == fresh.keys() and all(torch.equal(kept[k], fresh[k]) for k in kept)
+    assert set(kept_history[0]["selected"]) & set(kept_history[1]["selected"])  # a residual carried over
+    trained = {10 + c["client"] for line in kept_history for c in line["clients"]}
+    for grid in (kept_grid, fresh_grid):
+        assert {n for n, c in grid.contexts.items() if RESIDUAL in c.state} == trained
 
 
 class DyingNodeGrid(LoopGrid):

@@ -89,6 +89,20 @@ def test_causal_data_masks_the_prompt_and_groups_references(t5_tokenizer):
     assert (prompts["attention_mask"][:, -1] == 1).all()  # left-padded: every prompt ends at the last column
 
 
+@pytest.mark.parametrize("data", [MNLI_T2T, XSUM], ids=["eval-file", "held-out-of-train"])
+def test_generation_rows_without_the_held_out_set_are_the_same(t5_tokenizer, data):
+    """held_out=False (a Flower node): no evaluation set, the same training rows and classes as the full load."""
+    # Prepare
+    cfg = DataSection(**data, train_size=40, eval_size=10)
+    full = load_generation_data(cfg, t5_tokenizer, "seq2seq", 64, 8)
+    # Execute
+    node = load_generation_data(cfg, t5_tokenizer, "seq2seq", 64, 8, held_out=False)
+    # Assert
+    assert full.eval is not None and node.eval is None and len(node.train) == 40
+    assert node.train["input_ids"] == full.train["input_ids"] and node.train["labels"] == full.train["labels"]
+    assert node.class_ids == full.class_ids and node.label_names == full.label_names
+
+
 def test_text_to_text_classification_keeps_classes(t5_tokenizer):
     cfg = DataSection(**MNLI_T2T, train_size=50, eval_size=10)
     data = load_generation_data(cfg, t5_tokenizer, "seq2seq", 64, 8)

@@ -112,11 +112,7 @@ class Simulation:
         read = cfg if training_data else cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})})
         data = load_task_data(read, tokenizer)
         lm = build_run_model(cfg, data.num_labels, tokenizer)
-        if data.train is None:
-            return cls(cfg, lm, data, [])
-        labels = class_labels(data)
-        parts = partition_indices(labels if labels is not None else [0] * len(data.train), cfg.partition, cfg.seed)
-        return cls(cfg, lm, data, parts)
+        return cls(cfg, lm, data, client_partitions(cfg, data))
 
     @property
     def brings_own_data(self) -> bool:
@@ -192,6 +188,15 @@ class Simulation:
                         self.lm.tokenizer, self.cfg.federated.eval_batch_size, task=self.lm.task)["eval_loss"]
             for c in clients
         }
+
+
+def client_partitions(cfg: Config, data: TaskData) -> list[np.ndarray]:
+    """Each client's indices into `data.train`: `partition_indices` over the class labels (free text: one
+    class), none without training data. A Flower node in partition form draws the same ones."""
+    if data.train is None:
+        return []
+    labels = class_labels(data)
+    return partition_indices(labels if labels is not None else [0] * len(data.train), cfg.partition, cfg.seed)
 
 
 def server_options(cfg: Config) -> ServerOptions:

@@ -104,10 +104,11 @@ def encode_pairs(
 
 def load_generation_data(
     cfg: DataSection, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int, max_target_length: int,
-    seed: int = 0,
+    seed: int = 0, held_out: bool = True,
 ) -> GenerationData:
-    """Load, check and tokenise the train and evaluation sets of a seq2seq or causal-LM task."""
-    train_raw, eval_raw = load_split_records(cfg, seed, check=lambda ds, src: check_fields(ds, cfg, src))
+    """Load, check and tokenise the train and evaluation sets of a seq2seq or causal-LM task (held_out=False:
+    the training set only, `load_split_records`)."""
+    train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, src: check_fields(ds, cfg, src), held_out)
     words, values = None, []
     if cfg.target_field is None:  # classification, text-to-text
         values = run_labels(cfg, train_raw, eval_raw)
@@ -116,10 +117,10 @@ def load_generation_data(
             check_labels(list(eval_raw[cfg.label_field]), values, cfg, str(cfg.eval or cfg.train))
     train = None if train_raw is None else encode_training(train_raw, str(cfg.train), cfg, words, tokenizer, task,
                                                            max_length, max_target_length)
-    held_out = None if eval_raw is None else encode_evaluation(
+    evaluation = None if eval_raw is None else encode_evaluation(
         render_inputs(eval_raw, cfg), [[t] for t in _targets(eval_raw, cfg, words)], tokenizer, task, max_length,
         max_target_length)
-    return GenerationData(train=train, eval=held_out, label_names=[words[v] for v in values] if words else [],
+    return GenerationData(train=train, eval=evaluation, label_names=[words[v] for v in values] if words else [],
                           label_values=values)
 
 

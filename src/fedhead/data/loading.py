@@ -151,29 +151,32 @@ def tokenize_split(
 
 
 def load_split_records(
-    cfg: DataSection, seed: int, check: Callable[[datasets.Dataset, str], None]
+    cfg: DataSection, seed: int, check: Callable[[datasets.Dataset, str], None], held_out: bool = True
 ) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
     """Raw train and held-out records, `check`ed, cut to train_size / eval_size; with no `eval` source,
     eval_size training records (seeded) are held out. Without `train` (a server of device-local nodes): no
-    training records, and the `eval` records if there is a source."""
+    training records, and the `eval` records if there is a source. held_out=False (a Flower node, which never
+    evaluates on it): no held-out records, the `eval` source is not read; the training records are the same."""
+    eval_raw: datasets.Dataset | None = None
     if cfg.train is None:
-        if cfg.eval is None:
+        if cfg.eval is None or not held_out:
             return None, None
         eval_raw = load_records(cfg.eval, cfg.eval_split)
         check(eval_raw, cfg.eval)
         return None, _cut(eval_raw, cfg.eval_size, cfg, seed)
     train_raw = load_records(cfg.train, cfg.train_split)
     check(train_raw, cfg.train)
-    if cfg.eval is not None:
-        eval_raw = load_records(cfg.eval, cfg.eval_split)
-        check(eval_raw, cfg.eval)
-    else:
+    if cfg.eval is None:  # held out of the training records, whether they are kept or not
         if cfg.eval_size is not None and cfg.eval_size >= len(train_raw):
             raise DataError(f"{cfg.train}: data.eval_size = {cfg.eval_size} held out of {len(train_raw)} records "
                             "leaves nothing to train on (no data.eval file is set)")
         split = train_raw.train_test_split(test_size=cfg.eval_size or 0.1, seed=seed)
-        train_raw, eval_raw = split["train"], split["test"]
-    train_raw, eval_raw = _cut(train_raw, cfg.train_size, cfg, seed), _cut(eval_raw, cfg.eval_size, cfg, seed)
+        train_raw, eval_raw = split["train"], (split["test"] if held_out else None)
+    elif held_out:
+        eval_raw = load_records(cfg.eval, cfg.eval_split)
+        check(eval_raw, cfg.eval)
+    train_raw = _cut(train_raw, cfg.train_size, cfg, seed)
+    eval_raw = None if eval_raw is None else _cut(eval_raw, cfg.eval_size, cfg, seed)
     if len(train_raw) == 0:
         raise DataError(f"{cfg.train}: no training examples")
     return train_raw, eval_raw
@@ -189,10 +192,11 @@ def _cut(ds: datasets.Dataset, size: int | None, cfg: DataSection, seed: int) ->
 
 
 def load_classification_data(
-    cfg: DataSection, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int = 0
+    cfg: DataSection, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int = 0, held_out: bool = True
 ) -> ClassificationData:
-    """Load, check and tokenise the train and held-out sets of a classification task."""
-    train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, source: check_fields(ds, cfg, source))
+    """Load, check and tokenise the train and held-out sets of a classification task (held_out=False: the
+    training set only, `load_split_records`)."""
+    train_raw, eval_raw = load_split_records(cfg, seed, lambda ds, source: check_fields(ds, cfg, source), held_out)
     names = run_labels(cfg, train_raw, eval_raw)
     index = {n: i for i, n in enumerate(names)}
 

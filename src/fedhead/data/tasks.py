@@ -21,13 +21,14 @@ from fedhead.data.loading import (
 TaskData = ClassificationData | GenerationData
 
 
-def load_task_data(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+def load_task_data(cfg: Config, tokenizer: PreTrainedTokenizerBase, *, held_out: bool = True) -> TaskData:
     """Load and tokenise the train and evaluation sets of `cfg.model.task` (either is None where the config
-    names no source for it: a Flower server of device-local nodes has no training data)."""
+    names no source for it: a Flower server of device-local nodes has no training data). held_out=False: no
+    evaluation set (a Flower node in partition form: the same training rows, data.eval not read)."""
     if cfg.model.task == "classification":
-        return load_classification_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
+        return load_classification_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed, held_out)
     return load_generation_data(cfg.data, tokenizer, cfg.model.task, cfg.model.max_length,
-                                cfg.model.max_target_length, cfg.seed)
+                                cfg.model.max_target_length, cfg.seed, held_out)
 
 
 def class_labels(data: TaskData) -> list[int] | None:

@@ -1,12 +1,11 @@
 """fedhead's ClientApp, the client-side helpers a Flower user calls in their own ClientApp, and the message
 plumbing both sides use (the message contract is in `fedhead.runners.flower_app`'s docstring).
 
-A node serves one client, chosen by its node config (`flower-supernode --node-config '...'`; values are TOML,
-so a path is quoted):
+A node serves one client, chosen by its node config (`flower_node`: device-local `data=...`, or
+`partition-id=I num-partitions=N`).
 
-    data="/path/local.jsonl" [client-id=I]   device-local: trains on that file only (any format data.train
-                                               accepts), checked against the run's config (fields, data.labels)
-    partition-id=I num-partitions=N          partition I of the run's data.train (simulations and demos)
+A ClientApp process loads the run's model and its node's training rows once per run and keeps them for the next
+messages (`flower_node.node_data`); no evaluation set is read on a node.
 
 fedhead's safetensors bytes travel unchanged as one `Array` of an `ArrayRecord`.
 """
@@ -14,7 +13,6 @@ fedhead's safetensors bytes travel unchanged as one `Array` of an `ArrayRecord`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -25,16 +23,13 @@ from flwr.serverapp import Grid
 
 from fedhead.config import Config
 from fedhead.data.loading import DataError
-from fedhead.data.tasks import load_device_data
 from fedhead.federated.client import client_update
 from fedhead.federated.evaluation import evaluate
 from fedhead.federated.payload import decode_state, encode_state, encode_update
 from fedhead.federated.state import load_state_
-from fedhead.loop import Simulation
 from fedhead.models import LoadedModel
-from fedhead.models.loading import load_tokenizer
+from fedhead.runners.flower_node import node_data, node_identity
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR
-from fedhead.trained import build_run_model
 
 PAYLOAD = "payload"
 STYPE = "safetensors"  # the Array holds fedhead's safetensors bytes as they are
@@ -135,39 +130,6 @@ def evaluate_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: C
                    reply_to=msg)
 
 
-@dataclass(frozen=True)
-class NodeIdentity:
-    """What a node's config says it serves (see the module docstring)."""
-
-    client_id: int | None  # None: the server numbers the node
-    num_clients: int | None = None  # partition form: num-partitions
-    data: str | None = None  # device-local form: the node's own training file
-
-
-def node_identity(node_config: dict[str, Any]) -> NodeIdentity:
-    """This node's identity from its node config; ValueError (one line) when it serves no client."""
-    def integer(key: str) -> int:
-        value = node_config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"node config {key}={value!r} is not a non-negative integer")
-        return value
-
-    if "data" in node_config:
-        path = str(node_config["data"]).strip()
-        if not path:
-            raise ValueError("node config data= is empty: give the path of this device's training file")
-        return NodeIdentity(integer("client-id") if "client-id" in node_config else None, None, path)
-    if "partition-id" in node_config:
-        if "num-partitions" not in node_config:
-            raise ValueError("node config partition-id needs num-partitions (partition.num_clients)")
-        pid, n = integer("partition-id"), integer("num-partitions")
-        if pid >= n:
-            raise ValueError(f"node config partition-id {pid} is not in [0, {n})")
-        return NodeIdentity(pid, n)
-    raise ValueError("this node serves no data: start the SuperNode with --node-config 'data=\"/path/local.jsonl\"' "
-                     "(or 'partition-id=I num-partitions=N' for a demo)")
-
-
 def query_reply(msg: Message, context: Context) -> Message:
     """Answer the server's query with this node's client id and, in partition form, the number of partitions
     (`flower_nodes.NodeTable` turns it into the node's client id); an error when the node config is unusable."""
@@ -186,41 +148,6 @@ def query_reply(msg: Message, context: Context) -> Message:
 # ------------------------------------------------------------------------------- fedhead's ClientApp
 
 
-@dataclass
-class NodeData:
-    """What this node trains: the run's config and model, and its client's rows."""
-
-    cfg: Config
-    lm: LoadedModel
-    data: datasets.Dataset
-
-
-CACHED = 4  # runs (config, data file) a process keeps loaded: one in a SuperNode's ClientApp process
-_LOADED: dict[tuple[str, str | None], tuple[Config, LoadedModel, Simulation | datasets.Dataset]] = {}
-
-
-def node_data(config_json: str, identity: NodeIdentity) -> NodeData:
-    """The run's model and this node's data: its own file (device-local form, with the run's labels) or its
-    partition of data.train (one loaded simulation serves every partition a process is asked for). DataError
-    when the data does not fit the run's config."""
-    key = (config_json, identity.data)
-    if key not in _LOADED:
-        while len(_LOADED) >= CACHED:
-            _LOADED.pop(next(iter(_LOADED)))
-        cfg = Config.model_validate_json(config_json)
-        if identity.data is None:
-            sim = Simulation.setup(cfg)
-            _LOADED[key] = (cfg, sim.lm, sim)
-        else:
-            torch.set_num_threads(cfg.threads or torch.get_num_threads())
-            tokenizer = load_tokenizer(cfg)
-            rows = load_device_data(cfg, identity.data, tokenizer)
-            _LOADED[key] = (cfg, build_run_model(cfg, len(cfg.data.labels or []), tokenizer), rows)
-    cfg, lm, source = _LOADED[key]
-    data = source.client_data(int(identity.client_id or 0)) if isinstance(source, Simulation) else source
-    return NodeData(cfg, lm, data)
-
-
 def _serve(msg: Message, context: Context, reply: Any) -> Message:
     """`reply(msg, lm, data, cfg)` on this node's data, or an error reply naming what does not fit."""
     try:
@@ -229,7 +156,7 @@ def _serve(msg: Message, context: Context, reply: Any) -> Message:
         if identity.client_id is not None and config_int(conf, "client-id") != identity.client_id:
             raise ValueError(f"message for client {config_int(conf, 'client-id')} reached the node of client "
                              f"{identity.client_id}")
-        node = node_data(str(conf["fedhead-config"]), identity)
+        node = node_data(context.run_id, str(conf["fedhead-config"]), identity)
     except DataError as err:
         return Message(Error(DATA_ERROR, f"data: {err}"), reply_to=msg)
     except ValueError as err:
