@@ -328,7 +328,11 @@ def test_strategy_start_drops_the_in_process_engines_clients_evaluates_on_its_ca
     assert sorted(result.evaluate_metrics_serverapp) == [0, 2, 3] and "accuracy" not in b[1]
     assert np.isclose(result.evaluate_metrics_serverapp[3]["eval_loss"], a[3]["eval_loss"], rtol=1e-4)
     assert local["rounds"] == 3 and (tmp_path / "start" / "summary.json").is_file()
-    # an option start cannot honour is refused before any round
+    # a run directory that holds a run is continued with resume=True only; an option start cannot honour is
+    # refused before any round
+    with pytest.raises(ConfigError, match=r"holds another run: continue it with FedHeadStrategy\(.*resume=True\)"):
+        FedHeadStrategy(cfg, sim.lm.layout, node_wait=0.0, run_dir=tmp_path / "start").start(
+            grid=grid, initial_arrays=ArrayRecord(trainable_state(sim.lm.model)), num_rounds=3)
     pruned = tiny_config(tiny_bert_dir, tmp_path, heads={"sparsity": 0.5, "eval_pruned": 0.5})
     with pytest.raises(ConfigError, match="heads.eval_pruned needs the model on the server"):
         FedHeadStrategy(pruned, sim.lm.layout, node_wait=0.0).start(

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedhead.config import Config
+from fedhead.config import Config, ConfigError
 from fedhead.federated.payload import encode_state
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import Reply, RoundPlan, close_round, plan_round
@@ -138,6 +138,9 @@ class FedHeadStrategy(Strategy):
 
         with tempfile.TemporaryDirectory(prefix="fedhead-") as scratch:
             rd = RunDir(self.run_dir if self.run_dir is not None else scratch)
+            if not self.resume and rd.holds_a_run():
+                raise ConfigError(f"{rd.path} holds another run: continue it with FedHeadStrategy(..., resume=True), "
+                                  "or give another run_dir")
             drive_rounds(run, rd, lambda state, r, rng, stats: self.run_round(grid, run, state, r, rng, stats,
                                                                               train_config),
                          resume=self.resume, on_round=on_round)
