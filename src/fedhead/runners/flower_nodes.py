@@ -3,7 +3,7 @@
 A client id is what fedhead's selection, loss-gap and head statistics and every client's random draws are keyed
 by: an integer in [0, N), N = `partition.num_clients` (the clients the run selects among). A node gets one from
 its answer to the server's `query` message (fedhead's ClientApp answers from its node config, see
-`flower_client.node_identity`):
+`flower_node.node_identity`):
 
 - partition form (`--node-config "partition-id=i num-partitions=n"`, and every node of Flower's simulation
   engine): client i of n; n must equal N. The server may know its data size (it has the same data.train).
