@@ -42,7 +42,7 @@ def lora_a_row_norm(run_dir: Path) -> float | None:
     checkpoint = RunDir(run_dir).load_checkpoint()
     if checkpoint is None:
         return None
-    norms = [float(t.norm(dim=1).mean()) for k, t in checkpoint[0].items() if ".lora_A." in k and "/" not in k]
+    norms = [float(t.norm(dim=1).mean()) for k, t in checkpoint.state.items() if ".lora_A." in k]
     return statistics.mean(norms) if norms else None
 
 

@@ -32,7 +32,7 @@ def full_eval(run_dir: Path, tail_average: bool = False) -> dict[str, float]:
 def has_tail_average(run_dir: Path) -> bool:
     """Whether the run's last checkpoint holds a complete tail average."""
     checkpoint = RunDir(run_dir).load_checkpoint()
-    return checkpoint is not None and bool(checkpoint[1].get("tail_average", {}).get("complete"))
+    return checkpoint is not None and checkpoint.tail_averaged_state() is not None
 
 
 def run_one(row: str, seed: int, protocol: dict[str, Any], out: Path) -> Path:
