@@ -253,3 +253,22 @@ def test_contrasts_pair_a_mechanism_with_its_baseline_by_seed(frontier, tmp_path
     half = 4.302653 * math.sqrt(((3 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2 + (4 / 3) ** 2) / 2) / math.sqrt(3)
     assert "paired by seed (0, 1, 2): +1.3 points (3.0, 1.0, 0.0;" in text
     assert f"95% [{4 / 3 - half:+.1f}, {4 / 3 + half:+.1f}]" in text
+
+
+def test_a_finished_runs_checkpoint_is_read_for_its_record(frontier, tiny_bert_dir, tmp_path):
+    """Rules out the record step reading the checkpoint in a layout it no longer has: a finished run with a tail
+    average (and a trained A) reports it, one without says so. Broke once: dense-steps6 seed 1 finished 60 rounds
+    and crashed in has_tail_average before its record."""
+    # Prepare: two tiny runs, with and without a tail average
+    from fedhead.runners.local import run_simulation
+    from tests.conftest import tiny_config
+
+    averaged = tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 2, "tail_average_rounds": 2})
+    plain = tiny_config(tiny_bert_dir, tmp_path)
+    # Execute
+    run_simulation(averaged, tmp_path / "averaged")
+    run_simulation(plain, tmp_path / "plain")
+    # Assert
+    assert frontier.has_tail_average(tmp_path / "averaged") and not frontier.has_tail_average(tmp_path / "plain")
+    norm = frontier.lora_a_row_norm(tmp_path / "averaged")
+    assert norm is not None and 0.1 < norm < 5.0
