@@ -698,7 +698,7 @@ def _run_readme_app(tmp_path: Path, name: str, run_config: dict, kill_after_roun
             else:
                 run_dir, deadline = RunDir(run_config["out"]), time.monotonic() + 420
                 while time.monotonic() < deadline and run.poll() is None:
-                    found = run_dir.newest_checkpoint() if (run_dir.path / "checkpoint.safetensors").exists() else None
+                    found = run_dir.newest_checkpoint() if run_dir.checkpoint_file.exists() else None
                     if found is not None and found[1].round >= kill_after_round:
                         break
                     time.sleep(0.05)
