@@ -36,6 +36,11 @@ def saved_activation_bytes(
     (views of one storage share it) unless it is a parameter or buffer of `model` (weights are not activation
     memory). The saved tensors live until the backward, so their sum is the activation memory at the end of
     the forward, the peak of a training step up to the kernels' transient buffers. Device-independent.
+
+    The graph of the enclosed forward must be run backward (as a training step does), which frees what it saved:
+    a tensor the pack hook hands back that is its op's own output (softmax, tanh) holds the graph that holds it,
+    a reference cycle through autograd that Python's collector cannot see. To measure a forward that is never
+    differentiated, use `saved_bytes_by_module`, which keeps nothing.
     """
     box = [0]
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
@@ -59,19 +64,23 @@ def saved_activation_bytes(
 def saved_bytes_by_module(model: torch.nn.Module, modules: list[torch.nn.Module]) -> Iterator[list[int]]:
     """Bytes the autograd graph of the enclosed forward keeps for its backward while each of `modules` runs
     (box[i] for modules[i]; counted as `saved_activation_bytes` does, each storage once). With activation
-    checkpointing, the largest of these is what the backward holds again while it recomputes one layer."""
+    checkpointing, the largest of these is what the backward holds again while it recomputes one layer.
+
+    A measurement only: the enclosed forward cannot be run backward, its graph keeps none of the tensors it
+    would save (kept, a saved output would hold its own graph in a reference cycle through autograd, and every
+    such forward would leak its activations and the model's trainable parameters)."""
     box = [0] * len(modules)
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: set[int] = set()
     current: list[int] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if current and key not in owned and key not in seen:
             seen.add(key)
             box[current[-1]] += storage.nbytes()
-        return t
+        return None  # counted, not kept
 
     def enter(i: int):
         return lambda *_: current.append(i)
@@ -82,8 +91,12 @@ def saved_bytes_by_module(model: torch.nn.Module, modules: list[torch.nn.Module]
     handles = [h for i, m in enumerate(modules)
                for h in (m.register_forward_pre_hook(enter(i)), m.register_forward_hook(leave))]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, _not_kept):
             yield box
     finally:
         for h in handles:
             h.remove()
+
+
+def _not_kept(_: None) -> torch.Tensor:
+    raise RuntimeError("saved_bytes_by_module measures a forward: its graph kept nothing to run backward with")
