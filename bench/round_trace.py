@@ -5,13 +5,16 @@ One in-process round of a tiny config (the tests' 2-block BERT, 3 clients) under
 
 - *modules entered with the config*: the fedhead modules one of whose functions is called with the run's
   `Config` or one of its sections (a pydantic model of `fedhead.config`) as an argument (`fedhead.config` itself,
-  the validators, not counted); the driver (`fedhead.runners.local`) is one of them;
+  the validators, not counted); the driver (`fedhead.runners.local`) receives the run context, not the config;
 - *returns to the driver*: each return from a function of another fedhead module to a frame of the driver,
-  grouped by function: the server's core (`plan_round`, `close_round`), the bytes the driver moves (payload
-  encode/decode), and each client's work.
+  grouped by function.
 
-    python bench/round_trace.py MODEL_DIR      # a small BERT folder, e.g. the tests' tiny_bert
-"""
+The driver's round is two calls of the server's core: `plan_round` (selection, head counts, the payload sent)
+and `close_round` over the replies; each client trains in this process when `close_round` reads its reply
+(`fedhead.loop.Simulation.client_reply`: the payload in, the update's bytes out, as on a device), so a
+client's work returns to the server's round, not to the driver. tests/test_round_trace.py keeps both counts.
+
+    python bench/round_trace.py MODEL_DIR      # a small BERT folder, e.g. the tests' tiny_bert"""
 
 from __future__ import annotations
 

@@ -508,5 +508,5 @@ def test_reported_global_losses_cannot_steer_power_of_choice(setup):
     strategy = setup.strategies["fedavg"]
     losses = {0: 0.7, 1: math.nan, 2: math.inf, 3: 1e300}
     for bad in (-1.0, 1e5):
-        got = strategy._global_losses(EvalGrid({**losses, 1: bad}), b"", 1, NODE_OF, ConfigRecord())(list(range(N)))
+        got = strategy._global_losses(EvalGrid({**losses, 1: bad}), {}, 1, NODE_OF, ConfigRecord())(list(range(N)))
         assert got == {0: 0.7}, got

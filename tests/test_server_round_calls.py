@@ -5,6 +5,7 @@ the plan's noise and the round's timings."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from fedhead.config import FederatedSection, HeadsSection
+from fedhead.federated.payload import encode_state
 from fedhead.federated.selection import ClientStats, select_among
 from fedhead.federated.server import Reply, ServerOptions, close_round, plan_round, server_round
 from fedhead.seeds import SERVER, Stream, derived_seed
@@ -41,6 +43,19 @@ def test_plan_round_selects_among_the_eligible_clients_sorted_and_seeds_the_dp_n
     assert plan_round([0, 1], fed, HeadsSection(), 11, 3, rng, stats, LAYOUT, _no_losses).head_counts is None
 
 
+def test_plan_round_fixes_the_payload_sent_and_the_clients_it_reaches():
+    # Prepare: four clients, all selected, half of them failing (robust.dropout_probability)
+    fed = FederatedSection(clients_per_round=4, selection="random")
+    # Execute
+    plan = plan_round(range(4), fed, HeadsSection(), 3, 1, np.random.default_rng(0), ClientStats(), LAYOUT,
+                      _no_losses, state=GLOBAL, dropout_probability=0.5)
+    # Assert: every client receives the state's payload; the dropped ones are not sent to and close as failed
+    assert plan.down == encode_state(GLOBAL)
+    assert plan.dropped and set(plan.sent) == set(plan.selection.clients) - set(plan.dropped)
+    result = close_round(plan, GLOBAL, [], ClientStats(), {}, LAYOUT, ServerOptions())
+    assert [f["client"] for f in result.metrics["failed"]] == plan.dropped
+
+
 def test_close_round_is_server_round_with_the_plans_noise_and_the_rounds_timings():
     # Prepare: a DP round of three clients (the noise shows in the aggregate)
     fed = FederatedSection(clients_per_round=3, selection="random")
@@ -50,17 +65,15 @@ def test_close_round_is_server_round_with_the_plans_noise_and_the_rounds_timings
     replies = [Reply(c, valid_update(c, FULL, shift=0.1 * (c + 1)), 100, 50) for c in plan.selection.clients]
     expected = server_round(GLOBAL, 2, copy.deepcopy(replies), plan.selection, ClientStats(), {}, LAYOUT, opts,
                             noise=torch.Generator().manual_seed(derived_seed(5, 2, SERVER, Stream.DP_NOISE)))
-    client_seconds: list[float] = []
 
     def read() -> Iterator[Reply]:
         for reply in replies:  # a driver that trains each client (0.2 s) while its reply is read
             t = time.perf_counter()
             time.sleep(0.2)
-            client_seconds.append(time.perf_counter() - t)
-            yield reply
+            yield dataclasses.replace(reply, seconds_in_read=time.perf_counter() - t)
 
     # Execute
-    result = close_round(plan, GLOBAL, read(), ClientStats(), {}, LAYOUT, opts, client_seconds=client_seconds)
+    result = close_round(plan, GLOBAL, read(), ClientStats(), {}, LAYOUT, opts)
     # Assert
     assert result.state.keys() == expected.state.keys()
     for name, value in expected.state.items():

@@ -33,9 +33,12 @@ import torch
 from fedhead.config import Config, ConfigError
 from fedhead.data import label_histograms, partition_indices
 from fedhead.data.tasks import TaskData, class_labels, load_task_data
+from fedhead.federated.client import ClientOptions
+from fedhead.federated.client_round import client_round
 from fedhead.federated.evaluation import evaluate
+from fedhead.federated.payload import decode_update
 from fedhead.federated.selection import ClientStats
-from fedhead.federated.server import ServerOptions
+from fedhead.federated.server import Reply, RoundPlan, ServerOptions
 from fedhead.federated.server_optimizer import ServerOptimizer
 from fedhead.federated.state import State, load_state_, state_misfit, trainable_state
 from fedhead.federated.tail_average import TailAverage
@@ -178,6 +181,24 @@ class Simulation:
         if self.data.train is None:
             raise ValueError("no training data: this simulation's devices bring their own")
         return self.data.train.select(self.parts[client])
+
+    @functools.cached_property
+    def client_options(self) -> ClientOptions:
+        """What a client's round depends on (`ClientOptions.from_config`), built once."""
+        return ClientOptions.from_config(self.cfg)
+
+    def client_reply(self, plan: RoundPlan, client: int) -> Reply:
+        """Client `client`'s answer to the round `plan`, trained in this process as a device would
+        (`client_round`: the plan's payload in, the update's bytes out), decoded as the server receives it; the
+        client's error-feedback residual stays here, as on its device."""
+        start = time.perf_counter()
+        answer = client_round(self.lm, plan.down, self.client_data(client), self.client_options, client,
+                              plan.round_, plan.head_counts, self.residuals.get(client))
+        if answer.residual is not None:
+            self.residuals[client] = answer.residual
+        update = decode_update(answer.payload)
+        return Reply(client, update, len(plan.down), len(answer.payload), answer.timings,
+                     seconds_in_read=time.perf_counter() - start)
 
     def global_losses(self, state: State, clients: list[int]) -> dict[int, float]:
         """Loss of the global model on each client's data (power-of-choice candidates report it)."""

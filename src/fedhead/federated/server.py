@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,7 +41,7 @@ import torch
 
 from fedhead.config import FederatedSection, HeadsSection
 from fedhead.federated.aggregation import HeldUpdates, WeightedSum, aggregator
-from fedhead.federated.payload import ClientUpdate
+from fedhead.federated.payload import ClientUpdate, encode_state
 from fedhead.federated.privacy import DPSum, epsilon_spent
 from fedhead.federated.selection import ClientStats, Selection, select_among
 from fedhead.federated.server_optimizer import ServerOptimizer, server_step, trained_masks_of
@@ -81,13 +81,17 @@ class ServerOptions:
 @dataclass
 class Reply:
     """One answer as the driver received it: the decoded update, the client the server sent to, the bytes
-    that travelled each way, and the client's timings (reported, not trusted)."""
+    that travelled each way, and the client's timings (reported, not trusted).
+
+    seconds_in_read: the seconds of client work done while the server read this reply (the in-process engine
+    trains a client when `close_round` reads its reply); 0 when the client worked before (Flower)."""
 
     client: int
     update: ClientUpdate
     bytes_down: int
     bytes_up: int
     timings: dict[str, Any] = field(default_factory=dict)
+    seconds_in_read: float = 0.0
 
 
 @dataclass
@@ -110,6 +114,7 @@ class RoundPlan:
     started: `time.perf_counter()` when the round opened (seconds_clients counts from it).
     dropped: `robust.dropout_probability` (simulation): the selected clients that fail this round, not sent to;
         selected client i fails when u_i < p, u = `seeds.failure_draws(seed, round, len(selected))`.
+    down: what every client of the round receives: the global state's payload (`encode_state`).
     """
 
     round_: int
@@ -118,6 +123,11 @@ class RoundPlan:
     noise: torch.Generator
     started: float
     dropped: list[int] = field(default_factory=list)
+    down: bytes = b""
+    sent: list[int] = field(init=False)  # the selected clients the round is sent to (not dropped), in order
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sent", [c for c in self.selection.clients if c not in self.dropped])
 
     def dropouts(self) -> list[dict[str, Any]]:
         """The `failed` entries of the dropped clients."""
@@ -314,7 +324,7 @@ def server_round(
 
 def plan_round(available: Iterable[int], fed: FederatedSection, heads: HeadsSection, seed: int, round_: int,
                rng: np.random.Generator, stats: ClientStats, layout: HeadLayout,
-               global_loss_of: Callable[[list[int]], dict[int, float]], *,
+               global_loss_of: Callable[[list[int]], dict[int, float]], *, state: State | None = None,
                started: float | None = None, dropout_probability: float = 0.0) -> RoundPlan:
     """Open round `round_`: select among the eligible clients of `available` and fix what the round sends.
 
@@ -326,40 +336,52 @@ def plan_round(available: Iterable[int], fed: FederatedSection, heads: HeadsSect
         stats: the server's client statistics (read, not changed).
         layout: the model's head layout (the coverage counts' shape).
         global_loss_of: client ids -> the global model's loss on each one's data (power_of_choice candidates).
+        state: the global trainable state the round sends (its payload becomes `RoundPlan.down`; None: none).
         started: when the round opened (default: now), e.g. before the driver encoded the state.
         dropout_probability: `robust.dropout_probability`, simulated failures (default none).
     Returns:
         The `RoundPlan`: `selection.select_among` over the sorted eligible ids, the coverage head counts, the DP
-        noise generator seeded from (seed, round_, SERVER, Stream.DP_NOISE), the start time, the dropped clients.
+        noise generator seeded from (seed, round_, SERVER, Stream.DP_NOISE), the start time, the dropped clients,
+        the payload sent.
     """
     started = time.perf_counter() if started is None else started
+    down = b"" if state is None else encode_state(state)
     eligible = sorted(c for c in available if fed.selectable(c))
     selection = select_among(eligible, fed, round_, rng, stats, global_loss_of)
     counts = head_counts_to_send(heads, stats, layout)
     noise = torch.Generator().manual_seed(derived_seed(seed, round_, SERVER, Stream.DP_NOISE))
     draws = failure_draws(seed, round_, len(selection.clients))
     dropped = [c for c, u in zip(selection.clients, draws, strict=True) if u < dropout_probability]
-    return RoundPlan(round_, selection, counts, noise, started, dropped)
+    return RoundPlan(round_, selection, counts, noise, started, dropped, down)
 
 
 def close_round(plan: RoundPlan, state: State, replies: Iterable[Reply], stats: ClientStats, moments: State,
                 layout: HeadLayout, opts: ServerOptions, *, known_sizes: dict[int, int] | None = None,
-                failed: list[dict[str, Any]] | None = None, bytes_down: int | None = None,
-                client_seconds: Sequence[float] = ()) -> RoundResult:
+                failed: list[dict[str, Any]] | None = None, bytes_down: int | None = None) -> RoundResult:
     """Close the round `plan` opened: `server_round` over `replies` (read once, each folded as it is read; the
     arguments after `replies` are server_round's), with the DP noise of the plan, and the round's timings.
 
-    Timings (metrics seconds_clients, seconds_aggregate), with t_close when this call starts:
-        seconds_clients   = (t_close - plan.started) + sum(client_seconds)
-        seconds_aggregate = (now - t_close) - sum(client_seconds)
-    `client_seconds`: the seconds of client work done while the replies are read (a driver that trains each
-    client when its reply is read appends to it; read after the replies); a driver whose clients worked before
-    this call (Flower) leaves it empty.
+    failed: the clients that failed besides those the plan dropped (`plan.dropouts()`, inserted first into this
+        same list, which the driver may still append to while the replies are read).
+    Timings (metrics seconds_clients, seconds_aggregate), with t_close when this call starts and
+    `inside` = the sum of the replies' `seconds_in_read` (client work done while they were read):
+        seconds_clients   = (t_close - plan.started) + inside
+        seconds_aggregate = (now - t_close) - inside
     """
     t_close = time.perf_counter()
-    result = server_round(state, plan.round_, replies, plan.selection, stats, moments, layout, opts,
-                          noise=plan.noise, known_sizes=known_sizes, failed=failed, bytes_down=bytes_down)
-    inside = sum(client_seconds)
+    failed = failed if failed is not None else []
+    failed[:0] = plan.dropouts()
+    inside = 0.0
+
+    def read() -> Iterator[Reply]:
+        nonlocal inside
+        for reply in replies:
+            inside += reply.seconds_in_read
+            yield reply
+
+    result = server_round(state, plan.round_, read(), plan.selection, stats, moments, layout, opts,
+                          noise=plan.noise, known_sizes=known_sizes, failed=failed,
+                          bytes_down=bytes_down)
     result.metrics["seconds_clients"] = t_close - plan.started + inside
     result.metrics["seconds_aggregate"] = time.perf_counter() - t_close - inside
     return result

@@ -23,9 +23,10 @@ from flwr.serverapp import Grid
 
 from fedhead.config import Config
 from fedhead.data.loading import DataError
-from fedhead.federated.client import client_update
+from fedhead.federated.client import ClientOptions
+from fedhead.federated.client_round import client_round
 from fedhead.federated.evaluation import evaluate
-from fedhead.federated.payload import decode_state, encode_state, encode_update
+from fedhead.federated.payload import decode_state, encode_state
 from fedhead.federated.state import load_state_
 from fedhead.models import LoadedModel
 from fedhead.runners.flower_node import node_data, node_identity
@@ -80,7 +81,6 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
     """
     conf = msg.content["config"]
     cfg = cfg or Config.model_validate_json(str(conf["fedhead-config"]))
-    state = decode_state(payload_of(msg.content["arrays"]))
     counts = None
     if "head-counts" in conf:  # heads.schedule = "coverage": how often the server has seen each head trained
         counts = torch.tensor(config_ints(conf, "head-counts"), dtype=torch.int64).view(
@@ -88,12 +88,12 @@ def train_reply(msg: Message, lm: LoadedModel, data: datasets.Dataset, cfg: Conf
     residual = None
     if node_state is not None and RESIDUAL in node_state:
         residual = decode_state(payload_of(node_state[RESIDUAL]))
-    update = client_update(lm, state, data, cfg, config_int(conf, "client-id"),
-                           config_int(conf, "server-round"), counts, residual)
-    if node_state is not None and update.residual is not None:
-        node_state[RESIDUAL] = payload_record(encode_state(update.residual))
-    metrics = MetricRecord({**update.timings, "num-examples": update.num_examples})
-    return Message(RecordDict({"update": payload_record(encode_update(update)), "metrics": metrics}), reply_to=msg)
+    answer = client_round(lm, payload_of(msg.content["arrays"]), data, ClientOptions.from_config(cfg),
+                          config_int(conf, "client-id"), config_int(conf, "server-round"), counts, residual)
+    if node_state is not None and answer.residual is not None:
+        node_state[RESIDUAL] = payload_record(encode_state(answer.residual))
+    metrics = MetricRecord({**answer.timings, "num-examples": answer.num_examples})
+    return Message(RecordDict({"update": payload_record(answer.payload), "metrics": metrics}), reply_to=msg)
 
 
 def config_int(conf: object, key: str) -> int:

@@ -175,15 +175,14 @@ class FedHeadStrategy(Strategy):
         """
         t0 = time.perf_counter()
         state = arrays.to_torch_state_dict()
-        down = encode_state(state)
         clients = self._wait_for_nodes(grid)
         plan = plan_round(clients, self.cfg.federated, self.cfg.heads, self.cfg.seed, server_round, self.rng,
-                          self.stats, self.layout, self._global_losses(grid, down, server_round, clients, config),
-                          started=t0, dropout_probability=self.cfg.robust.dropout_probability)
-        sent = {clients[c]: c for c in plan.selection.clients if c not in plan.dropped}
-        messages = {n: self._message(down, n, c, server_round, "train", config, plan.head_counts)
+                          self.stats, self.layout, self._global_losses(grid, state, server_round, clients, config),
+                          state=state, started=t0, dropout_probability=self.cfg.robust.dropout_probability)
+        sent = {clients[c]: c for c in plan.sent}
+        messages = {n: self._message(plan.down, n, c, server_round, "train", config, plan.head_counts)
                     for n, c in sent.items()}
-        self._round = _Round(state, plan, sent, messages, len(down))
+        self._round = _Round(state, plan, sent, messages, len(plan.down))
         return list(messages.values())
 
     def aggregate_train(self, server_round: int,
@@ -207,7 +206,7 @@ class FedHeadStrategy(Strategy):
         r, self._round = self._round, None
         partition_clients = {c for n, c in r.sent.items() if n in self.nodes.partition_nodes}
         by_node, stray = replies_by_node(replies, r.messages)
-        failed = r.plan.dropouts()  # robust.dropout_probability: not sent to
+        failed: list[dict[str, Any]] = []  # besides the clients the plan dropped (robust.dropout_probability)
 
         def answered() -> Iterator[Reply]:  # decoded when the server round reads it, folded and let go
             for node, client in r.sent.items():
@@ -276,10 +275,11 @@ class FedHeadStrategy(Strategy):
         content = RecordDict({"arrays": payload_record(down), "config": conf})
         return Message(content, node, kind, group_id=str(round_), ttl=self.round_timeout)
 
-    def _global_losses(self, grid: Grid, down: bytes, round_: int, clients: dict[int, int],
+    def _global_losses(self, grid: Grid, state: State, round_: int, clients: dict[int, int],
                        config: ConfigRecord) -> Callable[[list[int]], dict[int, float]]:
-        """The loss of the global model on each candidate's data (evaluate messages; power_of_choice)."""
+        """The loss of the global model `state` on each candidate's data (evaluate messages; power_of_choice)."""
         def losses(candidates: list[int]) -> dict[int, float]:
+            down = encode_state(state)
             messages = [self._message(down, clients[c], c, round_, "evaluate", config) for c in candidates]
             replies = send_and_receive(grid, messages, self.round_timeout)
             out = {}
