@@ -4,7 +4,7 @@
 # then the mixed federation's rows. Resumable: a finished run is skipped, an interrupted one resumes from its
 # checkpoint in bench/results/ (kept as long as the checkout). `python bench/frontier.py status` shows progress.
 #
-#     nohup bash bench/budget_lanes.sh &   # then: python bench/budget.py table; python bench/heterogeneous.py table
+#     nohup bash bench/budget_lanes.sh &  # or one lane: bash bench/budget_lanes.sh a   # then: python bench/budget.py table; python bench/heterogeneous.py table
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,9 +20,11 @@ lane() {  # lane NAME ITEM...: ROW@SEED runs a frontier row, mixfed:ROW@SEED a m
     fi
   done
 }
-lane a dense-up4@0 dense-up4@1 dense-up4@2 \
-  mixfed:mixfed-capable-only@0 mixfed:mixfed-weak-heads@0 mixfed:mixfed-capable-only@1 mixfed:mixfed-weak-heads@1 \
-  mixfed:mixfed-capable-only@2 mixfed:mixfed-weak-heads@2 &
-lane b dense-steps6@0 dense-steps6@1 dense-steps6@2 \
-  mixfed:mixfed-weak-ckpt@0 mixfed:mixfed-weak-ckpt@1 mixfed:mixfed-weak-ckpt@2 &
+# seed 0 of each mixed-federation row first (a screen of the comparison), then seeds 1 and 2, balanced by length
+only=${1:-ab}  # run only lane a or b: `bash bench/budget_lanes.sh a`
+[[ $only == *a* ]] && lane a dense-up4@0 dense-up4@1 dense-up4@2 \
+  mixfed:mixfed-capable-only@0 mixfed:mixfed-weak-ckpt@0 mixfed:mixfed-weak-heads@1 \
+  mixfed:mixfed-capable-only@2 mixfed:mixfed-weak-ckpt@2 &
+[[ $only == *b* ]] && lane b dense-steps6@0 dense-steps6@1 dense-steps6@2 \
+  mixfed:mixfed-weak-heads@0 mixfed:mixfed-capable-only@1 mixfed:mixfed-weak-ckpt@1 mixfed:mixfed-weak-heads@2 &
 wait

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +95,14 @@ def run(rows: list[str], seeds: list[int], threads: int, rounds: int | None, run
             record_path(row, seed, results).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def status(results: Path = RESULTS, runs: Path = RUNS, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
-    """What the protocol still needs: each protocol row's recorded seeds and missing ones, and every run folder
+def status(results: Path = RESULTS, runs: Path = RUNS, seeds: tuple[int, ...] = (0, 1, 2),
+           rows: Sequence[str] = PROTOCOL_ROWS) -> str:
+    """What the protocol still needs: each of `rows`' recorded seeds and missing ones, and every run folder
     without a record with its progress (rounds done of its total, the median seconds a round took over its last
     5 rounds, from metrics.jsonl, and the rounds' time left at that pace, full-set scoring not included)."""
     records = load_records(results)
     lines = ["| protocol row | seeds recorded | missing |", "|---|---|---|"]
-    for row in PROTOCOL_ROWS:
+    for row in rows:
         done = sorted(records.get(row, {}))
         missing = [s for s in seeds if s not in done]
         lines.append(f"| {row} | {', '.join(map(str, done)) or '-'} | {', '.join(map(str, missing)) or '-'} |")

@@ -17,6 +17,7 @@ Rows (60 rounds, 3 seeds, all 9,815 pairs, tail average of the last 5 rounds, pa
 
     python bench/heterogeneous.py run --seeds 0 1 2 --threads 1   # resumable; records docs/results/heterogeneous/
     python bench/heterogeneous.py table                           # docs/results/heterogeneous.md
+    python bench/heterogeneous.py status                          # missing seeds, unfinished runs' progress
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import argparse
 import json
 
 from common import ROOT
-from frontier import RESULTS, frontier_rows, run
+from frontier import RESULTS, frontier_rows, run, status
 
 ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt")
 # the weak tier of each federation, as a single-tier row that bench/budget.py costs measures
@@ -77,7 +78,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None)
     sub.add_parser("table")
+    sub.add_parser("status", help="the rows' missing seeds and the progress of unfinished runs")
     args = parser.parse_args()
+    if args.command == "status":
+        print(status(RECORDS, RUNS, rows=ROWS))
+        return
     if args.command == "run":
         run(args.rows, args.seeds, args.threads, args.rounds, RUNS, RECORDS)
     text = table()
