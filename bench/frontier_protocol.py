@@ -121,6 +121,10 @@ ROWS: dict[str, dict[str, Any]] = {
     "dense-up4": {"federated.upload_bits": 4},
     "dense-up2": {"federated.upload_bits": 2},
     # LoRA in the top blocks only (lora.layers): the blocks below run without autograd
+    # a smaller local batch, same local steps: training FLOPs and activation memory fall with the batch
+    # (32 / 16 = 2x, 32 / 8 = 4x), each client still takes 8 optimizer steps
+    "dense-b16": {"federated.batch_size": 16},
+    "dense-b8": {"federated.batch_size": 8},
     "dense-top3": {"lora.layers": [3, 4, 5]},
     "dense-top4": {"lora.layers": [2, 3, 4, 5]},
     "dense-top5": {"lora.layers": [1, 2, 3, 4, 5]},
@@ -143,6 +147,8 @@ ROWS: dict[str, dict[str, Any]] = {
                           [False, True, True, True], "federated.tier_local_steps": [8, 3, 3, 3]},
     "mixfed-weak-ckpt": {"federated.activation_checkpointing": [False, True, True, True],
                          "federated.tier_local_steps": [8, 2, 2, 2]},
+    # weak devices take the capable ones' 8 steps on batches of 8 (dense-b8): a quarter of the FLOPs and activations
+    "mixfed-weak-b8": {"federated.tier_batch_size": [32, 8, 8, 8]},
     "sparse-rolling-0.9-up4": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling",
                                "federated.upload_bits": 4},
 }

@@ -13,7 +13,10 @@ Rows (60 rounds, 3 seeds, all 9,815 pairs, tail average of the last 5 rounds, pa
 - `mixfed-weak-heads`: weak devices prune 90% of heads (`heads.tiers`, remove mode) and, to fit both limits,
   train 3 local steps with activation checkpointing (`weak-remove-0.9-ckpt-steps3`);
 - `mixfed-weak-ckpt`: weak devices train dense LoRA with activation checkpointing and 2 local steps
-  (`weak-ckpt-steps2`), the best other combination of levers that fits both limits.
+  (`weak-ckpt-steps2`), a combination of levers that fits both limits;
+- `mixfed-weak-b8`: weak devices take the capable ones' 8 local steps on batches of 8 instead of 32
+  (`federated.tier_batch_size`, `dense-b8`): a quarter of the FLOPs and activation memory, and every client
+  takes the same number of optimizer steps.
 
     python bench/heterogeneous.py run --seeds 0 1 2 --threads 1   # resumable; records docs/results/heterogeneous/
     python bench/heterogeneous.py table                           # docs/results/heterogeneous.md
@@ -28,9 +31,10 @@ import json
 from common import ROOT
 from frontier import RESULTS, frontier_rows, run, status
 
-ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt")
+ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt", "mixfed-weak-b8")
 # the weak tier of each federation, as a single-tier row that bench/budget.py costs measures
-WEAK_TIER = {"mixfed-weak-heads": "weak-remove-0.9-ckpt-steps3", "mixfed-weak-ckpt": "weak-ckpt-steps2"}
+WEAK_TIER = {"mixfed-weak-heads": "weak-remove-0.9-ckpt-steps3", "mixfed-weak-ckpt": "weak-ckpt-steps2",
+             "mixfed-weak-b8": "dense-b8"}
 COSTS = ROOT / "docs" / "results" / "budget_costs.json"
 RECORDS = ROOT / "docs" / "results" / "heterogeneous"
 RUNS = ROOT / "bench" / "results" / "heterogeneous"

@@ -275,6 +275,31 @@ def test_tier_local_steps_are_the_optimizer_steps_each_client_takes(tiny_bert_di
     assert counted == [(3, 3), (1, 1), (3, 3)]
 
 
+def test_tier_batch_size_is_the_batch_each_client_trains_on(tiny_bert_dir, tmp_path):
+    # client c trains on batches of tier_batch_size[c % 2] examples, for the same optimizer steps; a smaller batch
+    # costs fewer training FLOPs
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"tier_batch_size": [4, 1], "local_steps": 2})
+    state = trainable_state(lm.model)
+    part = data.train.select(range(24))
+    batches: list[int] = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(len(kwargs["input_ids"])) if module.training else None,
+        with_kwargs=True)
+    try:
+        seen, flops = [], []
+        for client in (0, 1, 2):
+            before = len(batches)
+            update = client_update(lm, state, part, cfg, client, 1)
+            seen.append(batches[before:])
+            flops.append(update.stats["train_flops"])
+    finally:
+        hook.remove()
+    assert seen == [[4, 4], [1, 1], [4, 4]]
+    assert flops[1] < min(flops[0], flops[2]) / 2  # (batches are padded to their longest: FLOPs vary by batch)
+    with pytest.raises(ConfigError, match="tier_batch_size"):
+        tiny_config(tiny_bert_dir, tmp_path, federated={"tier_batch_size": [4, 0]})
+
+
 def test_simulation_keeps_each_clients_residual(tiny_bert_dir, tmp_path):
     cfg = tiny_config(tiny_bert_dir, tmp_path, federated={"rounds": 1, "upload_bits": 8})
     sim = Simulation.setup(cfg)

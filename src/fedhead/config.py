@@ -269,6 +269,14 @@ class FederatedSection(_Section):
         "client c takes tier_local_steps[c % len(tier_local_steps)] optimizer steps (the tiers of heads.tiers "
         "when both are set); overrides local_steps. None: every client takes local_steps.",
     )
+    tier_batch_size: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Per-tier local batch size (fewer examples a step for small devices: a step's training FLOPs "
+        "and activation memory fall with its batch, its optimizer steps stay): client c trains on batches of "
+        "tier_batch_size[c % len(tier_batch_size)] examples; overrides batch_size. None: every client uses "
+        "batch_size.",
+    )
     tier_selectable: list[bool] | None = Field(
         None,
         min_length=1,
@@ -336,11 +344,11 @@ class FederatedSection(_Section):
     server_beta2: float = Field(0.99, ge=0, lt=1, description="adam / yogi: second-moment decay.")
     server_tau: float = Field(1e-3, gt=0, description="adam / yogi: adaptivity tau added to sqrt(v).")
 
-    @field_validator("tier_local_steps")
+    @field_validator("tier_local_steps", "tier_batch_size")
     @classmethod
-    def _positive_steps(cls, value: list[int] | None) -> list[int] | None:
+    def _positive_per_tier(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
         if value is not None and any(s < 1 for s in value):
-            raise ValueError(f"federated.tier_local_steps must be >= 1: {value}")
+            raise ValueError(f"federated.{info.field_name} must be >= 1: {value}")
         return value
 
     @field_validator("activation_checkpointing")
@@ -355,6 +363,12 @@ class FederatedSection(_Section):
         if self.tier_local_steps:
             return self.tier_local_steps[client_id % len(self.tier_local_steps)]
         return self.local_steps
+
+    def batch_size_of(self, client_id: int) -> int:
+        """Local batch size of `client_id`: its tier's (tier_batch_size) or batch_size."""
+        if self.tier_batch_size:
+            return self.tier_batch_size[client_id % len(self.tier_batch_size)]
+        return self.batch_size
 
     def selectable(self, client_id: int) -> bool:
         """Whether `client_id` may be selected (its tier's tier_selectable; every client when None)."""

@@ -56,6 +56,7 @@ class ClientOptions:
     tier_local_steps: tuple[int, ...] | None = None  # client c: tier_local_steps[c % len] steps
     checkpointing: tuple[bool, ...] = (False,)  # client c: activation checkpointing if checkpointing[c % len]
     upload_bits: int = 32  # 8 / 4: quantised upload with error feedback (fedhead.federated.compression)
+    tier_batch_size: tuple[int, ...] | None = None  # client c: batches of tier_batch_size[c % len] examples
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientOptions:
@@ -64,13 +65,18 @@ class ClientOptions:
         ckpt = fed.activation_checkpointing
         return cls(cfg.heads, LocalTraining.from_config(fed), cfg.seed, always,
                    tuple(fed.tier_local_steps) if fed.tier_local_steps else None,
-                   tuple(ckpt) if isinstance(ckpt, list) else (ckpt,), fed.upload_bits)
+                   tuple(ckpt) if isinstance(ckpt, list) else (ckpt,), fed.upload_bits,
+                   tuple(fed.tier_batch_size) if fed.tier_batch_size else None)
 
     def training_of(self, client_id: int) -> LocalTraining:
-        """How `client_id` trains: its tier's local steps when tier_local_steps is set."""
-        if self.tier_local_steps is None:
-            return self.training
-        return replace(self.training, local_steps=self.tier_local_steps[client_id % len(self.tier_local_steps)])
+        """How `client_id` trains: its tier's local steps and batch size when tier_local_steps / tier_batch_size
+        are set."""
+        training = self.training
+        if self.tier_local_steps is not None:
+            training = replace(training, local_steps=self.tier_local_steps[client_id % len(self.tier_local_steps)])
+        if self.tier_batch_size is not None:
+            training = replace(training, batch_size=self.tier_batch_size[client_id % len(self.tier_batch_size)])
+        return training
 
     def checkpointing_of(self, client_id: int) -> bool:
         """Whether `client_id` trains with activation checkpointing."""
