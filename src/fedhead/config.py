@@ -358,18 +358,6 @@ class FederatedSection(_Section):
             raise ValueError("federated.activation_checkpointing: a list needs one value a tier")
         return value
 
-    def local_steps_of(self, client_id: int) -> int | None:
-        """Optimizer steps of `client_id`: its tier's (tier_local_steps) or local_steps (None: local_epochs)."""
-        if self.tier_local_steps:
-            return self.tier_local_steps[client_id % len(self.tier_local_steps)]
-        return self.local_steps
-
-    def batch_size_of(self, client_id: int) -> int:
-        """Local batch size of `client_id`: its tier's (tier_batch_size) or batch_size."""
-        if self.tier_batch_size:
-            return self.tier_batch_size[client_id % len(self.tier_batch_size)]
-        return self.batch_size
-
     def selectable(self, client_id: int) -> bool:
         """Whether `client_id` may be selected (its tier's tier_selectable; every client when None)."""
         return self.tier_selectable is None or self.tier_selectable[client_id % len(self.tier_selectable)]
