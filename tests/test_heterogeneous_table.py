@@ -1,0 +1,47 @@
+"""The mixed federation's table (bench/heterogeneous.py): each weak tier trains exactly as the single-tier row whose
+costs the table quotes, fits a weak device's limits, and the committed table is what the committed records give."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedhead.config import load_config
+from fedhead.federated.client import ClientOptions
+from tests.conftest import MNLI_EVAL, MNLI_TRAIN, load_bench
+
+
+@pytest.fixture(scope="module")
+def heterogeneous():
+    return load_bench("heterogeneous")
+
+
+def _client(overrides: dict, client: int) -> tuple:
+    """How `client` trains in round 5 of a protocol run with `overrides`: its local training, checkpointing,
+    sparsity and upload."""
+    protocol = load_bench("frontier_protocol")
+    cfg = load_config(protocol.BASE, {**overrides, **protocol.PROTOCOL})
+    options = ClientOptions.from_config(cfg)
+    return (options.training_of(client), options.checkpointing_of(client), cfg.heads.sparsity_of(client, 5),
+            options.upload_bits, cfg.federated.selectable(client))
+
+
+@pytest.mark.skipif(not (MNLI_TRAIN.exists() and MNLI_EVAL.exists()), reason="needs ../shared/data (MultiNLI)")
+def test_each_weak_tier_trains_as_the_row_it_is_costed_as(heterogeneous):
+    rows = load_bench("frontier_protocol").ROWS
+    for federation, weak in heterogeneous.WEAK_TIER.items():
+        for client in (1, 2, 3, 5):  # weak: c % 4 != 0
+            assert _client(rows[federation], client) == _client(rows[weak], 0), (federation, client)
+        assert _client(rows[federation], 4) == _client({}, 0), federation  # capable: dense
+
+
+def test_each_weak_tier_fits_a_weak_device(heterogeneous):
+    costs = json.loads(heterogeneous.COSTS.read_text())["rows"]
+    for federation, weak in heterogeneous.WEAK_TIER.items():
+        assert costs["dense"]["train_flops"] / costs[weak]["train_flops"] >= 2, federation
+        assert costs["dense"]["peak_memory_bytes"] / costs[weak]["peak_memory_bytes"] >= 2, federation
+
+
+def test_the_committed_table_is_the_records_table(heterogeneous):
+    assert heterogeneous.table() in heterogeneous.TABLE.read_text()
