@@ -28,8 +28,8 @@ lane() {  # lane NAME ITEM...: ROW@SEED runs a frontier row, mixfed:ROW@SEED a m
 only=${1:-ab}  # run only lane a or b: `bash bench/budget_lanes.sh a`
 [[ $only == *a* ]] && lane a dense-up4@0 dense-up4@1 dense-up4@2 \
   mixfed:mixfed-capable-only@0 mixfed:mixfed-weak-ckpt@0 mixfed:mixfed-weak-heads@1 \
-  mixfed:mixfed-capable-only@2 mixfed:mixfed-weak-b8@1 mixfed:mixfed-weak-ckpt@2 &
+  mixfed:mixfed-capable-only@2 mixfed:mixfed-weak-b8@1 screen:dense-b16@0 mixfed:mixfed-weak-ckpt@2 &
 [[ $only == *b* ]] && lane b dense-steps6@0 dense-steps6@1 dense-steps6@2 \
   mixfed:mixfed-weak-heads@0 mixfed:mixfed-capable-only@1 mixfed:mixfed-weak-ckpt@1 mixfed:mixfed-weak-heads@2 \
-  mixfed:mixfed-weak-b8@0 mixfed:mixfed-weak-b8@2 screen:dense-b16@0 &
+  mixfed:mixfed-weak-b8@0 mixfed:mixfed-weak-b8@2 &
 wait
