@@ -273,9 +273,10 @@ class FederatedSection(_Section):
         None,
         min_length=1,
         description="Per-tier local batch size (fewer examples a step for small devices: a step's training FLOPs "
-        "and activation memory fall with its batch, its optimizer steps stay): client c trains on batches of "
-        "tier_batch_size[c % len(tier_batch_size)] examples; overrides batch_size. None: every client uses "
-        "batch_size.",
+        "and activation memory fall with its batch): client c trains on batches of "
+        "tier_batch_size[c % len(tier_batch_size)] examples; overrides batch_size. With local_steps the client "
+        "takes as many steps as the others; with local_epochs, more steps of smaller batches. None: every "
+        "client uses batch_size.",
     )
     tier_selectable: list[bool] | None = Field(
         None,
