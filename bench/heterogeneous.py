@@ -30,7 +30,10 @@ import json
 
 from common import ROOT
 from frontier import RESULTS, frontier_rows, run, status
+from frontier_records import load_records
+from frontier_stats import paired_drop
 
+LEFT_OUT = "mixfed-capable-only"  # what users do today: the row the others must beat
 ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt", "mixfed-weak-b8")
 # the weak tier of each federation, as a single-tier row that bench/budget.py costs measures
 WEAK_TIER = {"mixfed-weak-heads": "weak-remove-0.9-ckpt-steps3", "mixfed-weak-ckpt": "weak-ckpt-steps2",
@@ -41,22 +44,38 @@ RUNS = ROOT / "bench" / "results" / "heterogeneous"
 TABLE = ROOT / "docs" / "results" / "heterogeneous.md"
 
 
+def gain_over_leaving_out(row: str) -> tuple[float, float, float, float, int] | None:
+    """Points `row` gains over `LEFT_OUT` (the weak devices left out), paired by seed: g_s = 100 (row_s - left_s)
+    of the tail-averaged models; (mean, sd, 95% t interval low, high, seeds), None without a common seed."""
+    records = load_records(RECORDS)
+    mine, left = records.get(row, {}), records.get(LEFT_OUT, {})
+    seeds = sorted(set(mine) & set(left))
+    if not seeds:
+        return None
+    accuracy = [[r[s]["full_eval_tail_average"]["accuracy"] for s in seeds] for r in (mine, left)]
+    return (*paired_drop(*accuracy), len(seeds))
+
+
 def table() -> str:
     """The mixed federation's rows beside all-dense (the frontier's dense records of the same seeds)."""
     dense = {r["row"]: r for r in frontier_rows(RESULTS)}.get("dense")
     # all-dense: the frontier's own records, paired by seed (no copy in RECORDS)
     rows = {r["row"]: r for r in frontier_rows(RECORDS, dense_from=RESULTS)} if RECORDS.exists() else {}
-    lines = ["| federation | seeds | accuracy (9,815 pairs) | drop vs all-dense (pt) | 95% interval |",
-             "|---|---|---|---|---|"]
+    lines = ["| federation | seeds | accuracy (9,815 pairs) | drop vs all-dense (pt) | 95% interval "
+             "| gain over leaving the weak out (pt) | 95% interval |", "|---|---|---|---|---|---|---|"]
     if dense is not None:
-        lines.append(f"| all dense (frontier) | {len(dense['seeds'])} | {dense['accuracy']:.4f} | 0 | - |")
+        lines.append(f"| all dense (frontier) | {len(dense['seeds'])} | {dense['accuracy']:.4f} | 0 | - | - | - |")
     for name in ROWS:
         r = rows.get(name)
         if r is None:
-            lines.append(f"| `{name}` | 0 | not run yet | - | - |")
+            lines.append(f"| `{name}` | 0 | not run yet | - | - | - | - |")
             continue
         interval = f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]" if len(r["seeds"]) > 1 else "-"
-        lines.append(f"| `{name}` | {len(r['seeds'])} | {r['accuracy']:.4f} | {r['drop']:+.1f} | {interval} |")
+        gain = None if name == LEFT_OUT else gain_over_leaving_out(name)
+        gain_text = "- | -" if gain is None else f"{gain[0]:+.1f} | " + (
+            f"[{gain[2]:+.1f}, {gain[3]:+.1f}]" if gain[4] > 1 else "-")
+        lines.append(f"| `{name}` | {len(r['seeds'])} | {r['accuracy']:.4f} | {r['drop']:+.1f} | {interval} "
+                     f"| {gain_text} |")
     lines += ["", "The weak tier's client round against dense's (`bench/budget.py costs`; a weak device needs at least "
               "2x on both):", "", "| weak tier | as the row | training FLOPs saved | peak training memory saved "
               "(64 tokens) | fits |", "|---|---|---|---|---|"]
