@@ -182,15 +182,17 @@ def readme_table(costs: dict[str, Any], protocol: dict, screens: dict) -> str:
 
 def best_meeting(costs: dict[str, Any], protocol: dict, screens: dict, resource: str, budget: float,
                  pruning: bool = False) -> tuple[str, dict[str, Any]] | None:
-    """The row with the smallest drop among those whose `resource` saving is at least `budget`, whatever its
-    evidence (the table says whether it is 3 seeds, exact or a screen; with `pruning`, only rows that prune heads)."""
+    """The row with the smallest drop among those whose `resource` saving is at least `budget`, rows with protocol
+    or exact evidence first: a one-seed screen is chosen only where no such row meets the budget (a screen's
+    last-round model swings by points, so it cannot displace a 3-seed measurement; with `pruning`, only rows that
+    prune heads)."""
     meeting = []
     for row in costs["rows"]:
         saved = ratios(costs, row)[resource]
         evidence = accuracy(row, protocol, screens)
         if saved is not None and saved >= budget and evidence is not None and (prunes_heads(row) or not pruning):
             meeting.append((evidence["seeds"] < 3, evidence["drop"], row, evidence))
-    meeting.sort(key=lambda m: (m[1], m[0]))
+    meeting.sort(key=lambda m: (m[0], m[1]))
     return (meeting[0][2], meeting[0][3]) if meeting else None
 
 
