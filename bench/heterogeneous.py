@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 
 from common import ROOT
 from frontier import RESULTS, frontier_rows, run, status
 from frontier_records import load_records
-from frontier_stats import paired_drop
+from frontier_stats import t_quantile
 
 LEFT_OUT = "mixfed-capable-only"  # what users do today: the row the others must beat
 ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt", "mixfed-weak-b8")
@@ -44,16 +46,25 @@ RUNS = ROOT / "bench" / "results" / "heterogeneous"
 TABLE = ROOT / "docs" / "results" / "heterogeneous.md"
 
 
-def gain_over_leaving_out(row: str) -> tuple[float, float, float, float, int] | None:
-    """Points `row` gains over `LEFT_OUT` (the weak devices left out), paired by seed: g_s = 100 (row_s - left_s)
-    of the tail-averaged models; (mean, sd, 95% t interval low, high, seeds), None without a common seed."""
-    records = load_records(RECORDS)
-    mine, left = records.get(row, {}), records.get(LEFT_OUT, {})
-    seeds = sorted(set(mine) & set(left))
-    if not seeds:
-        return None
-    accuracy = [[r[s]["full_eval_tail_average"]["accuracy"] for s in seeds] for r in (mine, left)]
-    return (*paired_drop(*accuracy), len(seeds))
+def paired_points(records: dict, row: str, versus: dict[int, dict]) -> dict[int, float]:
+    """100 (row_s - versus_s) for each seed s both have, of the tail-averaged models' full-set accuracy
+    (`records`: `load_records` of RECORDS; `versus`: another row's records by seed)."""
+    mine = records.get(row, {})
+    return {s: 100 * (mine[s]["full_eval_tail_average"]["accuracy"] - versus[s]["full_eval_tail_average"]["accuracy"])
+            for s in sorted(set(mine) & set(versus))}
+
+
+def _gain_text(points: dict[int, float]) -> str:
+    """Mean, per-seed values and 95% t interval of paired points (one seed: no interval)."""
+    if not points:
+        return "- | -"
+    values = list(points.values())
+    mean = statistics.fmean(values)
+    seeds = ", ".join(f"{v:+.1f}" for v in values)
+    if len(values) < 2:
+        return f"{mean:+.1f} ({seeds}) | -"
+    half = t_quantile(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{mean:+.1f} ({seeds}) | [{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
 def table() -> str:
@@ -65,17 +76,18 @@ def table() -> str:
              "| gain over leaving the weak out (pt) | 95% interval |", "|---|---|---|---|---|---|---|"]
     if dense is not None:
         lines.append(f"| all dense (frontier) | {len(dense['seeds'])} | {dense['accuracy']:.4f} | 0 | - | - | - |")
+    records = load_records(RECORDS) if RECORDS.exists() else {}
+    dense_records = load_records(RESULTS).get("dense", {})
     for name in ROWS:
         r = rows.get(name)
         if r is None:
             lines.append(f"| `{name}` | 0 | not run yet | - | - | - | - |")
             continue
         interval = f"[{r['drop_low']:+.1f}, {r['drop_high']:+.1f}]" if len(r["seeds"]) > 1 else "-"
-        gain = None if name == LEFT_OUT else gain_over_leaving_out(name)
-        gain_text = "- | -" if gain is None else f"{gain[0]:+.1f} | " + (
-            f"[{gain[2]:+.1f}, {gain[3]:+.1f}]" if gain[4] > 1 else "-")
-        lines.append(f"| `{name}` | {len(r['seeds'])} | {r['accuracy']:.4f} | {r['drop']:+.1f} | {interval} "
-                     f"| {gain_text} |")
+        drops = ", ".join(f"{-p:+.1f}" for p in paired_points(records, name, dense_records).values())
+        gain = "- | -" if name == LEFT_OUT else _gain_text(paired_points(records, name, records.get(LEFT_OUT, {})))
+        lines.append(f"| `{name}` | {len(r['seeds'])} | {r['accuracy']:.4f} | {r['drop']:+.1f} ({drops}) | {interval} "
+                     f"| {gain} |")
     lines += ["", "The weak tier's client round against dense's (`bench/budget.py costs`; a weak device needs at least "
               "2x on both):", "", "| weak tier | as the row | training FLOPs saved | peak training memory saved "
               "(64 tokens) | fits |", "|---|---|---|---|---|"]

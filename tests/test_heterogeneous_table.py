@@ -17,10 +17,14 @@ def heterogeneous():
     return load_bench("heterogeneous")
 
 
-def _client(overrides: dict, client: int) -> tuple:
+@pytest.fixture(scope="module")
+def protocol():
+    return load_bench("frontier_protocol")
+
+
+def _client(protocol, overrides: dict, client: int) -> tuple:
     """How `client` trains in round 5 of a protocol run with `overrides`: its local training, checkpointing,
     sparsity and upload."""
-    protocol = load_bench("frontier_protocol")
     cfg = load_config(protocol.BASE, {**overrides, **protocol.PROTOCOL})
     options = ClientOptions.from_config(cfg)
     return (options.training_of(client), options.checkpointing_of(client), cfg.heads.sparsity_of(client, 5),
@@ -28,12 +32,12 @@ def _client(overrides: dict, client: int) -> tuple:
 
 
 @pytest.mark.skipif(not (MNLI_TRAIN.exists() and MNLI_EVAL.exists()), reason="needs ../shared/data (MultiNLI)")
-def test_each_weak_tier_trains_as_the_row_it_is_costed_as(heterogeneous):
-    rows = load_bench("frontier_protocol").ROWS
+def test_each_weak_tier_trains_as_the_row_it_is_costed_as(heterogeneous, protocol):
+    rows = protocol.ROWS
     for federation, weak in heterogeneous.WEAK_TIER.items():
         for client in (1, 2, 3, 5):  # weak: c % 4 != 0
-            assert _client(rows[federation], client) == _client(rows[weak], 0), (federation, client)
-        assert _client(rows[federation], 4) == _client({}, 0), federation  # capable: dense
+            assert _client(protocol, rows[federation], client) == _client(protocol, rows[weak], 0), (federation, client)
+        assert _client(protocol, rows[federation], 4) == _client(protocol, {}, 0), federation  # capable: dense
 
 
 def test_each_weak_tier_fits_a_weak_device(heterogeneous):
