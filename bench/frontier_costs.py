@@ -67,9 +67,10 @@ def measure_costs(rows: list[str], repeats: int, threads: int, client: int = 0, 
             start = time.perf_counter()
             update = client_update(lm, state, data, cfg, client, round_)
             elapsed = time.perf_counter() - start
+            payload = encode_update(update, deflate=cfg.federated.upload_deflate)  # the bytes a run sends
             out[row] = {"train_flops": int(update.stats["train_flops"]), "steps": int(update.stats["steps"]),
-                        "bytes_up": len(encode_update(update)), "peak_memory_bytes": int(update.stats[
-                            "peak_memory_bytes"]), "attention": cfg.model.attn_implementation}
+                        "bytes_up": len(payload), "peak_memory_bytes": int(update.stats["peak_memory_bytes"]),
+                        "attention": cfg.model.attn_implementation}
             if repeat:
                 seconds[row].append(elapsed)
                 step[row].append(update.timings["train_seconds"] / update.stats["steps"])

@@ -120,6 +120,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "dense-up8": {"federated.upload_bits": 8},
     "dense-up4": {"federated.upload_bits": 4},
     "dense-up2": {"federated.upload_bits": 2},
+    # the same uploads deflated (federated.upload_deflate: lossless, so dense-up4-z trains exactly as dense-up4), and
+    # rank-4 LoRA (alpha / rank kept at 2) under them: the upload >= 10x budget's candidate
+    "dense-up4-z": {"federated.upload_bits": 4, "federated.upload_deflate": True},
+    "dense-r4-up4-z": {"lora.rank": 4, "lora.alpha": 8.0, "federated.upload_bits": 4,
+                       "federated.upload_deflate": True},
     # LoRA in the top blocks only (lora.layers): the blocks below run without autograd
     # a smaller local batch, same local steps: training FLOPs and activation memory fall with the batch
     # (32 / 16 = 2x, 32 / 8 = 4x), each client still takes 8 optimizer steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -20,10 +21,11 @@ from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import client_update
 from fedhead.federated.compression import GROUP, compress, dequantize, levels, pack_bits, quantize, unpack_bits
-from fedhead.federated.payload import decode_state, decode_update, encode_update
+from fedhead.federated.payload import DEFLATED, MAX_INFLATION, decode_state, decode_update, encode_update
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import materialize
 from fedhead.federated.state import trainable_state
+from fedhead.federated.validation import receive_update
 from fedhead.models.head_map import UnsupportedModelError, head_map_for
 from fedhead.models.loading import build_model, enable_activation_checkpointing_, load_tokenizer
 from fedhead.models.slicing import gather_kept, prune_heads_
@@ -253,6 +255,40 @@ def test_quantised_runs_resume_with_their_residuals(tiny_bert_dir, tmp_path):
     saved = tmp_path / "r" / "checkpoint.safetensors"
     keys = decode_state(saved.read_bytes()).keys()
     assert {k.split("/")[1] for k in keys if k.startswith(RESIDUALS)} == {str(c) for c in range(4)}
+
+
+def test_a_deflated_upload_is_the_same_update_in_fewer_bytes_and_a_bomb_is_refused(tiny_bert_dir, tmp_path):
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"local_steps": 1, "batch_size": 8, "upload_bits": 4})
+    update = client_update(lm, trainable_state(lm.model), data.train.select(range(16)), cfg, 0, 1)
+    plain, deflated = encode_update(update), encode_update(update, deflate=True)
+    assert len(deflated) < 0.9 * len(plain)
+    a, b = decode_update(plain), decode_update(deflated)
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert (a.client_id, a.num_examples, a.loss_after) == (b.client_id, b.num_examples, b.loss_after)
+    # a zlib bomb: a few hundred bytes that would inflate to 100 times the limit
+    bomb = DEFLATED + zlib.compress(b"\0" * (100 * MAX_INFLATION * 1000), 9)
+    assert receive_update(bomb)[0] is None and "inflates beyond" in receive_update(bomb)[1]
+    for broken, reason in ((deflated[:-8], "cut short"), (deflated + b"x", "followed by"),
+                           (DEFLATED + b"not zlib", "broken deflate")):
+        assert reason in receive_update(broken)[1]
+
+
+def test_deflating_the_upload_changes_only_the_bytes(tiny_bert_dir, tmp_path):
+    sections = {"federated": {"rounds": 2, "clients_per_round": 2, "upload_bits": 4, "local_steps": 1},
+                "partition": {"num_clients": 2}, "data": {"train_size": 64, "eval_size": 16}}
+    run_simulation(tiny_config(tiny_bert_dir, tmp_path, **sections), tmp_path / "plain")
+    sections["federated"]["upload_deflate"] = True
+    run_simulation(tiny_config(tiny_bert_dir, tmp_path, **sections), tmp_path / "deflated")
+
+    def without_bytes(obj):  # every upload byte count, the round's and each client's, left out
+        if isinstance(obj, dict):
+            return {k: without_bytes(v) for k, v in obj.items() if "bytes_up" not in k}
+        return [without_bytes(v) for v in obj] if isinstance(obj, list) else obj
+
+    plain, deflated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "deflated")
+    assert without_bytes(strip_timings(plain)) == without_bytes(strip_timings(deflated))
+    rounds = [(p["bytes_up"], d["bytes_up"]) for p, d in zip(plain, deflated, strict=True) if "bytes_up" in p]
+    assert rounds and all(d < p for p, d in rounds)
 
 
 # ------------------------------------------------------------------------------------ per-tier local steps

@@ -57,6 +57,7 @@ class ClientOptions:
     checkpointing: tuple[bool, ...] = (False,)  # client c: activation checkpointing if checkpointing[c % len]
     upload_bits: int = 32  # 8 / 4: quantised upload with error feedback (fedhead.federated.compression)
     tier_batch_size: tuple[int, ...] | None = None  # client c: batches of tier_batch_size[c % len] examples
+    upload_deflate: bool = False  # the update's payload is deflated (fedhead.federated.payload.encode_update)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientOptions:
@@ -66,7 +67,7 @@ class ClientOptions:
         return cls(cfg.heads, LocalTraining.from_config(fed), cfg.seed, always,
                    tuple(fed.tier_local_steps) if fed.tier_local_steps else None,
                    tuple(ckpt) if isinstance(ckpt, list) else (ckpt,), fed.upload_bits,
-                   tuple(fed.tier_batch_size) if fed.tier_batch_size else None)
+                   tuple(fed.tier_batch_size) if fed.tier_batch_size else None, fed.upload_deflate)
 
     def training_of(self, client_id: int) -> LocalTraining:
         """How `client_id` trains: its tier's local steps and batch size when tier_local_steps / tier_batch_size

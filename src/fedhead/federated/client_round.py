@@ -37,4 +37,5 @@ def client_round(lm: LoadedModel, received: bytes, data: datasets.Dataset, optio
     """Client `client_id`'s round `round_` on `data`, from the global state's payload `received` (`encode_state`
     bytes); the arguments after `data` are `client_update`'s."""
     update = client_update(lm, decode_state(received), data, options, client_id, round_, head_counts, residual)
-    return ClientReply(encode_update(update), update.num_examples, update.timings, update.residual)
+    payload = encode_update(update, deflate=options.upload_deflate)
+    return ClientReply(payload, update.num_examples, update.timings, update.residual)

@@ -1,11 +1,17 @@
 """What travels: the server's global state down, each client's update up, serialised with safetensors.
 
 The byte counts of the run are the lengths of these serialised payloads, not estimates.
+
+An update may travel deflated (`federated.upload_deflate`): DEFLATED followed by zlib's level-9 stream of the
+safetensors bytes. The server inflates it to at most MAX_INFLATION times the bytes it received: a legitimate
+update inflates by well under 2x (float32 values hardly compress; a quantised upload's header and values by about
+a third), so a payload that would inflate further (a zlib bomb) is refused before it fills the server's memory.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +24,10 @@ from fedhead.federated.state import State
 KEPT = "__kept_heads__"
 SCALE = "::scale"  # a quantised tensor's per-row scales travel as <name>::scale
 SCORES = "__head_scores__"
+# a deflated update starts with these bytes; a safetensors file starts with its header's length (8 bytes, little
+# endian), which would read here as about 3e18 bytes: the two cannot be confused
+DEFLATED = b"fedhead-deflate\x00"
+MAX_INFLATION = 64
 
 
 @dataclass
@@ -66,9 +76,10 @@ def decode_state_with_metadata(blob: bytes) -> tuple[State, dict[str, str]]:
     return decode_state(blob), _metadata(blob)
 
 
-def encode_update(update: ClientUpdate) -> bytes:
+def encode_update(update: ClientUpdate, deflate: bool = False) -> bytes:
     """Serialise a client update: tensors (a quantised upload: packed values and SCALE-suffixed per-row scales),
-    kept mask and scores as safetensors, the scalars as its metadata."""
+    kept mask and scores as safetensors, the scalars as its metadata; with `deflate`, DEFLATED + those bytes
+    deflated (zlib, level 9)."""
     if update.quantized is not None:
         tensors = {}
         for name, (packed, scale) in update.quantized.items():
@@ -88,14 +99,35 @@ def encode_update(update: ClientUpdate) -> bytes:
     if update.quantized is not None:
         meta["upload_bits"] = update.upload_bits
         meta["shapes"] = {name: list(update.tensors[name].shape) for name in update.quantized}
-    return st_save(tensors, metadata={"fedhead": json.dumps(meta)})
+    blob = st_save(tensors, metadata={"fedhead": json.dumps(meta)})
+    return DEFLATED + zlib.compress(blob, 9) if deflate else blob
+
+
+def inflated(blob: bytes) -> bytes:
+    """A payload's safetensors bytes: `blob` itself, or a deflated update inflated (ValueError when the stream is
+    broken, unfinished, or would inflate beyond MAX_INFLATION times its length)."""
+    if not blob.startswith(DEFLATED):
+        return blob
+    stream = zlib.decompressobj()
+    limit = MAX_INFLATION * len(blob)
+    try:
+        out = stream.decompress(blob[len(DEFLATED):], limit)
+    except zlib.error as err:
+        raise ValueError(f"not a fedhead client update: broken deflate stream ({err})") from None
+    if stream.unconsumed_tail:
+        raise ValueError(f"not a fedhead client update: inflates beyond {MAX_INFLATION}x its {len(blob)} bytes")
+    if not stream.eof or stream.unused_data:
+        raise ValueError("not a fedhead client update: the deflate stream is cut short or followed by other bytes")
+    return out
 
 
 def decode_update(blob: bytes) -> ClientUpdate:
     """Inverse of `encode_update`; raises ValueError on a payload that is not a fedhead update.
 
     The scalars are returned as the client wrote them, not converted: a data size of 3.7 or true, or a client id
-    of "2", must reach the server's checks (`validation.check_update`) as what it is, to be refused there."""
+    of "2", must reach the server's checks (`validation.check_update`) as what it is, to be refused there. A
+    deflated update (`encode_update(..., deflate=True)`) is inflated first (`inflated`)."""
+    blob = inflated(blob)
     tensors = dict(st_load(blob))
     raw = _metadata(blob).get("fedhead")
     if raw is None or KEPT not in tensors or SCORES not in tensors:
