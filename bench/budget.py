@@ -19,8 +19,9 @@ sdpa rows).
 
 **Accuracy** comes from the frontier's records (bench/frontier.py: 60 rounds, 3 seeds, all 9,815 pairs, the mean
 of the last 5 rounds' global models, paired with dense of the same seed) when a row has them, else from its
-30-round screen (one seed: marked, a screen only). A row whose training is exactly dense's (activation
-checkpointing alone, `EXACT`) takes dense's accuracy: tests/test_levers.py shows its gradients equal dense's.
+30-round screen (one seed: marked, a screen only). A row whose training is exactly another's (activation
+checkpointing alone, `EXACT`, takes dense's accuracy: tests/test_levers.py shows its gradients equal dense's; a
+deflated upload takes the undeflated row's: tests/test_levers.py shows the run equal but for its bytes).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ from frontier_costs import measure_costs
 COSTS = ROOT / "docs" / "results" / "budget_costs.json"
 SCREEN = RESULTS.parent / "screen30"
 TABLE = RESULTS.parent / "budget.md"
-# rows whose training is dense's exactly (activation checkpointing changes no gradient): dense's accuracy
-EXACT = {"dense-ckpt": "dense", "dense-sdpa": "dense", "dense-ckpt-sdpa": "dense"}
+# rows whose training is another row's exactly, and why: that row's accuracy (activation checkpointing changes no
+# gradient; a deflated upload is the same update in fewer bytes)
+EXACT = {"dense-ckpt": ("dense", "dense's gradients"), "dense-sdpa": ("dense", "dense's gradients"),
+         "dense-ckpt-sdpa": ("dense", "dense's gradients"),
+         "dense-up4-z": ("dense-up4", "dense-up4's update, deflated")}
 COST_ROWS = ("dense", "dense-sdpa", "dense-ckpt", "dense-ckpt-sdpa", "dense-up8", "dense-up4", "dense-up2",
              "dense-steps6", "dense-steps5", "dense-top5", "dense-top4", "dense-top3", "dense-top3-ckpt",
              "dense-steps5-ckpt", "dense-up2-top4", "sparse-rolling-0.9", "sparse-rolling-0.7",
@@ -77,12 +81,12 @@ def ratios(costs: dict[str, Any], row: str) -> dict[str, float | None]:
 def accuracy(row: str, protocol: dict[str, dict[str, Any]], screens: dict[str, dict[str, Any]]
              ) -> dict[str, Any] | None:
     """A row's accuracy evidence (`frontier.frontier_rows` by row): the protocol's paired drop (3 seeds: mean, sd,
-    95% interval), an exact row's (dense's, by `EXACT`), the protocol's drop over the seeds recorded so far (fewer
-    than 3: no interval), or its 30-round screen's drop against dense's screen (one seed)."""
-    source = EXACT.get(row, row)
+    95% interval), an exact row's (its source row's, by `EXACT`), the protocol's drop over the seeds recorded so
+    far (fewer than 3: no interval), or its 30-round screen's drop against dense's screen (one seed)."""
+    source, reason = EXACT.get(row, (row, ""))
     if source in protocol and len(protocol[source]["seeds"]) >= 3:
         r = protocol[source]
-        evidence = "exact: dense's gradients" if source != row else f"{len(r['seeds'])} seeds, 60 rounds"
+        evidence = f"exact: {reason}" if source != row else f"{len(r['seeds'])} seeds, 60 rounds"
         return {"drop": r["drop"], "sd": r["drop_sd"], "interval": (r["drop_low"], r["drop_high"]),
                 "seeds": len(r["seeds"]), "evidence": evidence}
     if source in protocol:  # the protocol under way: fewer than 3 seeds, paired with dense's, no interval
@@ -192,9 +196,10 @@ def best_meeting(costs: dict[str, Any], protocol: dict, screens: dict, resource:
         saved = ratios(costs, row)[resource]
         evidence = accuracy(row, protocol, screens)
         if saved is not None and saved >= budget and evidence is not None and (prunes_heads(row) or not pruning):
-            meeting.append((evidence["seeds"] < 3, evidence["drop"], row, evidence))
-    meeting.sort(key=lambda m: (m[0], m[1]))
-    return (meeting[0][2], meeting[0][3]) if meeting else None
+            meeting.append((evidence["seeds"] < 3, evidence["drop"], -round(saved, 1), row, evidence))
+    # evidence, then drop, then (a tie: an exact row) the larger saving, to 0.1x (4.41x is not more than 4.39x)
+    meeting.sort(key=lambda m: m[:3])
+    return (meeting[0][3], meeting[0][4]) if meeting else None
 
 
 def preset_row(text: str) -> str | None:

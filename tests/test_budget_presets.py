@@ -69,3 +69,21 @@ def test_a_screen_does_not_displace_a_three_seed_row():
     screens = {"dense-b16": {"drop": 1.5, "model": "last round"}}
     assert budget.best_meeting(costs, protocol, screens, "train_flops", 1.2)[0] == "dense-steps6"
     assert budget.best_meeting(costs, protocol, screens, "train_flops", 1.5)[0] == "dense-b16"
+
+
+def test_an_exact_row_that_saves_more_answers_for_its_source():
+    # dense-up4-z trains as dense-up4 (the same update, deflated) and sends fewer bytes: at an upload budget both
+    # meet, with the same records, the one that saves more is the answer; a tie to 0.1x keeps the first row
+    budget = load_bench("budget")
+    row = {"train_flops": 100, "bytes_up": 100, "peak_memory_bytes": 100, "peak_memory_bytes_256": 100,
+           "attention": "eager", "client_round_seconds_median": 1, "client_step_seconds_median": 1}
+    costs = {"rows": {"dense": row, "dense-up4": {**row, "bytes_up": 17}, "dense-up4-z": {**row, "bytes_up": 14},
+                      "dense-ckpt": {**row, "peak_memory_bytes": 22.8},
+                      "dense-ckpt-sdpa": {**row, "peak_memory_bytes": 22.7}}}
+    protocol = {"dense-up4": {"seeds": [0, 1, 2], "drop": 0.1, "drop_sd": 0.3, "drop_low": -0.6, "drop_high": 0.7,
+                              "model": "mean of last 5 rounds"},
+                "dense": {"seeds": [0, 1, 2], "drop": 0.0, "drop_sd": 0.0, "drop_low": 0.0, "drop_high": 0.0,
+                          "model": "mean of last 5 rounds"}}
+    best = budget.best_meeting(costs, protocol, {}, "upload", 5.0)
+    assert best[0] == "dense-up4-z" and best[1]["evidence"] == "exact: dense-up4's update, deflated"
+    assert budget.best_meeting(costs, protocol, {}, "memory", 3.0)[0] == "dense-ckpt"
