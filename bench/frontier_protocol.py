@@ -146,6 +146,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "weak-remove-0.9-ckpt-steps3": {"heads.sparsity": 0.9, "federated.activation_checkpointing": True,
                                     "federated.local_steps": 3},
     "weak-remove-0.9-steps4": {"heads.sparsity": 0.9, "federated.local_steps": 4},
+    # batches of 16 run as two micro-batches of 8 (federated.micro_batch_size): dense-b16's steps and FLOPs, the
+    # activations of a batch of 8
+    "dense-b16-m8": {"federated.batch_size": 16, "federated.micro_batch_size": 8},
     # the mixed federation (bench/heterogeneous.py): clients c % 4 == 0 capable (5 of 20), the rest weak
     "mixfed-capable-only": {"federated.tier_selectable": [True, False, False, False]},
     "mixfed-weak-heads": {"heads.tiers": [0.0, 0.9, 0.9, 0.9], "federated.activation_checkpointing":
@@ -154,6 +157,9 @@ ROWS: dict[str, dict[str, Any]] = {
                          "federated.tier_local_steps": [8, 2, 2, 2]},
     # weak devices take the capable ones' 8 steps on batches of 8 (dense-b8): a quarter of the FLOPs and activations
     "mixfed-weak-b8": {"federated.tier_batch_size": [32, 8, 8, 8]},
+    # weak devices take 8 steps on batches of 16, each run as two micro-batches of 8 (dense-b16-m8): half the FLOPs,
+    # a quarter of the activations
+    "mixfed-weak-b16m8": {"federated.tier_batch_size": [32, 16, 16, 16], "federated.micro_batch_size": [32, 8, 8, 8]},
     "sparse-rolling-0.9-up4": {"heads.sparsity": 0.9, **SPARSE, "heads.schedule": "rolling",
                                "federated.upload_bits": 4},
 }

@@ -16,7 +16,10 @@ Rows (60 rounds, 3 seeds, all 9,815 pairs, tail average of the last 5 rounds, pa
   (`weak-ckpt-steps2`), a combination of levers that fits both limits;
 - `mixfed-weak-b8`: weak devices take the capable ones' 8 local steps on batches of 8 instead of 32
   (`federated.tier_batch_size`, `dense-b8`): a quarter of the FLOPs and activation memory, and every client
-  takes the same number of optimizer steps.
+  takes the same number of optimizer steps;
+- `mixfed-weak-b16m8`: weak devices take 8 local steps on batches of 16, each run as two micro-batches of 8
+  (`federated.micro_batch_size`, gradient accumulation; `dense-b16-m8`): half the FLOPs (the batch of 16's) and a
+  quarter of the activations (the batch of 8's).
 
     python bench/heterogeneous.py run --seeds 0 1 2 --threads 1   # resumable; records docs/results/heterogeneous/
     python bench/heterogeneous.py table                           # docs/results/heterogeneous.md
@@ -36,10 +39,10 @@ from frontier_records import load_records
 from frontier_stats import t_quantile
 
 LEFT_OUT = "mixfed-capable-only"  # what users do today: the row the others must beat
-ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt", "mixfed-weak-b8")
+ROWS = ("mixfed-capable-only", "mixfed-weak-heads", "mixfed-weak-ckpt", "mixfed-weak-b8", "mixfed-weak-b16m8")
 # the weak tier of each federation, as a single-tier row that bench/budget.py costs measures
 WEAK_TIER = {"mixfed-weak-heads": "weak-remove-0.9-ckpt-steps3", "mixfed-weak-ckpt": "weak-ckpt-steps2",
-             "mixfed-weak-b8": "dense-b8"}
+             "mixfed-weak-b8": "dense-b8", "mixfed-weak-b16m8": "dense-b16-m8"}
 COSTS = ROOT / "docs" / "results" / "budget_costs.json"
 RECORDS = ROOT / "docs" / "results" / "heterogeneous"
 RUNS = ROOT / "bench" / "results" / "heterogeneous"

@@ -589,7 +589,7 @@ def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
 
 
 LEVERS = {"federated": {"selection": "random", "aggregation": "fedavg", "upload_bits": 4, "tier_local_steps": [2, 1],
-                        "tier_batch_size": [4, 2], "upload_deflate": True,
+                        "tier_batch_size": [4, 2], "upload_deflate": True, "micro_batch_size": [4, 1],
                         "activation_checkpointing": [False, True], "clients_per_round": 4, "rounds": 3},
           "lora": {"layers": [1]}, "heads": {"sparsity": 0.5, "mode": "train_sparse"},
           "partition": {"num_clients": 4}}

@@ -12,14 +12,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from transformers import T5ForConditionalGeneration
 
 from fedhead.config import ConfigError, load_config
 from fedhead.data.batching import collate
 from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
-from fedhead.federated.client import client_update
+from fedhead.federated.client import ClientOptions, client_update
 from fedhead.federated.compression import GROUP, compress, dequantize, levels, pack_bits, quantize, unpack_bits
 from fedhead.federated.payload import DEFLATED, MAX_INFLATION, decode_state, decode_update, encode_update
 from fedhead.federated.selection import ClientStats
@@ -334,6 +334,42 @@ def test_tier_batch_size_is_the_batch_each_client_trains_on(tiny_bert_dir, tmp_p
     assert flops[1] < min(flops[0], flops[2]) / 2  # (batches are padded to their longest: FLOPs vary by batch)
     with pytest.raises(ConfigError, match="tier_batch_size"):
         tiny_config(tiny_bert_dir, tmp_path, federated={"tier_batch_size": [4, 0]})
+
+
+def test_a_micro_batched_step_has_the_whole_batchs_gradient_and_keeps_one_micro_batch(tiny_bert_dir, tmp_path):
+    # dropout off, so the batch's gradient is one number: the step with micro-batches of 3 (3 + 3 + 2 examples)
+    # must reach the optimizer with the gradient of the 8 examples at once, keep a micro-batch's activations
+    # and count the same examples' FLOPs
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"local_steps": 1, "batch_size": 8})
+    for module in lm.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    state = trainable_state(lm.model)
+    part = data.train.select(range(8))
+    grads, stats = {}, {}
+
+    def keep_gradients(optim, *_):
+        grads[len(grads)] = [p.grad.clone() for g in optim.param_groups for p in g["params"] if p.grad is not None]
+
+    hook = register_optimizer_step_pre_hook(keep_gradients)
+    try:
+        for micro in (None, 3):
+            c = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"micro_batch_size": micro})})
+            stats[micro] = client_update(lm, state, part, c, 0, 1).stats
+    finally:
+        hook.remove()
+    whole, accumulated = grads[0], grads[1]
+    assert len(whole) == len(accumulated) > 0 and any(bool(g.abs().sum() > 0) for g in whole)
+    for a, b in zip(whole, accumulated, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert stats[3]["peak_memory_bytes"] < 0.7 * stats[None]["peak_memory_bytes"]
+    # the same 8 examples (micro-batches padded to their own longest: at most the whole batch's FLOPs)
+    assert 0.5 * stats[None]["train_flops"] < stats[3]["train_flops"] <= stats[None]["train_flops"]
+    # per tier: client c uses micro_batch_size[c % len]; one of the whole batch (8) or more is none
+    tiers = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"micro_batch_size": [8, 2]})})
+    assert [ClientOptions.from_config(tiers).training_of(c).micro_batch_size for c in (0, 1, 2)] == [None, 2, None]
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        tiny_config(tiny_bert_dir, tmp_path, federated={"micro_batch_size": [4, 0]})
 
 
 def test_simulation_keeps_each_clients_residual(tiny_bert_dir, tmp_path):

@@ -278,6 +278,15 @@ class FederatedSection(_Section):
         "takes as many steps as the others; with local_epochs, more steps of smaller batches. None: every "
         "client uses batch_size.",
     )
+    micro_batch_size: int | list[int] | None = Field(
+        None,
+        description="Gradient accumulation: each local step's batch is run as micro-batches of this many examples, "
+        "forward and backward one at a time, their gradients summed (each micro-batch's mean loss weighted by its "
+        "share of the batch's examples) before the one optimizer step: the step's gradient is the batch's "
+        "(exactly for a per-example mean loss, up to dropout draws and float order) and its FLOPs too, while the "
+        "activations kept are one micro-batch's. A list gives it per tier: client c uses micro_batch_size[c % "
+        "len]. None (or >= the batch size): the whole batch at once.",
+    )
     tier_selectable: list[bool] | None = Field(
         None,
         min_length=1,
@@ -364,6 +373,16 @@ class FederatedSection(_Section):
     def _some_tiers(cls, value: bool | list[bool]) -> bool | list[bool]:
         if isinstance(value, list) and not value:
             raise ValueError("federated.activation_checkpointing: a list needs one value a tier")
+        return value
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_micro_batches(cls, value: int | list[int] | None) -> int | list[int] | None:
+        sizes = value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("federated.micro_batch_size: a list needs one value a tier")
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"federated.micro_batch_size must be >= 1: {value}")
         return value
 
     def selectable(self, client_id: int) -> bool:

@@ -58,6 +58,7 @@ class ClientOptions:
     upload_bits: int = 32  # 8 / 4: quantised upload with error feedback (fedhead.federated.compression)
     tier_batch_size: tuple[int, ...] | None = None  # client c: batches of tier_batch_size[c % len] examples
     upload_deflate: bool = False  # the update's payload is deflated (fedhead.federated.payload.encode_update)
+    tier_micro_batch_size: tuple[int, ...] | None = None  # client c: micro-batches of tier_micro_batch_size[c % len]
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientOptions:
@@ -67,16 +68,22 @@ class ClientOptions:
         return cls(cfg.heads, LocalTraining.from_config(fed), cfg.seed, always,
                    tuple(fed.tier_local_steps) if fed.tier_local_steps else None,
                    tuple(ckpt) if isinstance(ckpt, list) else (ckpt,), fed.upload_bits,
-                   tuple(fed.tier_batch_size) if fed.tier_batch_size else None, fed.upload_deflate)
+                   tuple(fed.tier_batch_size) if fed.tier_batch_size else None, fed.upload_deflate,
+                   tuple(fed.micro_batch_size) if isinstance(fed.micro_batch_size, list) else None)
 
     def training_of(self, client_id: int) -> LocalTraining:
-        """How `client_id` trains: its tier's local steps and batch size when tier_local_steps / tier_batch_size
-        are set."""
+        """How `client_id` trains: its tier's local steps, batch size and micro-batch size when tier_local_steps /
+        tier_batch_size / a list of micro_batch_size are set."""
         training = self.training
         if self.tier_local_steps is not None:
             training = replace(training, local_steps=self.tier_local_steps[client_id % len(self.tier_local_steps)])
         if self.tier_batch_size is not None:
             training = replace(training, batch_size=self.tier_batch_size[client_id % len(self.tier_batch_size)])
+        if self.tier_micro_batch_size is not None:
+            micro = self.tier_micro_batch_size[client_id % len(self.tier_micro_batch_size)]
+            training = replace(training, micro_batch_size=micro)
+        if training.micro_batch_size is not None and training.micro_batch_size >= training.batch_size:
+            training = replace(training, micro_batch_size=None)  # micro-batches of the whole batch: none
         return training
 
     def checkpointing_of(self, client_id: int) -> bool:

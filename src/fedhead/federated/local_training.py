@@ -26,17 +26,20 @@ FrozenRows = dict[str, tuple[torch.Tensor, torch.Tensor]]  # parameter name -> (
 @dataclass(frozen=True)
 class LocalTraining:
     """How a client trains: AdamW (learning_rate, weight_decay) on batches of `batch_size` of its data, for
-    `local_steps` steps, or `local_epochs` passes over the data when local_steps is None."""
+    `local_steps` steps, or `local_epochs` passes over the data when local_steps is None; each batch run as
+    micro-batches of `micro_batch_size` examples whose gradients add up to the batch's (None: the whole batch)."""
 
     batch_size: int
     learning_rate: float
     weight_decay: float = 0.0
     local_steps: int | None = None
     local_epochs: int = 1
+    micro_batch_size: int | None = None
 
     @classmethod
     def from_config(cls, fed: FederatedSection) -> LocalTraining:
-        return cls(fed.batch_size, fed.learning_rate, fed.weight_decay, fed.local_steps, fed.local_epochs)
+        micro = fed.micro_batch_size if isinstance(fed.micro_batch_size, int) else None  # a list: per tier
+        return cls(fed.batch_size, fed.learning_rate, fed.weight_decay, fed.local_steps, fed.local_epochs, micro)
 
     def steps(self, examples: int) -> int:
         """Optimizer steps on `examples` local examples: local_steps, else local_epochs * ceil(n / batch_size)."""
@@ -65,7 +68,9 @@ def train_local(
     frozen_rows: FrozenRows | None = None,
     checkpointed: list[torch.nn.Module] | None = None,
 ) -> TrainResult:
-    """AdamW on the trainable parameters for `local_steps` steps (or `local_epochs` passes), counting FLOPs.
+    """AdamW on the trainable parameters for `local_steps` steps (or `local_epochs` passes), counting FLOPs; a
+    step's batch of n examples runs as micro-batches m of n_m examples (`training.micro_batch_size`), the loss of
+    each scaled by n_m / n, so the accumulated gradient is sum_m (n_m / n) grad L_m = grad L of the batch.
 
     frozen_rows: parameter name -> (mask of trainable entries, original values) (`frozen_rows_of`); other entries
     get no gradient and are restored after every step (train_sparse and mixed modes).
@@ -78,6 +83,7 @@ def train_local(
     device = device_of(model)
     optim = torch.optim.AdamW(params.values(), lr=training.learning_rate, weight_decay=training.weight_decay)
     n, batch_size = len(data), training.batch_size
+    micro = min(training.micro_batch_size or batch_size, batch_size)
     steps = training.steps(n)
     model.train()
     order: list[int]
@@ -91,21 +97,28 @@ def train_local(
     for _ in range(steps):
         if pos >= len(order):  # a new pass over the local data in a fresh seeded order
             order, pos = torch.randperm(n, generator=generator).tolist(), 0
-        batch = to_device(collate(data[order[pos : pos + batch_size]], tokenizer), device)
+        indices = order[pos : pos + batch_size]
         pos += batch_size
-        shape = tuple(batch["input_ids"].shape)
-        if checkpointed and shape not in recomputed:
-            measured = time.perf_counter()
-            recomputed[shape] = _largest_recomputed_layer(model, checkpointed, batch)
-            start += time.perf_counter() - measured  # the measurement is no part of the client's training time
-        with count_flops(shape not in flops_by_shape) as counted, saved_activation_bytes(model) as saved:
-            loss = model(**batch).loss
-        with count_flops(shape not in flops_by_shape) as counted_backward:
-            loss.backward()
-        counted[0] += counted_backward[0]
-        activations = max(activations, saved[0] + recomputed.get(shape, 0))
-        flops_by_shape.setdefault(shape, counted[0])
-        flops += flops_by_shape[shape]
+        step_loss = 0.0
+        for part in range(0, len(indices), micro):  # gradient accumulation: sum_m (n_m / n) grad L_m = grad L
+            chunk = indices[part : part + micro]
+            batch = to_device(collate(data[chunk], tokenizer), device)
+            shape = tuple(batch["input_ids"].shape)
+            if checkpointed and shape not in recomputed:
+                measured = time.perf_counter()
+                recomputed[shape] = _largest_recomputed_layer(model, checkpointed, batch)
+                start += time.perf_counter() - measured  # the measurement is no part of the client's training time
+            with count_flops(shape not in flops_by_shape) as counted, saved_activation_bytes(model) as saved:
+                loss = model(**batch).loss
+                if len(chunk) < len(indices):
+                    loss = loss * (len(chunk) / len(indices))
+            with count_flops(shape not in flops_by_shape) as counted_backward:
+                loss.backward()
+            counted[0] += counted_backward[0]
+            activations = max(activations, saved[0] + recomputed.get(shape, 0))
+            flops_by_shape.setdefault(shape, counted[0])
+            flops += flops_by_shape[shape]
+            step_loss += float(loss.detach())
         if frozen_rows:
             for name, (mask, _) in frozen_rows.items():
                 grad = params[name].grad
@@ -117,7 +130,7 @@ def train_local(
             with torch.no_grad():
                 for name, (mask, original) in frozen_rows.items():
                     params[name].copy_(torch.where(mask.bool(), params[name], original))
-        losses.append(float(loss.detach()))
+        losses.append(step_loss)
     trainable = sum(p.numel() * p.element_size() for p in params.values())
     peak = activations + 3 * trainable  # + a gradient and AdamW's two moments per trainable value
     if on_cuda:
