@@ -19,9 +19,9 @@ sdpa rows).
 
 **Accuracy** comes from the frontier's records (bench/frontier.py: 60 rounds, 3 seeds, all 9,815 pairs, the mean
 of the last 5 rounds' global models, paired with dense of the same seed) when a row has them, else from its
-30-round screen (one seed: marked, a screen only). A row whose training is exactly another's (activation
-checkpointing alone, `EXACT`, takes dense's accuracy: tests/test_levers.py shows its gradients equal dense's; a
-deflated upload takes the undeflated row's: tests/test_levers.py shows the run equal but for its bytes).
+30-round screen (one seed: marked, a screen only). A row whose training is exactly another's (`EXACT`) takes its
+accuracy: activation checkpointing alone takes dense's (tests/test_levers.py shows its gradients equal dense's), a
+deflated upload the undeflated row's (tests/test_levers.py shows the run equal but for its bytes).
 """
 
 from __future__ import annotations
@@ -197,8 +197,9 @@ def best_meeting(costs: dict[str, Any], protocol: dict, screens: dict, resource:
         evidence = accuracy(row, protocol, screens)
         if saved is not None and saved >= budget and evidence is not None and (prunes_heads(row) or not pruning):
             meeting.append((evidence["seeds"] < 3, evidence["drop"], -round(saved, 1), row, evidence))
-    # evidence, then drop, then (a tie: an exact row) the larger saving, to 0.1x (4.41x is not more than 4.39x)
-    meeting.sort(key=lambda m: m[:3])
+    # evidence, then drop, then (a tie: an exact row) the larger saving, to 0.1x (4.41x is not more than 4.39x),
+    # then the row's name, so the answer does not hang on the order of the costs file
+    meeting.sort(key=lambda m: m[:4])
     return (meeting[0][3], meeting[0][4]) if meeting else None
 
 

@@ -146,8 +146,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "weak-remove-0.9-ckpt-steps3": {"heads.sparsity": 0.9, "federated.activation_checkpointing": True,
                                     "federated.local_steps": 3},
     "weak-remove-0.9-steps4": {"heads.sparsity": 0.9, "federated.local_steps": 4},
-    # batches of 16 run as two micro-batches of 8 (federated.micro_batch_size): dense-b16's steps and FLOPs, the
-    # activations of a batch of 8
+    # batches of 16 run as two micro-batches of 8 (federated.micro_batch_size): dense-b16's steps, at most its FLOPs
+    # (each micro-batch padded to its own longest), the activations of a batch of 8
     "dense-b16-m8": {"federated.batch_size": 16, "federated.micro_batch_size": 8},
     # the mixed federation (bench/heterogeneous.py): clients c % 4 == 0 capable (5 of 20), the rest weak
     "mixfed-capable-only": {"federated.tier_selectable": [True, False, False, False]},

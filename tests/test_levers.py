@@ -21,7 +21,15 @@ from fedhead.data.tasks import load_task_data
 from fedhead.federated.accounting import count_flops
 from fedhead.federated.client import ClientOptions, client_update
 from fedhead.federated.compression import GROUP, compress, dequantize, levels, pack_bits, quantize, unpack_bits
-from fedhead.federated.payload import DEFLATED, MAX_INFLATION, decode_state, decode_update, encode_update
+from fedhead.federated.payload import (
+    DEFLATED,
+    MAX_INFLATION,
+    decode_state,
+    decode_update,
+    encode_state,
+    encode_update,
+    update_size_limit,
+)
 from fedhead.federated.selection import ClientStats
 from fedhead.federated.server import materialize
 from fedhead.federated.state import trainable_state
@@ -265,9 +273,13 @@ def test_a_deflated_upload_is_the_same_update_in_fewer_bytes_and_a_bomb_is_refus
     a, b = decode_update(plain), decode_update(deflated)
     assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert (a.client_id, a.num_examples, a.loss_after) == (b.client_id, b.num_examples, b.loss_after)
-    # a zlib bomb: a few hundred bytes that would inflate to 100 times the limit
+    # a zlib bomb: 6 KB that would inflate to 6.4 MB, 16 times the limit of 64 times what arrived
     bomb = DEFLATED + zlib.compress(b"\0" * (100 * MAX_INFLATION * 1000), 9)
     assert receive_update(bomb)[0] is None and "inflates beyond" in receive_update(bomb)[1]
+    # where the server knows the state it sent, the update may weigh at most twice that + 1 MiB, however it came
+    down = len(encode_state(trainable_state(lm.model)))
+    assert receive_update(deflated, update_size_limit(down))[0] is not None
+    assert "inflates beyond" in receive_update(deflated, len(plain) - 1)[1]
     for broken, reason in ((deflated[:-8], "cut short"), (deflated + b"x", "followed by"),
                            (DEFLATED + b"not zlib", "broken deflate")):
         assert reason in receive_update(broken)[1]
@@ -346,7 +358,7 @@ def test_a_micro_batched_step_has_the_whole_batchs_gradient_and_keeps_one_micro_
             module.p = 0.0
     state = trainable_state(lm.model)
     part = data.train.select(range(8))
-    grads, stats = {}, {}
+    grads, stats, losses = {}, {}, {}
 
     def keep_gradients(optim, *_):
         grads[len(grads)] = [p.grad.clone() for g in optim.param_groups for p in g["params"] if p.grad is not None]
@@ -355,13 +367,15 @@ def test_a_micro_batched_step_has_the_whole_batchs_gradient_and_keeps_one_micro_
     try:
         for micro in (None, 3):
             c = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"micro_batch_size": micro})})
-            stats[micro] = client_update(lm, state, part, c, 0, 1).stats
+            update = client_update(lm, state, part, c, 0, 1)
+            stats[micro], losses[micro] = update.stats, update.train_loss
     finally:
         hook.remove()
     whole, accumulated = grads[0], grads[1]
     assert len(whole) == len(accumulated) > 0 and any(bool(g.abs().sum() > 0) for g in whole)
     for a, b in zip(whole, accumulated, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert losses[3] == pytest.approx(losses[None], rel=1e-5)  # the step's loss: the batch's mean
     assert stats[3]["peak_memory_bytes"] < 0.7 * stats[None]["peak_memory_bytes"]
     # the same 8 examples (micro-batches padded to their own longest: at most the whole batch's FLOPs)
     assert 0.5 * stats[None]["train_flops"] < stats[3]["train_flops"] <= stats[None]["train_flops"]
@@ -370,6 +384,11 @@ def test_a_micro_batched_step_has_the_whole_batchs_gradient_and_keeps_one_micro_
     assert [ClientOptions.from_config(tiers).training_of(c).micro_batch_size for c in (0, 1, 2)] == [None, 2, None]
     with pytest.raises(ConfigError, match="micro_batch_size"):
         tiny_config(tiny_bert_dir, tmp_path, federated={"micro_batch_size": [4, 0]})
+
+
+def test_micro_batches_are_refused_where_the_loss_averages_over_tokens(tiny_t5_dir, tmp_path):
+    with pytest.raises(ConfigError, match="micro_batch_size needs model.task = 'classification'"):
+        tiny_config(tiny_t5_dir, tmp_path, model={"task": "seq2seq"}, federated={"micro_batch_size": 4})
 
 
 def test_simulation_keeps_each_clients_residual(tiny_bert_dir, tmp_path):

@@ -283,9 +283,10 @@ class FederatedSection(_Section):
         description="Gradient accumulation: each local step's batch is run as micro-batches of this many examples, "
         "forward and backward one at a time, their gradients summed (each micro-batch's mean loss weighted by its "
         "share of the batch's examples) before the one optimizer step: the step's gradient is the batch's "
-        "(exactly for a per-example mean loss, up to dropout draws and float order) and its FLOPs too, while the "
-        "activations kept are one micro-batch's. A list gives it per tier: client c uses micro_batch_size[c % "
-        "len]. None (or >= the batch size): the whole batch at once.",
+        "(up to dropout draws and float order; classification only: a generation loss averages over tokens), its "
+        "FLOPs at most the batch's (a micro-batch is padded to its own longest), while the activations kept are "
+        "one micro-batch's; head scoring runs on micro-batches too. A list gives it per tier: client c uses "
+        "micro_batch_size[c % len]. None (or >= the batch size): the whole batch at once.",
     )
     tier_selectable: list[bool] | None = Field(
         None,
@@ -656,6 +657,10 @@ class Config(_Section):
             if self.heads.mode != "train_sparse" and (self.heads.sparsity > 0 or self.heads.tiers):
                 raise ValueError("model.load_in_4bit: 4-bit weights cannot be sliced by head; use heads.mode = "
                                  f"'train_sparse' (got '{self.heads.mode}')")
+        if self.model.task != "classification" and self.federated.micro_batch_size is not None:
+            raise ValueError(f"federated.micro_batch_size needs model.task = 'classification' (a mean over examples); "
+                             f"a '{self.model.task}' loss is a mean over target tokens, which micro-batches weighted "
+                             "by their examples would not add up to")
         generating_text = self.model.task != "classification" and self.data.target_field is not None
         if generating_text and self.data.labels is not None:
             raise ValueError("data.labels applies to classification; a generation task with data.target_field "

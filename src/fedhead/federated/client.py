@@ -127,7 +127,7 @@ def client_update(
     seed = partial(derived_seed, options.seed, round_, client_id)  # stream -> this round's seed of that stream
     load_state_(lm.model, global_state)
     gen = torch.Generator().manual_seed(seed(Stream.CLIENT_DATA))  # the sample, the scoring's, the batch order
-    scoring = _score(lm, data, options, sparsity, training.batch_size, gen)
+    scoring = _score(lm, data, options, sparsity, training.micro_batch_size or training.batch_size, gen)
     plan = _plan(scoring.scores, options.heads, sparsity, round_, client_id, head_counts, seed(Stream.HEAD_SAMPLING))
     work, handles = _working_copy(lm, plan, options.heads.scale_kept, scoring.means)
     result = _train(lm, work, plan, data, training, gen, options.checkpointing_of(client_id), seed(Stream.DROPOUT))

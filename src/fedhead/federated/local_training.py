@@ -70,7 +70,8 @@ def train_local(
 ) -> TrainResult:
     """AdamW on the trainable parameters for `local_steps` steps (or `local_epochs` passes), counting FLOPs; a
     step's batch of n examples runs as micro-batches m of n_m examples (`training.micro_batch_size`), the loss of
-    each scaled by n_m / n, so the accumulated gradient is sum_m (n_m / n) grad L_m = grad L of the batch.
+    each scaled by n_m / n, so the accumulated gradient is sum_m (n_m / n) grad L_m = grad L of the batch (for a
+    mean over examples: the config allows micro-batches for classification only).
 
     frozen_rows: parameter name -> (mask of trainable entries, original values) (`frozen_rows_of`); other entries
     get no gradient and are restored after every step (train_sparse and mixed modes).

@@ -3,9 +3,11 @@
 The byte counts of the run are the lengths of these serialised payloads, not estimates.
 
 An update may travel deflated (`federated.upload_deflate`): DEFLATED followed by zlib's level-9 stream of the
-safetensors bytes. The server inflates it to at most MAX_INFLATION times the bytes it received: a legitimate
-update inflates by well under 2x (float32 values hardly compress; a quantised upload's header and values by about
-a third), so a payload that would inflate further (a zlib bomb) is refused before it fills the server's memory.
+safetensors bytes. The server inflates it to at most MAX_INFLATION times the bytes it received, and to at most
+`max_bytes` where it knows what a legitimate update can weigh (a Flower server: twice the state it sent + 1 MiB,
+`update_size_limit`): a legitimate update inflates by well under 2x (float32 values hardly compress; a quantised
+upload by about 1.3x), so a payload that would inflate further (a zlib bomb) is refused before it fills the
+server's memory.
 """
 
 from __future__ import annotations
@@ -103,31 +105,37 @@ def encode_update(update: ClientUpdate, deflate: bool = False) -> bytes:
     return DEFLATED + zlib.compress(blob, 9) if deflate else blob
 
 
-def inflated(blob: bytes) -> bytes:
+def update_size_limit(down: int) -> int:
+    """The most bytes a legitimate update to a state payload of `down` bytes can inflate to: its tensors are at most
+    the state's (kept slices of it, or their quantised deltas), with a mask, scores and scalars beside them."""
+    return 2 * down + 2**20
+
+
+def inflated(blob: bytes, max_bytes: int | None = None) -> bytes:
     """A payload's safetensors bytes: `blob` itself, or a deflated update inflated (ValueError when the stream is
-    broken, unfinished, or would inflate beyond MAX_INFLATION times its length)."""
+    broken, unfinished, or would inflate beyond MAX_INFLATION times its length or beyond `max_bytes`)."""
     if not blob.startswith(DEFLATED):
         return blob
     stream = zlib.decompressobj()
-    limit = MAX_INFLATION * len(blob)
+    limit = MAX_INFLATION * len(blob) if max_bytes is None else min(MAX_INFLATION * len(blob), max_bytes)
     try:
         out = stream.decompress(blob[len(DEFLATED):], limit)
     except zlib.error as err:
         raise ValueError(f"not a fedhead client update: broken deflate stream ({err})") from None
     if stream.unconsumed_tail:
-        raise ValueError(f"not a fedhead client update: inflates beyond {MAX_INFLATION}x its {len(blob)} bytes")
+        raise ValueError(f"not a fedhead client update: inflates beyond {limit} bytes (from {len(blob)})")
     if not stream.eof or stream.unused_data:
         raise ValueError("not a fedhead client update: the deflate stream is cut short or followed by other bytes")
     return out
 
 
-def decode_update(blob: bytes) -> ClientUpdate:
+def decode_update(blob: bytes, max_bytes: int | None = None) -> ClientUpdate:
     """Inverse of `encode_update`; raises ValueError on a payload that is not a fedhead update.
 
     The scalars are returned as the client wrote them, not converted: a data size of 3.7 or true, or a client id
     of "2", must reach the server's checks (`validation.check_update`) as what it is, to be refused there. A
-    deflated update (`encode_update(..., deflate=True)`) is inflated first (`inflated`)."""
-    blob = inflated(blob)
+    deflated update (`encode_update(..., deflate=True)`) is inflated first, to at most `max_bytes` (`inflated`)."""
+    blob = inflated(blob, max_bytes)
     tensors = dict(st_load(blob))
     raw = _metadata(blob).get("fedhead")
     if raw is None or KEPT not in tensors or SCORES not in tensors:

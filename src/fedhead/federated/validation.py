@@ -188,11 +188,12 @@ def screen_updates(
     return accepted, [Rejection(updates[i].client_id, reason) for i, reason in rejected]
 
 
-def receive_update(blob: bytes) -> tuple[ClientUpdate | None, str | None]:
-    """Decode a client's payload; (None, reason) for bytes that are not a well-formed fedhead update."""
+def receive_update(blob: bytes, max_bytes: int | None = None) -> tuple[ClientUpdate | None, str | None]:
+    """Decode a client's payload; (None, reason) for bytes that are not a well-formed fedhead update (a deflated
+    one that would inflate beyond `max_bytes` included: `fedhead.federated.payload.inflated`)."""
     from fedhead.federated.payload import decode_update
 
     try:
-        return decode_update(blob), None
+        return decode_update(blob, max_bytes), None
     except Exception as err:  # noqa: BLE001 - any bytes may arrive
         return None, f"undecodable payload: {type(err).__name__}: {err}"

@@ -2,9 +2,9 @@
 `flower_client`, the ClientApp. The same app runs on Flower's simulation engine (`fedhead run --engine flower`)
 and on a real deployment (`flower-superlink` + one `flower-supernode` per device, `flwr run`).
 
-What travels (Flower Message API; every payload is fedhead's own safetensors bytes, carried unchanged as one
-`Array` of an `ArrayRecord`, so the bytes recorded are the lengths of the real messages' payloads, exactly as in
-the in-process engine):
+What travels (Flower Message API; every payload is fedhead's own safetensors bytes, an update's deflated with
+federated.upload_deflate, carried unchanged as one `Array` of an `ArrayRecord`, so the bytes recorded are the
+lengths of the real messages' payloads, exactly as in the in-process engine):
 
     query     server -> node   (nothing)                     node -> server  ConfigRecord "node": client-id and,
                                                                              in partition form, num-clients

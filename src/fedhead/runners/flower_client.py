@@ -7,7 +7,8 @@ A node serves one client, chosen by its node config (`flower_node`: device-local
 A ClientApp process loads the run's model and its node's training rows once per run and keeps them for the next
 messages (`flower_node.node_data`); no evaluation set is read on a node.
 
-fedhead's safetensors bytes travel unchanged as one `Array` of an `ArrayRecord`.
+fedhead's safetensors bytes (an update deflated with federated.upload_deflate) travel unchanged as one `Array` of
+an `ArrayRecord`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fedhead.runners.flower_node import node_data, node_identity
 from fedhead.runners.flower_nodes import DATA_ERROR, NODE_CONFIG_ERROR
 
 PAYLOAD = "payload"
-STYPE = "safetensors"  # the Array holds fedhead's safetensors bytes as they are
+STYPE = "safetensors"  # the Array holds fedhead's payload bytes as they are (safetensors, or a deflated update)
 PULL_INTERVAL = 0.5  # seconds between two pulls of replies
 
 client_app = ClientApp()

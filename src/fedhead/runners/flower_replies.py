@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from flwr.app import Message, MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID
 
+from fedhead.federated.payload import update_size_limit
 from fedhead.federated.server import Reply
 from fedhead.federated.validation import receive_update
 from fedhead.runners.flower_client import failure, payload_of
@@ -64,7 +65,7 @@ def decode_train_reply(received: list[Message], client: int, down: int, round_: 
         blob = payload_of(reply.content["update"])
     except Exception as err:  # noqa: BLE001 - whatever a node sends, the server goes on
         return None, f"bad payload: {type(err).__name__}: {err}"
-    update, problem = receive_update(blob)
+    update, problem = receive_update(blob, update_size_limit(down))
     if update is None:
         problem = problem or "undecodable"
         return None, problem if problem.startswith("bad payload") else f"bad payload: {problem}"
