@@ -618,8 +618,12 @@ def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_pa
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         assert x.get("selected") == y.get("selected")
-        assert x.get("bytes_up") == y.get("bytes_up") and x.get("bytes_down") == y.get("bytes_down")
-        # Tolerance: both engines run the same float32 code on the same inputs and the payloads are bit-exact
+        assert x.get("bytes_down") == y.get("bytes_down")
+        if cfg.federated.upload_deflate and "bytes_up" in x:  # deflated, a payload's length depends on its values'
+            assert y["bytes_up"] == pytest.approx(x["bytes_up"], rel=0.01)  # last bits (threads, below)
+        else:  # safetensors bytes: the length depends on the shapes and the metadata only
+            assert x.get("bytes_up") == y.get("bytes_up")
+        # Tolerance: both engines run the same float32 code on the same inputs and the payloads travel as bit-exact
         # copies, so the metrics come out equal here; the only thing that may differ is the number of torch
         # threads in Flower's Ray worker, which reorders float32 sums (relative error ~1e-7 per operation).
         # rtol 1e-4 is far above that and far below any real difference; accuracy may move by one example.
