@@ -149,6 +149,9 @@ ROWS: dict[str, dict[str, Any]] = {
     # batches of 16 run as two micro-batches of 8 (federated.micro_batch_size): dense-b16's steps, at most its FLOPs
     # (each micro-batch padded to its own longest), the activations of a batch of 8
     "dense-b16-m8": {"federated.batch_size": 16, "federated.micro_batch_size": 8},
+    # dense's batches of 32 as four micro-batches of 8: dense's gradient (up to dropout draws), a quarter of its
+    # activations, no more FLOPs (activation checkpointing's alternative for a device short of compute too)
+    "dense-m8": {"federated.micro_batch_size": 8},
     # the mixed federation (bench/heterogeneous.py): clients c % 4 == 0 capable (5 of 20), the rest weak
     "mixfed-capable-only": {"federated.tier_selectable": [True, False, False, False]},
     "mixfed-weak-heads": {"heads.tiers": [0.0, 0.9, 0.9, 0.9], "federated.activation_checkpointing":
