@@ -47,7 +47,7 @@ COST_ROWS = ("dense", "dense-sdpa", "dense-ckpt", "dense-ckpt-sdpa", "dense-up8"
              "dense-steps5-ckpt", "dense-up2-top4", "sparse-rolling-0.9", "sparse-rolling-0.7",
              "sparse-rolling-0.9-up4", "remove-0.9", "mixed-ng-rolling-fapc-0.9", "mixed-ng-rolling-fapc-0.7",
              "weak-ckpt-steps2", "weak-remove-0.9-ckpt-steps3", "weak-remove-0.9-steps4", "dense-b16", "dense-b8",
-             "dense-up4-z", "dense-r4-up4-z", "dense-b16-m8", "dense-m8")
+             "dense-up4-z", "dense-r4-up4-z", "dense-b16-m8", "dense-m8", "dense-up3-z")
 # (resource, budget): the ratio to dense a configuration must reach (issue "What a small device should run")
 BUDGETS = (("upload", 2.0), ("upload", 5.0), ("upload", 10.0), ("train_flops", 1.2), ("train_flops", 1.5),
            ("memory", 2.0), ("memory", 3.0), ("memory_256", 2.0), ("memory_256", 3.0))

@@ -171,13 +171,13 @@ def test_checkpointed_client_rounds_keep_no_working_copy_alive(tiny_bert_dir, tm
 # -------------------------------------------------------------------------------------- quantised upload
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_quantisation_error_is_below_one_step_of_its_group_and_unbiased(bits):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(10, 75) * torch.logspace(-3, 1, 10)[:, None]  # groups of very different magnitudes
     packed, scale = quantize(x, bits, gen)
     assert packed.dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert packed.numel() == -(-x.numel() * bits // 8)
+    assert packed.numel() == -(-x.numel() // (8 // bits))  # 3 bits: two a byte, as 4
     assert scale.numel() == -(-x.numel() // GROUP)
     x_hat = dequantize(packed, scale, bits, tuple(x.shape))
     step = scale.repeat_interleave(GROUP)[: x.numel()].reshape(x.shape)
@@ -188,13 +188,14 @@ def test_quantisation_error_is_below_one_step_of_its_group_and_unbiased(bits):
     assert levels(bits) == 2 ** (bits - 1) - 1
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 def test_packed_values_round_trip_any_count(bits):
     top = levels(bits)
     for n in (1, 5, 8, 63):
         q = torch.randint(-top, top + 1, (n,), generator=torch.Generator().manual_seed(n)).to(torch.int8)
         packed = pack_bits(q, bits)
-        assert packed.numel() == -(-n * bits // 8) and torch.equal(unpack_bits(packed, n, bits), q)
+        assert packed.numel() == -(-n // (8 // bits)) and torch.equal(unpack_bits(packed, n, bits), q)
+        assert int(packed.max()) < 2 ** (bits * (8 // bits))  # only the bits it owns
 
 
 def test_error_feedback_carries_what_rounding_lost_into_the_next_participation(tiny_bert_dir, tmp_path):
@@ -283,6 +284,26 @@ def test_a_deflated_upload_is_the_same_update_in_fewer_bytes_and_a_bomb_is_refus
     for broken, reason in ((deflated[:-8], "cut short"), (deflated + b"x", "followed by"),
                            (DEFLATED + b"not zlib", "broken deflate")):
         assert reason in receive_update(broken)[1]
+
+
+def test_three_bits_are_refused_undeflated_and_deflate_below_four(tiny_bert_dir, tmp_path):
+    with pytest.raises((ConfigError, ValueError), match="upload_deflate"):
+        tiny_config(tiny_bert_dir, tmp_path, federated={"upload_bits": 3})
+    # three steps: after one, LoRA's A has not moved (B starts at zero) and its zero deltas deflate to nothing
+    cfg, lm, data = _setup(tiny_bert_dir, tmp_path, federated={"local_steps": 3, "batch_size": 8,
+                                                              "upload_bits": 3, "upload_deflate": True})
+    state, part, sizes = trainable_state(lm.model), data.train.select(range(16)), {}
+    for bits in (4, 3):
+        c = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"upload_bits": bits})})
+        update = client_update(lm, state, part, c, 0, 1)
+        sizes[bits] = (len(encode_update(update)), len(encode_update(update, deflate=True)))
+        decoded = decode_update(encode_update(update, deflate=True))
+        assert decoded.upload_bits == bits and all(torch.equal(decoded.tensors[k], update.tensors[k])
+                                                   for k in update.tensors)
+    assert sizes[3][0] == sizes[4][0]  # two values a byte either way
+    # seven levels deflate further than fifteen: over 15% of the packed values' bytes saved (same header)
+    packed_bytes = sum(p.numel() for p, _ in update.quantized.values())
+    assert sizes[4][1] - sizes[3][1] > 0.15 * packed_bytes, (sizes, packed_bytes)
 
 
 def test_deflating_the_upload_changes_only_the_bytes(tiny_bert_dir, tmp_path):

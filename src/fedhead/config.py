@@ -303,12 +303,13 @@ class FederatedSection(_Section):
         "FLOPs rise by about one forward; gradients are unchanged. A list gives it per tier: client c uses "
         "activation_checkpointing[c % len].",
     )
-    upload_bits: Literal[32, 8, 4, 2] = Field(
+    upload_bits: Literal[32, 8, 4, 3, 2] = Field(
         32,
-        description="Quantised upload: 8, 4 or 2 sends each client's update as its delta (trained minus received) "
-        "quantised in groups of 64 values (a float32 scale a group, stochastic rounding; 2 bits: ternary), with "
-        "error feedback: what rounding lost is kept by the client (its residual) and added to its next delta; the "
-        "server dequantises (fedhead.federated.compression). 32: float32 values, exact.",
+        description="Quantised upload: 8, 4, 3 or 2 sends each client's update as its delta (trained minus "
+        "received) quantised in groups of 64 values (a float32 scale a group, stochastic rounding; 3 bits: seven "
+        "levels stored two a byte, so only with upload_deflate; 2 bits: ternary), with error feedback: what "
+        "rounding lost is kept by the client (its residual) and added to its next delta; the server dequantises "
+        "(fedhead.federated.compression). 32: float32 values, exact.",
     )
     upload_deflate: bool = Field(
         False,
@@ -394,6 +395,13 @@ class FederatedSection(_Section):
         """Whether `client_id` trains with activation checkpointing (its tier's value when a list)."""
         value = self.activation_checkpointing
         return value[client_id % len(value)] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _check_three_bits_are_deflated(self) -> FederatedSection:
+        if self.upload_bits == 3 and not self.upload_deflate:
+            raise ValueError("federated.upload_bits = 3 stores two values a byte, as many bytes as 4 bits: it saves "
+                             "upload only with federated.upload_deflate = true")
+        return self
 
     @model_validator(mode="after")
     def _check_tail_average(self) -> FederatedSection:

@@ -8,8 +8,10 @@ b bits, with L = 2^(b-1) - 1 levels on each side of 0:
     q_j = floor(x_j / s + u_j),  u_j ~ U[0, 1)  stochastic rounding, so E[q_j s] = x_j; |q_j| <= L
     x^_j = q_j s                               what the server reads: |x^_j - x_j| < s = max_j |x_j| / L
 
-b = 8 sends q as int8, b = 4 as q + 8 in a nibble (two values a byte), b = 2 as q + 2 in two bits (four a byte:
-q in {-1, 0, 1}, ternary). Error feedback (EF-SGD, Seide et al. 2014,
+b = 8 sends q as int8, b = 4 as q + 8 in a nibble (two values a byte), b = 3 as q + 4 in three bits of a nibble (two
+a byte, q in -3..3: as many bytes as 4 bits until deflated, `federated.upload_deflate`, which brings seven levels
+closer to their entropy than a tight 3-bit packing would, as deflate codes whole bytes), b = 2 as q + 2 in two bits
+(four a byte: q in {-1, 0, 1}, ternary). Error feedback (EF-SGD, Seide et al. 2014,
 Karimireddy et al. 2019): the client quantises v = delta + e, where e is its residual, and keeps e' = v - x^ for its
 next participation, so what rounding loses this round is sent in a later one instead of being lost. The residual
 is full-shaped (a head slice the client did not train this round keeps its residual until it trains it again).
@@ -26,7 +28,7 @@ from fedhead.federated.state import State
 from fedhead.models.head_map import HeadLayout
 from fedhead.models.slicing import gather_kept
 
-BITS = (8, 4, 2)
+BITS = (8, 4, 3, 2)
 GROUP = 64  # values that share one scale: float32 scales add 0.5 bits a value
 
 
@@ -76,8 +78,9 @@ def _grouped(flat: torch.Tensor) -> torch.Tensor:
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 values in [-L, L] (L = levels(bits)) -> uint8, 8 / bits values a byte, each stored as q + L + 1 (4 bits:
-    q + 8; 2 bits: q + 2), first value in the high bits; the last byte is padded with stored zeros."""
+    """int8 values in [-L, L] (L = levels(bits)) -> uint8, 8 // bits values a byte, each stored as q + L + 1 in
+    `bits` bits (4 bits: q + 8; 3 bits: q + 4, two a byte; 2 bits: q + 2), first value in the high bits; the last
+    byte is padded with stored zeros."""
     per_byte, offset = 8 // bits, levels(bits) + 1
     u = (q.to(torch.int16) + offset).to(torch.uint8)
     pad = -u.numel() % per_byte
