@@ -128,6 +128,8 @@ ROWS: dict[str, dict[str, Any]] = {
     # 3 bits (seven levels, two a byte) deflated: the values deflate toward their entropy (the upload >= 10x
     # budget's second candidate, after rank 4 lost 7.9 in its screen)
     "dense-up3-z": {"federated.upload_bits": 3, "federated.upload_deflate": True},
+    # 2 bits (ternary) deflated: trains exactly as dense-up2, the upload >= 10x budget's protocol row
+    "dense-up2-z": {"federated.upload_bits": 2, "federated.upload_deflate": True},
     # LoRA in the top blocks only (lora.layers): the blocks below run without autograd
     # a smaller local batch, same local steps: training FLOPs and activation memory fall with the batch
     # (32 / 16 = 2x, 32 / 8 = 4x), each client still takes 8 optimizer steps
