@@ -28,12 +28,13 @@ lane() {  # lane NAME ITEM...: ROW@SEED runs a frontier row, mixfed:ROW@SEED a m
 # its protocol seeds (the FLOPs >= 1.5x budget's candidate), the screen of the upload >= 10x budget's candidate
 # (rank-4 LoRA, 4-bit deflated upload: 7.9 points below dense's screen, so no protocol), then the weak devices on
 # batches of 16 as micro-batches of 8 (mixfed-weak-b16m8), then the upload >= 10x budget's protocol: 2-bit upload
-# (dense-up2; deflated, dense-up2-z, 14.6x, trains exactly as it)
+# (dense-up2; deflated, dense-up2-z, 14.6x, trains exactly as it), and the screen of 3 bits deflated (dense-up3-z,
+# 9.35x: short of 10x, the closest lever by bits)
 only=${1:-ab}  # run only lane a or b: `bash bench/budget_lanes.sh a`
 [[ $only == *a* ]] && lane a dense-up4@0 dense-up4@1 dense-up4@2 \
   mixfed:mixfed-capable-only@0 mixfed:mixfed-weak-ckpt@0 mixfed:mixfed-weak-heads@1 \
   mixfed:mixfed-capable-only@2 mixfed:mixfed-weak-b8@1 screen:dense-b16@0 mixfed:mixfed-weak-ckpt@2 dense-b16@1 \
-  mixfed:mixfed-weak-b16m8@1 mixfed:mixfed-weak-b16m8@2 dense-up2@1 &
+  mixfed:mixfed-weak-b16m8@1 mixfed:mixfed-weak-b16m8@2 dense-up2@1 screen:dense-up3-z@0 &
 [[ $only == *b* ]] && lane b dense-steps6@0 dense-steps6@1 dense-steps6@2 \
   mixfed:mixfed-weak-heads@0 mixfed:mixfed-capable-only@1 mixfed:mixfed-weak-ckpt@1 mixfed:mixfed-weak-heads@2 \
   mixfed:mixfed-weak-b8@0 mixfed:mixfed-weak-b8@2 dense-b16@0 screen:dense-r4-up4-z@0 dense-b16@2 \

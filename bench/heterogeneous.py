@@ -57,17 +57,24 @@ def paired_points(records: dict, row: str, versus: dict[int, dict]) -> dict[int,
             for s in sorted(set(mine) & set(versus))}
 
 
+def mean_interval(points: dict[int, float]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of paired points: mean +- t_{0.975, n-1} sd / sqrt(n), the 95% t interval over seeds
+    (one seed: no interval, None, None)."""
+    values = list(points.values())
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    half = t_quantile(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
 def _gain_text(points: dict[int, float]) -> str:
     """Mean, per-seed values and 95% t interval of paired points (one seed: no interval)."""
     if not points:
         return "- | -"
-    values = list(points.values())
-    mean = statistics.fmean(values)
-    seeds = ", ".join(f"{v:+.1f}" for v in values)
-    if len(values) < 2:
-        return f"{mean:+.1f} ({seeds}) | -"
-    half = t_quantile(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:+.1f} ({seeds}) | [{mean - half:+.1f}, {mean + half:+.1f}]"
+    mean, low, high = mean_interval(points)
+    seeds = ", ".join(f"{v:+.1f}" for v in points.values())
+    return f"{mean:+.1f} ({seeds}) | " + ("-" if low is None else f"[{low:+.1f}, {high:+.1f}]")
 
 
 def table() -> str:

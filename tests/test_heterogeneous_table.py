@@ -4,12 +4,13 @@ costs the table quotes, fits a weak device's limits, and the committed table is 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from fedhead.config import load_config
 from fedhead.federated.client import ClientOptions
-from tests.conftest import MNLI_EVAL, MNLI_TRAIN, load_bench
+from tests.conftest import MNLI_EVAL, MNLI_TRAIN, ROOT, load_bench
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +50,28 @@ def test_each_weak_tier_fits_a_weak_device(heterogeneous):
 
 def test_the_committed_table_is_the_records_table(heterogeneous):
     assert heterogeneous.table() in heterogeneous.TABLE.read_text()
+
+
+MEASURED = re.compile(r"# measured: drop ([+-][0-9.]+) points \[([+-][0-9.]+), ([+-][0-9.]+)\] below all-dense, gain "
+                      r"([+-][0-9.]+) points \[([+-][0-9.]+), ([+-][0-9.]+)\] over leaving the weak out \((\d) seeds\)")
+
+
+def test_the_mixed_devices_preset_is_its_measured_row(heterogeneous, protocol):
+    frontier_records = load_bench("frontier_records")
+    preset = ROOT / "configs" / "mixed_devices.toml"
+    text = preset.read_text()
+    row = re.search(r"^# row: (\S+)$", text, re.M).group(1)
+    assert row in heterogeneous.ROWS and row != heterogeneous.LEFT_OUT
+    measured = load_config(protocol.BASE, {**protocol.ROWS[row], **protocol.PROTOCOL})
+    assert load_config(preset).model_dump(exclude={"run_name"}) == measured.model_dump(exclude={"run_name"})
+    # the drop and the gain its comment states, with their intervals, are the committed records'
+    records = frontier_records.load_records(heterogeneous.RECORDS)
+    dense = frontier_records.load_records(protocol.RESULTS)["dense"]
+    drop = {s: -p for s, p in heterogeneous.paired_points(records, row, dense).items()}
+    gain = heterogeneous.paired_points(records, row, records[heterogeneous.LEFT_OUT])
+    stated = MEASURED.search(text)
+    assert stated, f"{preset.name}: no '# measured: drop X points [lo, hi] below all-dense, gain ...' line"
+    values = [float(v) for v in stated.groups()[:6]]
+    assert int(stated.group(7)) == len(drop) == len(gain) >= 2
+    expected = [*heterogeneous.mean_interval(drop), *heterogeneous.mean_interval(gain)]
+    assert values == pytest.approx([round(v, 1) for v in expected], abs=0.051)
