@@ -195,7 +195,15 @@ def test_packed_values_round_trip_any_count(bits):
         q = torch.randint(-top, top + 1, (n,), generator=torch.Generator().manual_seed(n)).to(torch.int8)
         packed = pack_bits(q, bits)
         assert packed.numel() == -(-n // (8 // bits)) and torch.equal(unpack_bits(packed, n, bits), q)
-        assert int(packed.max()) < 2 ** (bits * (8 // bits))  # only the bits it owns
+    # the wire format: each value stored as q + L + 1 in `bits` bits, the first in the high bits, a short last byte
+    # padded with stored zeros (q = 0)
+    known = {4: ([-7, 7], [0x1F]), 3: ([-3, 3, 0], [0b001111, 0b100100]),
+             2: ([-1, 0, 1, 1, 0], [0b01101111, 0b10101010])}
+    values, wire = known[bits]
+    assert pack_bits(torch.tensor(values, dtype=torch.int8), bits).tolist() == wire
+    # a stored 0 would read as q = -(L + 1), outside the levels: refused
+    with pytest.raises(ValueError, match="outside"):
+        dequantize(torch.zeros(1, dtype=torch.uint8), torch.ones(1), bits, (8 // bits,))
 
 
 def test_error_feedback_carries_what_rounding_lost_into_the_next_participation(tiny_bert_dir, tmp_path):

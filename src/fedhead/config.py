@@ -400,7 +400,7 @@ class FederatedSection(_Section):
     def _check_three_bits_are_deflated(self) -> FederatedSection:
         if self.upload_bits == 3 and not self.upload_deflate:
             raise ValueError("federated.upload_bits = 3 stores two values a byte, as many bytes as 4 bits: it saves "
-                             "upload only with federated.upload_deflate = true")
+                             "nothing over 4 bits unless federated.upload_deflate = true")
         return self
 
     @model_validator(mode="after")

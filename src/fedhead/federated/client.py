@@ -55,7 +55,7 @@ class ClientOptions:
     always_score: bool = False  # the server weighs heads by their scores even when nothing is pruned
     tier_local_steps: tuple[int, ...] | None = None  # client c: tier_local_steps[c % len] steps
     checkpointing: tuple[bool, ...] = (False,)  # client c: activation checkpointing if checkpointing[c % len]
-    upload_bits: int = 32  # 8 / 4: quantised upload with error feedback (fedhead.federated.compression)
+    upload_bits: int = 32  # 8 / 4 / 3 / 2: quantised upload with error feedback (fedhead.federated.compression)
     tier_batch_size: tuple[int, ...] | None = None  # client c: batches of tier_batch_size[c % len] examples
     upload_deflate: bool = False  # the update's payload is deflated (fedhead.federated.payload.encode_update)
     tier_micro_batch_size: tuple[int, ...] | None = None  # client c: micro-batches of tier_micro_batch_size[c % len]

@@ -41,7 +41,7 @@ def levels(bits: int) -> int:
 
 def quantize(x: torch.Tensor, bits: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastic quantisation of `x` in groups of GROUP consecutive values (see the module docstring): (packed
-    values: int8 for 8 bits, else uint8 holding 8 / bits values a byte; float32 scales, one a group)."""
+    values: int8 for 8 bits, else uint8 holding 8 // bits values a byte; float32 scales, one a group)."""
     top = levels(bits)
     flat = x.detach().float().flatten()
     groups = _grouped(flat)  # (groups, GROUP), zero-padded
@@ -66,6 +66,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, bits: int, shape: tupl
         if packed.dtype != torch.uint8 or packed.numel() != -(-numel // per_byte):
             raise ValueError(f"{bits}-bit values: {packed.numel()} bytes, expected {-(-numel // per_byte)}")
         q = unpack_bits(packed, numel, bits).to(torch.float32)
+    if numel and float(q.abs().max()) > levels(bits):
+        raise ValueError(f"{bits}-bit values outside [-{levels(bits)}, {levels(bits)}]")
     if scale.dtype != torch.float32 or scale.numel() != -(-numel // GROUP) or not bool(torch.isfinite(scale).all()):
         raise ValueError(f"scales: {scale.numel()} float32 values, expected {-(-numel // GROUP)} finite ones")
     return (_grouped(q) * scale.reshape(-1, 1)).flatten()[:numel].reshape(shape)
