@@ -588,7 +588,7 @@ def test_selection_among_connected_partitions(tiny_bert_dir, tmp_path):
 # --------------------------------------------------------------------- slow: simulation engine equals in-process
 
 
-LEVERS = {"federated": {"selection": "random", "aggregation": "fedavg", "upload_bits": 4, "tier_local_steps": [2, 1],
+LEVERS = {"federated": {"selection": "random", "aggregation": "fedavg", "upload_bits": 3, "tier_local_steps": [2, 1],
                         "tier_batch_size": [4, 2], "upload_deflate": True, "micro_batch_size": [4, 1],
                         "activation_checkpointing": [False, True], "clients_per_round": 4, "rounds": 3},
           "lora": {"layers": [1]}, "heads": {"sparsity": 0.5, "mode": "train_sparse"},
@@ -598,7 +598,7 @@ LEVERS = {"federated": {"selection": "random", "aggregation": "fedavg", "upload_
 @pytest.mark.slow
 @pytest.mark.parametrize("options", ["heads", "levers"])
 def test_flower_simulation_engine_equals_in_process_engine(tiny_bert_dir, tmp_path, options):
-    # heads: pruning, head-weighted aggregation, power-of-choice; levers: a quantised upload whose error-feedback
+    # heads: pruning, head-weighted aggregation, power-of-choice; levers: a 3-bit deflated upload whose error-feedback
     # residual each node keeps between rounds (every client in every round), per-tier steps and checkpointing,
     # LoRA in the top block
     sections = LEVERS if options == "levers" else {
